@@ -1,0 +1,86 @@
+"""All environment and defaults, parsed in one place.
+
+Every knob is a field here; the CLI maps its flags (OME's names where OME has one) onto these fields,
+and lower layers receive plain values, never the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+StorageMode = Literal["auto", "shared", "local"]
+CoordinationMode = Literal["auto", "kubernetes", "file", "none"]
+
+MiB = 1024 * 1024
+
+
+def _default_node_name() -> str:
+    return os.environ.get("NODE_NAME") or socket.gethostname()
+
+
+class Settings(BaseSettings):
+    """modelherd settings. Env vars are ``MODELHERD_<FIELD>`` unless an alias says otherwise."""
+
+    model_config = SettingsConfigDict(env_prefix="MODELHERD_", extra="ignore", populate_by_name=True)
+
+    models_root_dir: Path = Field(default=Path("/mnt/models"), description="--models-root-dir")
+    concurrency: int = Field(default=4, ge=1, le=256, description="files downloaded in parallel")
+    multipart_concurrency: int = Field(default=4, ge=1, le=64, description="ranged parts per large file")
+    multipart_threshold_mib: int = Field(default=200, ge=1, description="files above this are split (OME: 200)")
+    part_size_mib: int = Field(default=64, ge=1)
+    download_retry: int = Field(default=5, ge=0, le=100, description="retries per request")
+    retry_backoff_s: float = Field(default=0.5, gt=0)
+    retry_backoff_max_s: float = Field(default=60.0, gt=0)
+
+    storage_mode: StorageMode = "auto"
+    coordination: CoordinationMode = "auto"
+    node_name: str = Field(default_factory=_default_node_name,
+                           validation_alias=AliasChoices("MODELHERD_NODE_NAME", "NODE_NAME", "node_name"))
+    namespace: str = Field(default="", validation_alias=AliasChoices("MODELHERD_NAMESPACE", "POD_NAMESPACE",
+                                                                     "namespace"))
+    kubeconfig: Path | None = Field(default=None, validation_alias=AliasChoices("MODELHERD_KUBECONFIG",
+                                                                               "KUBECONFIG", "kubeconfig"))
+    lease_duration_s: float = Field(default=30.0, gt=0)
+    lease_renew_period_s: float = Field(default=10.0, gt=0)
+    wait_jitter_s: float = Field(default=1.0, ge=0)
+    poll_interval_s: float = Field(default=10.0, gt=0)
+
+    instance_type: str = Field(default="", description="node instance type label, GPU-shape fallback")
+    instance_type_map: Path | None = Field(default=None, validation_alias=AliasChoices(
+        "MODELHERD_INSTANCE_TYPE_MAP", "INSTANCE_TYPE_MAP", "instance_type_map"))
+
+    hf_token: SecretStr | None = Field(default=None, validation_alias=AliasChoices(
+        "MODELHERD_HF_TOKEN", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "hf_token"))
+    hf_endpoint: str = Field(default="https://huggingface.co",
+                             validation_alias=AliasChoices("MODELHERD_HF_ENDPOINT", "HF_ENDPOINT", "hf_endpoint"))
+
+    oci_auth: Literal["auto", "instance_principal", "resource_principal", "workload_identity", "user"] = "auto"
+    oci_config_file: Path = Field(default=Path("~/.oci/config"))
+    oci_profile: str = "DEFAULT"
+    oci_region: str = ""
+    oci_endpoint: str = Field(default="", description="override the Object Storage endpoint (tests, realms)")
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @property
+    def multipart_threshold(self) -> int:
+        return self.multipart_threshold_mib * MiB
+
+    @property
+    def part_size(self) -> int:
+        return self.part_size_mib * MiB
+
+    def effective_namespace(self) -> str:
+        if self.namespace:
+            return self.namespace
+        sa_ns = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+        try:
+            return sa_ns.read_text().strip() or "default"
+        except OSError:
+            return "default"

@@ -1,0 +1,4 @@
+"""Shared pytest wiring: each area's fixtures live in their own module, registered here."""
+
+pytest_plugins: list[str] = [
+]
