@@ -26,13 +26,13 @@ class _Hasher(Protocol):
 
 class _Crc32c:
     def __init__(self) -> None:
-        self._c = google_crc32c.Checksum()
+        self._crc = 0
 
     def update(self, data: bytes | memoryview) -> None:
-        self._c.update(bytes(data) if isinstance(data, memoryview) else data)
+        self._crc = int(google_crc32c.extend(self._crc, bytes(data)))
 
     def hexdigest(self) -> str:
-        return self._c.digest().hex()
+        return f"{self._crc:08x}"
 
 
 def new_hasher(algo: str, size: int) -> _Hasher:

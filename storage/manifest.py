@@ -6,6 +6,7 @@ file listed in it was verified; the manifest is written atomically (temp file + 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -86,8 +87,6 @@ def write_manifest(model_dir: Path, manifest: Manifest) -> Path:
         os.replace(tmp, final)
         return final
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
