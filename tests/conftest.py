@@ -1,4 +1,5 @@
 """Shared pytest wiring: each area's fixtures live in their own module, registered here."""
 
 pytest_plugins: list[str] = [
+    "tests.k8s_fixtures",
 ]
