@@ -1,0 +1,146 @@
+"""The ``modelherd`` command.
+
+Exit codes (stable, documented in the README):
+  0 success · 1 unexpected error · 2 bad usage, settings or URI · 3 the source refused or failed
+  4 an unsafe path (escaping the model folder) · 5 verification failed · 6 not enough disk space
+  130 cancelled (SIGINT/SIGTERM)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+
+from pydantic import ValidationError
+
+from ..storage.errors import ModelherdError
+from .settings import Settings
+
+log = logging.getLogger("modelherd")
+
+EXIT_UNEXPECTED = 1
+EXIT_USAGE = 2
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
+
+
+def _add_transfer(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models-root-dir", "--models-root", dest="models_root_dir", type=Path,
+                   help="models root (env MODELHERD_MODELS_ROOT_DIR; default /mnt/models)")
+    p.add_argument("--concurrency", type=int, help="files downloaded in parallel (default 4)")
+    p.add_argument("--multipart-concurrency", type=int, help="ranged parts per large file (default 4)")
+    p.add_argument("--download-retry", type=int, help="retries per request (default 5)")
+    p.add_argument("--storage-mode", choices=["auto", "shared", "local"], help="override filesystem detection")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modelherd", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    pull = sub.add_parser("pull", help="download a model, verified, into the models root")
+    pull.add_argument("uri", help="hf://ORG/MODEL[@REV], oci://n/NS/b/BUCKET/o/PREFIX, local:///PATH")
+    pull.add_argument("--dest", type=Path, help="destination folder (default <models-root>/<org>/<model>)")
+    pull.add_argument("--allow", action="append", default=None, metavar="GLOB", help="only files matching")
+    pull.add_argument("--ignore", action="append", default=None, metavar="GLOB", help="skip files matching")
+    pull.add_argument("--gpu-shape", default="auto",
+                      help="TensorRT-LLM engines: 'auto' (NVML, then instance type), 'none', or e.g. H200x8")
+    pull.add_argument("--coordination", choices=["auto", "kubernetes", "file", "none"])
+    pull.add_argument("--node-name", help="holder identity (default NODE_NAME, else hostname)")
+    pull.add_argument("--namespace", help="namespace for Leases (default: the pod's, else 'default')")
+    pull.add_argument("--kubeconfig", type=Path, help="kubeconfig (default KUBECONFIG, else in-cluster)")
+    pull.add_argument("--lease-duration", dest="lease_duration_s", type=float, help="seconds (default 30)")
+    pull.add_argument("--renew-period", dest="lease_renew_period_s", type=float, help="seconds (default 10)")
+    pull.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_transfer(pull)
+    _add_common(pull)
+
+    verify = sub.add_parser("verify", help="check a model folder; exit 0 when valid")
+    verify.add_argument("dir", type=Path)
+    verify.add_argument("--deep", action="store_true", help="recompute every checksum")
+    _add_common(verify)
+
+    detect = sub.add_parser("detect", help="print the filesystem kind of PATH and this node's GPU shape")
+    detect.add_argument("path", type=Path)
+    detect.add_argument("--storage-mode", choices=["auto", "shared", "local"])
+    detect.add_argument("--instance-type", help="node instance type (GPU-shape fallback)")
+    detect.add_argument("--instance-type-map", type=Path, help="OME INSTANCE_TYPE_MAP file")
+    _add_common(detect)
+
+    leases = sub.add_parser("leases", help="list modelherd Leases: who downloads what, how far")
+    leases.add_argument("--namespace")
+    leases.add_argument("--kubeconfig", type=Path)
+    _add_common(leases)
+    return parser
+
+
+_SETTING_FLAGS = ("models_root_dir", "concurrency", "multipart_concurrency", "download_retry", "storage_mode",
+                  "coordination", "node_name", "namespace", "kubeconfig", "lease_duration_s",
+                  "lease_renew_period_s", "instance_type", "instance_type_map", "log_level")
+
+
+def load_settings(args: argparse.Namespace) -> Settings:
+    """Environment first, then every flag the user gave (flags win)."""
+    overrides = {k: getattr(args, k) for k in _SETTING_FLAGS if getattr(args, k, None) is not None}
+    base = Settings()
+    return Settings.model_validate({**base.model_dump(), **overrides})
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("urllib3", "kubernetes", "oci", "filelock"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, getattr(logging, level)))
+
+
+def _install_cancel_handlers(cancel: threading.Event) -> None:
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        log.warning("received signal %d; cancelling", signum)
+        cancel.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args)
+    except ValidationError as e:
+        print(f"modelherd: invalid settings: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    _setup_logging(settings.log_level)
+    from . import commands
+
+    handlers: dict[str, Callable[[argparse.Namespace, Settings, threading.Event], int]] = {
+        "pull": commands.cmd_pull,
+        "verify": commands.cmd_verify,
+        "detect": commands.cmd_detect,
+        "leases": commands.cmd_leases,
+    }
+    cancel = threading.Event()
+    _install_cancel_handlers(cancel)
+    try:
+        return handlers[args.command](args, settings, cancel)
+    except ModelherdError as e:
+        print(f"modelherd: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # pragma: no cover - the last line of defence
+        log.exception("unexpected error")
+        print(f"modelherd: unexpected error: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_UNEXPECTED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""The CLI's subcommands: thin glue from settings to the storage and coordination layers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from ..storage import engine, fsdetect, gpu, verify
+from ..storage.errors import ConfigError, VerificationError
+from ..storage.manifest import Manifest
+from ..storage.paths import ensure_inside_root
+from ..storage.retry import RetryPolicy
+from ..storage.sources import open_source
+from ..storage.types import Listing, Source
+from ..storage.uri import ModelURI, parse_uri
+from .settings import Settings
+
+log = logging.getLogger("modelherd.pull")
+
+
+def engine_options(settings: Settings) -> engine.EngineOptions:
+    return engine.EngineOptions(
+        concurrency=settings.concurrency,
+        multipart_concurrency=settings.multipart_concurrency,
+        multipart_threshold=settings.multipart_threshold,
+        part_size=settings.part_size,
+        retry=retry_policy(settings),
+    )
+
+
+def retry_policy(settings: Settings) -> RetryPolicy:
+    return RetryPolicy(retries=settings.download_retry, backoff_s=settings.retry_backoff_s,
+                       backoff_max_s=settings.retry_backoff_max_s)
+
+
+def make_source(uri: ModelURI, settings: Settings, *, allow: list[str] | None = None,
+                ignore: list[str] | None = None) -> Source:
+    return open_source(
+        uri,
+        hf_token=settings.hf_token.get_secret_value() if settings.hf_token else None,
+        hf_endpoint=settings.hf_endpoint,
+        allow_patterns=allow,
+        ignore_patterns=ignore,
+        oci_auth=settings.oci_auth,
+        oci_config_file=str(settings.oci_config_file),
+        oci_profile=settings.oci_profile,
+        oci_region=settings.oci_region,
+        oci_endpoint=settings.oci_endpoint,
+        retry=retry_policy(settings),
+        pool_maxsize=max(32, settings.concurrency * settings.multipart_concurrency),
+    )
+
+
+def resolve_gpu_shape(spec: str, settings: Settings) -> gpu.GpuShape | None:
+    """``auto``: NVML, then the instance-type map; ``none``: no filtering; else a literal shape."""
+    if spec == "none":
+        return None
+    if spec != "auto":
+        return gpu.parse_shape(spec)
+    type_map = gpu.load_instance_type_map(settings.instance_type_map) if settings.instance_type_map else None
+    return gpu.detect_gpu_shape(instance_type=settings.instance_type, instance_type_map=type_map)
+
+
+def filter_for_shape(listing: Listing, spec: str, settings: Settings) -> Listing:
+    """Keep only the TensorRT-LLM engines for this node's GPU shape (no-op for other layouts)."""
+    paths = [f.path for f in listing.files]
+    if not gpu.is_trtllm_layout(paths):
+        return listing
+    shape = resolve_gpu_shape(spec, settings)
+    if shape is None:
+        if spec == "none":
+            return listing
+        raise ConfigError("this model has per-GPU-shape TensorRT-LLM engines but no GPU shape could be detected",
+                          hint="pass --gpu-shape H200x8 (or set the node's instance type), or --gpu-shape none")
+    kept = gpu.trtllm_filter(list(listing.files), shape)
+    log.info("TensorRT-LLM layout: keeping %d of %d files for GPU shape %s", len(kept), len(listing.files),
+             shape.name)
+    return replace(listing, files=tuple(kept))
+
+
+class _Progress:
+    """A tqdm bar fed from worker threads (tqdm's own lock keeps it consistent)."""
+
+    def __init__(self, enabled: bool, desc: str) -> None:
+        self._bar = None
+        self._enabled = enabled
+        self._desc = desc
+        self._done = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self._enabled:
+            return
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=self._desc,
+                             file=sys.stderr, mininterval=0.5)
+        self._bar.update(done - self._done)
+        self._done = done
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def cmd_pull(args: argparse.Namespace, settings: Settings, cancel: threading.Event) -> int:
+    uri = parse_uri(args.uri)
+    if uri.scheme == "local":
+        problems = verify.verify_quick(Path(uri.path))
+        return _report(problems, Path(uri.path))
+    root = Path(settings.models_root_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    dest = Path(args.dest) if args.dest else root / uri.default_relpath()
+    if not dest.is_absolute():
+        dest = root / dest
+    dest = ensure_inside_root(root, dest)
+
+    fs = fsdetect.detect_filesystem(root)
+    storage_kind = fsdetect.resolve_storage_mode(settings.storage_mode, fs)
+    log.info("models root %s: %s storage (%s)", root, storage_kind, fs.evidence)
+
+    started = time.monotonic()
+    source = make_source(uri, settings, allow=args.allow, ignore=args.ignore)
+    progress = _Progress(enabled=not args.no_progress and sys.stderr.isatty(), desc=uri.canonical)
+    try:
+        def listing_fn() -> Listing:
+            return filter_for_shape(source.list_files(), args.gpu_shape, settings)
+        manifest = _pull(uri, source, listing_fn, dest, root, storage_kind, settings, cancel, progress)
+    finally:
+        progress.close()
+        source.close()
+    elapsed = time.monotonic() - started
+    print(json.dumps({"status": "Ready", "uri": uri.canonical, "revision": manifest.revision, "dest": str(dest),
+                      "files": len(manifest.files), "bytes": manifest.total_bytes,
+                      "seconds": round(elapsed, 3), "node": settings.node_name}))
+    return 0
+
+
+def _pull(uri: ModelURI, source: Source, listing_fn: Callable[[], Listing], dest: Path, root: Path,
+          storage_kind: str, settings: Settings, cancel: threading.Event,
+          progress: Callable[[int, int], None]) -> Manifest:
+    from ..coordination import choose_backend, coordinated_pull
+
+    backend = choose_backend(settings.coordination, storage_kind, settings.kubeconfig)
+    if backend == "none":
+        listing = listing_fn()
+        return engine.pull(source, listing, dest, models_root=root, options=engine_options(settings),
+                           writer=settings.node_name, cancel=cancel, progress=progress)
+    return coordinated_pull(
+        backend=backend, uri=uri, source=source, listing_fn=listing_fn, dest=dest, models_root=root,
+        options=engine_options(settings), node_name=settings.node_name,
+        namespace=settings.effective_namespace(), kubeconfig=settings.kubeconfig,
+        lease_duration_s=settings.lease_duration_s, renew_period_s=settings.lease_renew_period_s,
+        jitter_s=settings.wait_jitter_s, poll_interval_s=settings.poll_interval_s,
+        cancel=cancel, progress=progress,
+    )
+
+
+def _report(problems: list[verify.Problem], model_dir: Path) -> int:
+    for p in problems:
+        print(f"{p.path}: {p.message}")
+    if problems:
+        print(f"modelherd: {model_dir}: {len(problems)} problem(s)", file=sys.stderr)
+        return VerificationError.exit_code
+    print(f"{model_dir}: OK")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace, settings: Settings, cancel: threading.Event) -> int:
+    model_dir = Path(args.dir)
+    if not model_dir.is_dir():
+        raise ConfigError(f"{model_dir} is not a directory", hint="pass the model folder")
+    problems = verify.verify_deep(model_dir) if args.deep else verify.verify_quick(model_dir)
+    return _report(problems, model_dir)
+
+
+def cmd_detect(args: argparse.Namespace, settings: Settings, cancel: threading.Event) -> int:
+    fs = fsdetect.detect_filesystem(Path(args.path))
+    kind = fsdetect.resolve_storage_mode(settings.storage_mode, fs)
+    if args.instance_type:
+        settings = settings.model_copy(update={"instance_type": args.instance_type})
+    if args.instance_type_map:
+        settings = settings.model_copy(update={"instance_type_map": args.instance_type_map})
+    shape = resolve_gpu_shape("auto", settings)
+    print(json.dumps({"path": str(args.path), "storage": kind, "fstype": fs.fstype,
+                      "magic": None if fs.magic is None else hex(fs.magic), "mountpoint": fs.mountpoint,
+                      "evidence": fs.evidence, "gpu_shape": shape.name if shape else None}))
+    return 0
+
+
+def cmd_leases(args: argparse.Namespace, settings: Settings, cancel: threading.Event) -> int:
+    from ..coordination import kube
+
+    api = kube.api_client(settings.kubeconfig)
+    rows = kube.list_leases(api, settings.effective_namespace())
+    print(kube.format_leases(rows))
+    return 0
