@@ -239,7 +239,9 @@ def admin_api_client(cluster: KubeCluster) -> Any:
     """A new admin ``ApiClient`` (re-reads the kubeconfig, e.g. after a restart)."""
     from kubernetes import config
 
-    return config.new_client_from_config(config_file=str(cluster.kubeconfig), persist_config=False)
+    return config.new_client_from_config(  # type: ignore[no-untyped-call]
+        config_file=str(cluster.kubeconfig), persist_config=False
+    )
 
 
 @pytest.fixture
@@ -275,7 +277,7 @@ def mint_sa_kubeconfig(
     here) and mints a bound token through the TokenRequest API.
     """
     from kubernetes import client
-    from kubernetes.client.rest import ApiException
+    from kubernetes.client.exceptions import ApiException
 
     api = admin_api_client(cluster)
     try:
@@ -290,7 +292,10 @@ def mint_sa_kubeconfig(
         req = client.AuthenticationV1TokenRequest(
             spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=expiration_seconds)
         )
-        token = core.create_namespaced_service_account_token(sa_name, namespace, req).status.token
+        status = core.create_namespaced_service_account_token(sa_name, namespace, req).status
+        if status is None or not status.token:
+            raise RuntimeError(f"TokenRequest for {namespace}/{sa_name} returned no token")
+        token = status.token
     finally:
         api.close()
     user = f"system:serviceaccount:{namespace}:{sa_name}"

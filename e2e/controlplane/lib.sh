@@ -15,7 +15,22 @@ cp_go() {
 }
 
 cp_hash() {
-  (cd "$CP_HERE" && cat go.mod go.sum ./*.go | sha256sum | cut -c1-16)
+  (cd "$CP_HERE" && cat go.mod go.sum ./*.go lib.sh | sha256sum | cut -c1-16)
+}
+
+# Stamp the versions from go.mod into the binaries (like Kubernetes' own build does), so
+# /version reports v1.34.x rather than v0.0.0-master (kubectl/helm parse it).
+cp_version_ldflags() {
+  local go="$1" kv hv major minor pkg
+  kv="$(cd "$CP_HERE" && GOFLAGS=-mod=mod "$go" list -m -f '{{.Version}}' k8s.io/kubernetes)"
+  hv="$(cd "$CP_HERE" && GOFLAGS=-mod=mod "$go" list -m -f '{{.Version}}' helm.sh/helm/v3)"
+  major="${kv#v}"; major="${major%%.*}"
+  minor="${kv#v*.}"; minor="${minor%%.*}"
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    printf -- '-X %s.gitVersion=%s -X %s.gitMajor=%s -X %s.gitMinor=%s -X %s.gitTreeState=clean ' \
+      "$pkg" "$kv" "$pkg" "$major" "$pkg" "$minor" "$pkg"
+  done
+  printf -- '-X helm.sh/helm/v3/internal/version.version=%s' "$hv"
 }
 
 # cp_build NAME -> prints the path of the cached binary, building it if missing.
@@ -39,7 +54,8 @@ cp_build() {
       if [ ! -x "$out" ]; then
         echo "controlplane: building $name (first build downloads modules and compiles; several minutes on 2 cores)..." >&2
         local t0; t0=$(date +%s)
-        (cd "$CP_HERE" && CGO_ENABLED=0 GOFLAGS=-mod=mod "$go" build -trimpath -ldflags='-s -w' -o "$out.tmp" "$pkg") >&2
+        (cd "$CP_HERE" && CGO_ENABLED=0 GOFLAGS=-mod=mod "$go" build -trimpath \
+          -ldflags="-s -w $(cp_version_ldflags "$go")" -o "$out.tmp" "$pkg") >&2
         mv "$out.tmp" "$out"
         echo "controlplane: built $name in $(( $(date +%s) - t0 ))s -> $out" >&2
       fi
