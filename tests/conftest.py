@@ -2,4 +2,5 @@
 
 pytest_plugins: list[str] = [
     "tests.k8s_fixtures",
+    "tests.oci_fixtures",
 ]
