@@ -7,6 +7,12 @@ and drops the offset for naive datetimes, and the server rejects both with 400 B
 (see ``tests/integration/test_controlplane.py``). Always serialize through
 :func:`format_microtime`.
 
+The ``kubernetes`` client (v37, pydantic models) coerces strings and dicts into its typed models
+before serializing, so passing ``format_microtime(...)`` as ``renew_time`` -- even inside a plain
+dict body -- gets re-parsed and re-``isoformat``-ed. Use :class:`MicroTimeApiClient`, which
+serializes every ``datetime`` with :func:`format_microtime`; that is valid for ``MicroTime`` and
+for ``metav1.Time`` fields (RFC 3339 with a fraction) alike.
+
 Naive datetimes are **rejected** with :class:`ValueError` rather than guessed to be UTC or
 local time: a lease timestamp in the wrong zone silently breaks expiry arithmetic, so the
 caller must say which instant it means (``datetime.now(timezone.utc)``).
@@ -16,8 +22,11 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
+from typing import Any
 
-__all__ = ["format_microtime", "now_microtime", "parse_microtime"]
+from kubernetes.client import ApiClient
+
+__all__ = ["MicroTimeApiClient", "format_microtime", "now_microtime", "parse_microtime"]
 
 _MICROTIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
@@ -58,3 +67,17 @@ def parse_microtime(s: str) -> datetime:
     tz = "+00:00" if tz in ("Z", "z") else tz
     parsed = datetime.fromisoformat(f"{m.group('date')}T{m.group('time')}.{frac}{tz}")
     return parsed.astimezone(UTC)
+
+
+class MicroTimeApiClient(ApiClient):
+    """``kubernetes.client.ApiClient`` that writes datetimes the way the API server parses them.
+
+    Build one from an existing client's configuration:
+    ``MicroTimeApiClient(configuration=api_client.configuration)``. Naive datetimes in a request
+    body raise :class:`ValueError` before anything is sent.
+    """
+
+    def sanitize_for_serialization(self, obj: Any) -> Any:
+        if isinstance(obj, datetime):
+            return format_microtime(obj)
+        return super().sanitize_for_serialization(obj)  # type: ignore[no-untyped-call]

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import pytest
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
-from modelherd.coordination.microtime import format_microtime, parse_microtime
+from modelherd.coordination.microtime import MicroTimeApiClient, format_microtime, parse_microtime
 
 from tests.k8s_fixtures import CRD_DIR, KubeCluster, admin_api_client, mint_sa_kubeconfig
 
@@ -45,6 +45,14 @@ def _lease(name: str, holder: str, **spec: Any) -> client.V1Lease:
     )
 
 
+def _lease_body(name: str, holder: str, renew_time: str | None = None) -> dict[str, Any]:
+    """A Lease as a plain dict (the plain client still validates it into ``V1Lease``)."""
+    spec: dict[str, Any] = {"holderIdentity": holder, "leaseDurationSeconds": 15}
+    if renew_time is not None:
+        spec["renewTime"] = renew_time
+    return {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": name}, "spec": spec}
+
+
 def _eventually(fn: Callable[[], T], timeout: float = 15.0) -> T:
     """Retry ``fn`` until it stops raising (RBAC and CRD changes propagate via informers)."""
     deadline = time.monotonic() + timeout
@@ -59,7 +67,14 @@ def _eventually(fn: Callable[[], T], timeout: float = 15.0) -> T:
 
 @pytest.fixture
 def coordination(api_client: Any) -> client.CoordinationV1Api:
+    """The plain kubernetes client: serializes datetimes with ``isoformat()``."""
     return client.CoordinationV1Api(api_client)
+
+
+@pytest.fixture
+def micro_coordination(api_client: Any) -> client.CoordinationV1Api:
+    """Same credentials, datetimes serialized by ``format_microtime``."""
+    return client.CoordinationV1Api(MicroTimeApiClient(configuration=api_client.configuration))
 
 
 # --------------------------------------------------------------------------- Leases
@@ -95,20 +110,22 @@ def test_replacing_a_lease_with_a_stale_resource_version_is_409_conflict(
     assert coordination.read_namespaced_lease("model-a", kube_namespace).spec.holder_identity == "node-2"
 
 
-def test_replacing_a_lease_without_resource_version_is_an_unconditional_overwrite(
+def test_replacing_a_lease_without_resource_version_is_rejected_422(
     coordination: client.CoordinationV1Api, kube_namespace: str
 ) -> None:
-    """Lease's registry strategy allows unconditional updates (``AllowUnconditionalUpdate``).
-
-    A PUT with no ``metadata.resourceVersion`` is *accepted* and silently overwrites whoever holds
-    the lease -- it is not rejected. So lease code must always send the resourceVersion it read;
-    the server will not catch a forgotten one.
+    """Lease does not allow unconditional updates: a PUT without ``metadata.resourceVersion`` is
+    422 Invalid ("metadata.resourceVersion: must be specified for an update"), not an overwrite.
+    (Some kinds, e.g. ConfigMap, accept such a PUT as an unconditional update; Lease does not.)
     """
     coordination.create_namespaced_lease(kube_namespace, _lease("model-a", "node-1"))
     blind = _lease("model-a", "node-2")
     assert blind.metadata.resource_version is None
-    replaced = coordination.replace_namespaced_lease("model-a", kube_namespace, blind)
-    assert replaced.spec.holder_identity == "node-2"
+    with pytest.raises(ApiException) as err:
+        coordination.replace_namespaced_lease("model-a", kube_namespace, blind)
+    assert err.value.status == 422
+    assert _reason(err.value) == "Invalid"
+    assert "resourceVersion" in str(err.value.body)
+    assert coordination.read_namespaced_lease("model-a", kube_namespace).spec.holder_identity == "node-1"
 
 
 def test_renew_time_without_fractional_seconds_is_rejected_by_the_server(
@@ -123,6 +140,7 @@ def test_renew_time_without_fractional_seconds_is_rejected_by_the_server(
     with pytest.raises(ApiException) as err:
         coordination.create_namespaced_lease(kube_namespace, _lease("model-a", "node-1", renew_time=whole_second))
     assert err.value.status == 400
+    assert "cannot parse" in str(err.value.body)
 
 
 def test_renew_time_from_a_naive_datetime_is_rejected_by_the_server(
@@ -135,26 +153,66 @@ def test_renew_time_from_a_naive_datetime_is_rejected_by_the_server(
     assert err.value.status == 400
 
 
-def test_format_microtime_is_accepted_and_round_trips(
-    coordination: client.CoordinationV1Api, kube_namespace: str, api_client: Any
+def test_plain_client_reformats_even_a_correct_microtime_string(
+    coordination: client.CoordinationV1Api, micro_coordination: client.CoordinationV1Api, kube_namespace: str
+) -> None:
+    """The kubernetes 37 client validates bodies into pydantic models: a ``renewTime`` string --
+    even inside a plain dict -- becomes a ``datetime`` and is serialized with ``isoformat()``
+    again, so ``format_microtime``'s output is lost and a whole-second timestamp is rejected.
+    The same bites read-modify-write: a Lease stored with ``renewTime: ...:00.000000Z`` cannot
+    be PUT back through the plain client. ``MicroTimeApiClient`` is the fix.
+    """
+    as_string = _lease_body("model-a", "node-1", renew_time="2024-05-01T12:00:00.000000Z")
+    with pytest.raises(ApiException) as err:
+        coordination.create_namespaced_lease(kube_namespace, as_string)
+    assert err.value.status == 400
+
+    micro_coordination.create_namespaced_lease(
+        kube_namespace, _lease("model-a", "node-1", renew_time=datetime(2024, 5, 1, 12, tzinfo=UTC))
+    )
+    typed = coordination.read_namespaced_lease("model-a", kube_namespace)
+    typed.spec.holder_identity = "node-2"
+    with pytest.raises(ApiException) as err:
+        coordination.replace_namespaced_lease("model-a", kube_namespace, typed)
+    assert err.value.status == 400
+    # ... while the MicroTime-aware client writes the very same object back fine.
+    assert micro_coordination.replace_namespaced_lease("model-a", kube_namespace, typed).spec.holder_identity == (
+        "node-2"
+    )
+
+
+def test_microtime_client_is_accepted_and_round_trips(
+    coordination: client.CoordinationV1Api, micro_coordination: client.CoordinationV1Api, kube_namespace: str
 ) -> None:
     whole_second = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
     precise = datetime(2024, 5, 1, 12, 0, 0, 654321, tzinfo=UTC)
-    coordination.create_namespaced_lease(
-        kube_namespace,
-        _lease(
-            "model-a",
-            "node-1",
-            acquire_time=format_microtime(whole_second),
-            renew_time=format_microtime(precise),
-        ),
+    micro_coordination.create_namespaced_lease(
+        kube_namespace, _lease("model-a", "node-1", acquire_time=whole_second, renew_time=precise)
     )
-    # Read the raw JSON, not the client's dateutil-parsed model, to see the server's wire format.
+    # Read the raw JSON, not the client's parsed model, to see the server's wire format.
     raw = coordination.read_namespaced_lease("model-a", kube_namespace, _preload_content=False).json()
-    assert raw["spec"]["acquireTime"] == "2024-05-01T12:00:00.000000Z"
-    assert raw["spec"]["renewTime"] == "2024-05-01T12:00:00.654321Z"
+    assert raw["spec"]["acquireTime"] == format_microtime(whole_second) == "2024-05-01T12:00:00.000000Z"
+    assert raw["spec"]["renewTime"] == format_microtime(precise) == "2024-05-01T12:00:00.654321Z"
     assert parse_microtime(raw["spec"]["renewTime"]) == precise
     assert parse_microtime(raw["spec"]["acquireTime"]) == whole_second
+
+    # Read-modify-write through the typed model.
+    lease = micro_coordination.read_namespaced_lease("model-a", kube_namespace)
+    lease.spec.holder_identity = "node-2"
+    lease.spec.renew_time = datetime(2024, 5, 1, 12, 0, 15, tzinfo=UTC)
+    micro_coordination.replace_namespaced_lease("model-a", kube_namespace, lease)
+    again = coordination.read_namespaced_lease("model-a", kube_namespace, _preload_content=False).json()
+    assert again["spec"]["renewTime"] == "2024-05-01T12:00:15.000000Z"
+    assert again["spec"]["holderIdentity"] == "node-2"
+
+
+def test_microtime_client_refuses_naive_datetimes_before_sending(
+    micro_coordination: client.CoordinationV1Api, kube_namespace: str
+) -> None:
+    with pytest.raises(ValueError, match="naive"):
+        micro_coordination.create_namespaced_lease(
+            kube_namespace, _lease("model-a", "node-1", renew_time=datetime(2024, 5, 1, 12))
+        )
 
 
 # --------------------------------------------------------------------------- RBAC
@@ -207,17 +265,18 @@ def test_service_account_with_a_lease_role_can_get_create_and_update(
     )
     kubeconfig = mint_sa_kubeconfig(kube_cluster, kube_namespace, "agent", tmp_path / "sa.kubeconfig")
     with _sa_client(kubeconfig) as sa:
-        leases = client.CoordinationV1Api(sa)
+        leases = client.CoordinationV1Api(MicroTimeApiClient(configuration=sa.configuration))
         _eventually(lambda: leases.list_namespaced_lease(kube_namespace))
         with pytest.raises(ApiException) as missing:
             leases.read_namespaced_lease("model-a", kube_namespace)
         assert missing.value.status == 404  # allowed to look, nothing there
         created = leases.create_namespaced_lease(
-            kube_namespace, _lease("model-a", "node-1", renew_time=format_microtime(datetime.now(UTC)))
+            kube_namespace, _lease("model-a", "node-1", renew_time=datetime.now(UTC))
         )
         got = leases.read_namespaced_lease("model-a", kube_namespace)
         assert got.metadata.uid == created.metadata.uid
         got.spec.holder_identity = "node-2"
+        got.spec.renew_time = datetime.now(UTC)
         updated = leases.replace_namespaced_lease("model-a", kube_namespace, got)
         assert updated.spec.holder_identity == "node-2"
         # The Role is namespaced: other namespaces stay forbidden.
@@ -353,8 +412,9 @@ def restartable(kube_cluster: KubeCluster) -> Iterator[KubeCluster]:
 
 def test_objects_survive_an_api_server_restart(restartable: KubeCluster, api_client: Any, kube_namespace: str) -> None:
     install_ome_crds(restartable, api_client)
-    lease = client.CoordinationV1Api(api_client).create_namespaced_lease(
-        kube_namespace, _lease("model-a", "node-1", renew_time=format_microtime(datetime.now(UTC)))
+    micro = MicroTimeApiClient(configuration=api_client.configuration)
+    lease = client.CoordinationV1Api(micro).create_namespaced_lease(
+        kube_namespace, _lease("model-a", "node-1", renew_time=datetime.now(UTC))
     )
     objs = client.CustomObjectsApi(api_client)
     args = (OME_GROUP, OME_VERSION, kube_namespace, "basemodels")

@@ -51,3 +51,20 @@ def test_round_trip_is_exact() -> None:
     assert parse_microtime(format_microtime(dt)) == dt
     now = now_microtime()
     assert format_microtime(parse_microtime(now)) == now
+
+
+def test_api_client_serializes_every_datetime_with_six_digits() -> None:
+    from kubernetes import client
+    from modelherd.coordination.microtime import MicroTimeApiClient
+
+    api = MicroTimeApiClient()
+    lease = client.V1Lease(
+        metadata=client.V1ObjectMeta(name="x"),
+        spec=client.V1LeaseSpec(renew_time=datetime(2024, 5, 1, 12, tzinfo=UTC)),
+    )
+    assert api.sanitize_for_serialization(lease)["spec"]["renewTime"] == "2024-05-01T12:00:00.000000Z"
+    assert api.sanitize_for_serialization({"t": [datetime(2024, 5, 1, 12, 0, 0, 7, tzinfo=UTC)]}) == {
+        "t": ["2024-05-01T12:00:00.000007Z"]
+    }
+    with pytest.raises(ValueError, match="naive"):
+        api.sanitize_for_serialization({"t": datetime(2024, 5, 1, 12)})
