@@ -2,5 +2,6 @@
 
 pytest_plugins: list[str] = [
     "tests.k8s_fixtures",
+    "tests.hub_fixtures",
     "tests.oci_fixtures",
 ]

@@ -1,0 +1,310 @@
+"""The Hugging Face Hub as a model source.
+
+Listing goes through the real ``huggingface_hub`` client, as ``snapshot_download`` does: resolve the
+revision to a commit sha (``model_info``), then list the tree of that exact commit
+(``list_repo_tree(recursive=True)``, paginated). Bodies are fetched with ranged GETs through one
+shared ``urllib3.PoolManager`` from the resolve URL of that commit, following the Hub's redirect to
+its CDN.
+
+Invariants:
+* every listed name passed :func:`~modelherd.storage.paths.safe_relpath`; the listing names one commit;
+* ``open`` yields exactly the bytes ``[start, end)`` or raises a typed ``SourceError``; a short body is
+  a ``TransientSourceError``, never a silent EOF;
+* the token is sent only to the endpoint host (urllib3 drops ``Authorization`` on a cross-host
+  redirect) and never appears in a message, log line or repr.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import httpx2
+import urllib3
+from huggingface_hub import HfApi, hf_hub_url
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    OfflineModeIsEnabled,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.hf_api import RepoFile
+from huggingface_hub.utils import filter_repo_objects  # type: ignore[attr-defined]  # not in __all__
+from urllib3.exceptions import HTTPError as Urllib3HTTPError
+
+from ..errors import (
+    AuthError,
+    RateLimitedError,
+    SourceError,
+    SourceNotFoundError,
+    TransientSourceError,
+)
+from ..paths import safe_relpath
+from ..retry import RetryPolicy, call_with_retry, parse_retry_after
+from ..types import Listing, RemoteFile
+from ..uri import ModelURI
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+_CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+CONNECT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 60.0
+MAX_REDIRECTS = 5
+_SKIP_CHUNK = 1024 * 1024
+DEFAULT_RETRY = RetryPolicy()
+
+AUTH_HINT = ("set HF_TOKEN to a token that can read this repository; for a gated model, accept its licence "
+             "on the model page with that account first")
+NOT_FOUND_HINT = "check the repository id and revision (hf://ORG/MODEL[@REVISION])"
+TRANSIENT_HINT = "the Hub or the network failed; it is retried, check connectivity to the endpoint if it persists"
+
+
+def _user_agent() -> str:
+    try:
+        return f"modelherd/{version('modelherd')}"
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree without metadata
+        return "modelherd/0"
+
+
+def _redact(text: str, token: str | None) -> str:
+    return text.replace(token, "***") if token else text
+
+
+class _HFBody:
+    """A body of exactly ``length`` bytes (``None``: until the server's end); short bodies raise."""
+
+    def __init__(self, resp: urllib3.BaseHTTPResponse | None, length: int | None, what: str,
+                 mapper: Callable[[Exception], Exception]) -> None:
+        self._resp = resp
+        self._left = length
+        self._what = what
+        self._map = mapper
+
+    def readinto(self, buf: memoryview) -> int:
+        if self._left is not None:
+            if self._left <= 0:
+                return 0
+            if len(buf) > self._left:
+                buf = buf[: self._left]
+        if self._resp is None:
+            return 0
+        try:
+            n = self._resp.readinto(buf)
+        except Exception as exc:
+            raise self._map(exc) from None
+        if n == 0 and self._left not in (None, 0):
+            raise TransientSourceError(f"{self._what}: body ended {self._left} bytes early", hint=TRANSIENT_HINT)
+        if self._left is not None:
+            self._left -= n
+        return n
+
+    def skip(self, n: int) -> None:
+        """Discard ``n`` bytes (a server that ignored ``Range``)."""
+        scratch = memoryview(bytearray(min(_SKIP_CHUNK, max(1, n))))
+        saved, self._left = self._left, n
+        try:
+            while self._left:
+                self.readinto(scratch)
+        finally:
+            self._left = saved
+
+    def close(self) -> None:
+        """Give the connection back for keep-alive when its body was read to the end, else drop it."""
+        resp, self._resp = self._resp, None
+        if resp is None:
+            return
+        if resp.length_remaining == 0:
+            resp.release_conn()
+        else:
+            resp.close()
+            resp.release_conn()
+
+
+class HFSource:
+    """A Hugging Face Hub repository at one revision. Thread-safe."""
+
+    def __init__(
+        self,
+        uri: ModelURI,
+        *,
+        token: str | None = None,
+        endpoint: str = "https://huggingface.co",
+        allow_patterns: Sequence[str] | None = None,
+        ignore_patterns: Sequence[str] | None = None,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        pool_maxsize: int = 32,
+    ) -> None:
+        if uri.scheme != "hf":
+            raise ValueError(f"HFSource needs an hf:// URI, got {uri.canonical}")
+        self.uri = uri.canonical
+        self._model_uri = uri
+        self._token = token or None
+        self._endpoint = endpoint.rstrip("/")
+        self._endpoint_netloc = urlsplit(self._endpoint).netloc
+        self._allow = list(allow_patterns) if allow_patterns is not None else None
+        self._ignore = list(ignore_patterns) if ignore_patterns is not None else None
+        self._retry = retry
+        ua = _user_agent()
+        # token=False: never fall back to a token saved on disk or in the environment.
+        self._api = HfApi(endpoint=self._endpoint, token=self._token if self._token else False,
+                          library_name="modelherd", library_version=ua.partition("/")[2])
+        self._headers = {"user-agent": ua}
+        self._pool = urllib3.PoolManager(
+            maxsize=pool_maxsize,
+            block=False,
+            retries=urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=MAX_REDIRECTS,
+                                  raise_on_redirect=True, raise_on_status=False),
+            timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT_S, read=READ_TIMEOUT_S),
+        )
+
+    def __repr__(self) -> str:
+        return f"HFSource({self.uri!r}, endpoint={self._endpoint!r}, token={'set' if self._token else 'none'})"
+
+    # -- listing -----------------------------------------------------------------------------
+    def list_files(self) -> Listing:
+        """The files of the commit the revision names now, filtered by the patterns, with checksums."""
+        return call_with_retry(self._list_once, self._retry, what=f"listing {self.uri}")
+
+    def _list_once(self) -> Listing:
+        repo_id = self._model_uri.repo_id
+        revision = self._model_uri.revision or "main"
+        try:
+            if _COMMIT_RE.match(revision):
+                commit = revision
+            else:
+                info = self._api.model_info(repo_id, revision=revision)
+                if not info.sha:
+                    raise SourceError(f"the Hub did not resolve {self.uri} to a commit",
+                                      hint="retry later or pin a commit sha: hf://ORG/MODEL@SHA")
+                commit = info.sha
+            entries: Iterable[Any] = self._api.list_repo_tree(repo_id, recursive=True, revision=commit)
+            repo_files = [e for e in entries if isinstance(e, RepoFile)]
+        except Exception as exc:
+            raise self._map_hf(exc, f"listing {self.uri}") from None
+        files: list[RemoteFile] = []
+        for rf in repo_files:
+            path = safe_relpath(rf.path, what="Hub tree path")
+            if rf.lfs is not None:
+                checksums = {"sha256": rf.lfs.sha256}
+                size = rf.lfs.size
+            else:
+                checksums = {"git-sha1": rf.blob_id}
+                size = rf.size
+            locator = hf_hub_url(repo_id, path, revision=commit, endpoint=self._endpoint)
+            files.append(RemoteFile(path=path, size=size, checksums=checksums, locator=locator))
+        kept = list(filter_repo_objects(files, allow_patterns=self._allow, ignore_patterns=self._ignore,
+                                        key=lambda f: f.path))
+        kept.sort(key=lambda f: f.path)
+        return Listing(uri=self.uri, revision=commit, files=tuple(kept))
+
+    def _map_hf(self, exc: Exception, what: str) -> Exception:
+        """A ``huggingface_hub``/httpx error as a typed error; the message never holds the token."""
+        if isinstance(exc, SourceError):
+            return exc
+        detail = _redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, self._token)
+        if isinstance(exc, HfHubHTTPError):
+            status = exc.response.status_code if exc.response is not None else 0
+            if isinstance(exc, GatedRepoError) or status in (401, 403):
+                return AuthError(f"{what}: access denied ({status}); the repository is private, gated or "
+                                 "does not exist", hint=AUTH_HINT)
+            if isinstance(exc, (RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError)) \
+                    or status == 404:
+                return SourceNotFoundError(f"{what}: not found ({detail})", hint=NOT_FOUND_HINT)
+            return self._map_status(status, exc.response.headers.get("Retry-After") if exc.response else None,
+                                    what)
+        if isinstance(exc, OfflineModeIsEnabled):
+            return SourceError(f"{what}: huggingface_hub offline mode is on", hint="unset HF_HUB_OFFLINE")
+        if isinstance(exc, (httpx2.TransportError, OSError)):
+            return TransientSourceError(f"{what}: {type(exc).__name__}: {detail}", hint=TRANSIENT_HINT)
+        return SourceError(f"{what}: {type(exc).__name__}: {detail}")
+
+    @staticmethod
+    def _map_status(status: int, retry_after: str | None, what: str) -> SourceError:
+        if status in (401, 403):
+            return AuthError(f"{what}: access denied ({status})", hint=AUTH_HINT)
+        if status == 404:
+            return SourceNotFoundError(f"{what}: not found (404)", hint=NOT_FOUND_HINT)
+        if status in (429, 503):
+            after = parse_retry_after(retry_after)
+            return RateLimitedError(f"{what}: rate limited ({status})", retry_after=after,
+                                    hint="the Hub asked to slow down; a token raises the rate limit")
+        if status >= 500 or status in (408,):
+            return TransientSourceError(f"{what}: server error ({status})", hint=TRANSIENT_HINT)
+        return SourceError(f"{what}: unexpected HTTP status {status}")
+
+    # -- bodies ------------------------------------------------------------------------------
+    def open(self, file: RemoteFile, start: int = 0, end: int | None = None) -> _HFBody:
+        """Exactly the bytes ``[start, end)`` of ``file`` (``end=None``: to its end)."""
+        stop = file.size if end is None else end
+        if start < 0 or stop < start or stop > file.size:
+            raise ValueError(f"bad range [{start}, {end}) for {file.path} of {file.size} bytes")
+        what = f"GET {file.path} [{start}, {stop})"
+        headers = dict(self._headers)
+        if self._token:
+            headers["authorization"] = f"Bearer {self._token}"
+        ranged = not (start == 0 and stop == file.size)
+        if ranged:
+            headers["range"] = f"bytes={start}-{stop - 1}"
+        if stop == start:
+            return _HFBody(None, 0, what, self._urllib3_mapper(what))
+        try:
+            resp = self._pool.urlopen("GET", file.locator, headers=headers, preload_content=False,
+                                      decode_content=False, redirect=True)
+        except Exception as exc:
+            raise self._urllib3_mapper(what)(exc) from None
+        try:
+            return self._checked_body(resp, file, start, stop, ranged, what)
+        except BaseException:
+            resp.close()
+            resp.release_conn()
+            raise
+
+    def _checked_body(self, resp: urllib3.BaseHTTPResponse, file: RemoteFile, start: int, stop: int,
+                      ranged: bool, what: str) -> _HFBody:
+        body = _HFBody(resp, stop - start, what, self._urllib3_mapper(what))
+        if resp.status == 206:
+            m = _CONTENT_RANGE_RE.match(resp.headers.get("Content-Range", "").strip())
+            if not m or int(m.group(1)) != start or int(m.group(2)) != stop - 1 or \
+                    (m.group(3) != "*" and int(m.group(3)) != file.size):
+                raise TransientSourceError(
+                    f"{what}: the server answered Content-Range {resp.headers.get('Content-Range')!r}",
+                    hint="the file changed on the origin or a proxy mangled the range")
+            return body
+        if resp.status == 200:
+            length = resp.headers.get("Content-Length")
+            if length is not None and length.isdigit() and int(length) != file.size:
+                raise SourceError(f"{what}: the server sent {length} bytes, the listing said {file.size}",
+                                  hint="the file changed on the origin; list again")
+            if ranged and start:
+                log.warning("%s: the server ignored Range; skipping %d bytes", what, start)
+                body.skip(start)
+            return body
+        drained = resp.headers.get("Retry-After")
+        raise self._map_status(resp.status, drained, what)
+
+    @staticmethod
+    def _urllib3_mapper(what: str) -> Callable[[Exception], Exception]:
+        def mapper(exc: Exception) -> Exception:
+            if isinstance(exc, SourceError):
+                return exc
+            if isinstance(exc, urllib3.exceptions.MaxRetryError) and \
+                    isinstance(exc.reason, urllib3.exceptions.ResponseError):
+                return SourceError(f"{what}: too many redirects", hint="the endpoint redirects in a loop")
+            if isinstance(exc, (Urllib3HTTPError, OSError)):
+                # urllib3 messages hold URLs and reasons, never request headers.
+                return TransientSourceError(f"{what}: {type(exc).__name__}: {exc}", hint=TRANSIENT_HINT)
+            return SourceError(f"{what}: {type(exc).__name__}: {exc}")
+        return mapper
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        self._pool.clear()
+
