@@ -18,6 +18,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -40,6 +41,7 @@ CHUNK = 1024 * 1024
 class Faults:
     """What goes wrong for one object. Counts are consumed by GET/HEAD of the object, in order listed."""
 
+    status_401: int = 0  # the next N requests answer 401 NotAuthenticated (a rejected signature)
     status_429: int = 0  # the next N requests answer 429
     retry_after: float | None = None  # ... with this Retry-After (seconds), if set
     status_5xx: int = 0  # the next N requests answer ``code_5xx``
@@ -121,6 +123,7 @@ class OCIObjectServer:
         self.requests: Counter[str] = Counter()  # by kind: list, head, get, other
         self.body_bytes = 0  # file-body bytes written to sockets
         self.request_log: list[tuple[str, str, str | None]] = []  # (method, object-or-path, range)
+        self.key_ids: set[str] = set()  # keyId="..." of the Signature authorization headers seen
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self._httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -183,6 +186,9 @@ class OCIObjectServer:
             f = self.list_faults if name is None else self.faults.get(name)
             if f is None:
                 return None
+            if f.status_401 > 0:
+                f.status_401 -= 1
+                return ("401", None)
             if f.status_429 > 0:
                 f.status_429 -= 1
                 return ("429", f.retry_after)
@@ -265,7 +271,10 @@ def _make_handler(server: OCIObjectServer) -> type[BaseHTTPRequestHandler]:
             if fault is None:
                 return False
             kind, arg = fault
-            if kind == "429":
+            if kind == "401":
+                self._error(401, "NotAuthenticated", "The required information to complete authentication was "
+                                                     "not provided or was incorrect.")
+            elif kind == "429":
                 hdrs = {"retry-after": f"{arg:g}"} if arg is not None else {}
                 self._error(429, "TooManyRequests", "Too many requests", hdrs)
             else:
@@ -295,6 +304,9 @@ def _make_handler(server: OCIObjectServer) -> type[BaseHTTPRequestHandler]:
                 self._error(401, "NotAuthenticated", "The required information to complete authentication "
                                                      "was not provided.")
                 return
+            if m := re.search(r'keyId="([^"]*)"', self.headers.get("authorization", "")):
+                with server._lock:
+                    server.key_ids.add(m.group(1))
             parts = raw_path.split("/", 6)  # ['', 'n', ns, 'b', bucket, 'o', name]
             if raw_path in ("/n", "/n/"):
                 server.count("other")

@@ -1,0 +1,50 @@
+"""Sources: where model bytes come from. :func:`open_source` picks one by URI scheme.
+
+Invariant: the returned object implements :class:`modelherd.storage.types.Source`; the source modules
+(and their SDKs) are imported only when a URI of their scheme is opened.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..errors import BadURIError
+from ..retry import RetryPolicy
+from ..types import Source
+from ..uri import ModelURI
+
+DEFAULT_RETRY = RetryPolicy()
+
+
+def open_source(
+    uri: ModelURI,
+    *,
+    hf_token: str | None = None,
+    hf_endpoint: str = "https://huggingface.co",
+    allow_patterns: Sequence[str] | None = None,
+    ignore_patterns: Sequence[str] | None = None,
+    oci_auth: str = "auto",
+    oci_config_file: str = "~/.oci/config",
+    oci_profile: str = "DEFAULT",
+    oci_region: str = "",
+    oci_endpoint: str = "",
+    retry: RetryPolicy = DEFAULT_RETRY,
+    pool_maxsize: int = 32,
+) -> Source:
+    """The source for ``uri``: ``HFSource``, ``OCISource`` or ``LocalSource``; each gets only its options."""
+    if uri.scheme == "hf":
+        from .hf import HFSource
+
+        hf: Source = HFSource(uri, token=hf_token, endpoint=hf_endpoint, allow_patterns=allow_patterns,
+                              ignore_patterns=ignore_patterns, retry=retry, pool_maxsize=pool_maxsize)
+        return hf
+    if uri.scheme == "oci":
+        from .oci import OCISource
+
+        return OCISource(uri, auth=oci_auth, config_file=oci_config_file, profile=oci_profile, region=oci_region,
+                         endpoint=oci_endpoint, retry=retry, pool_maxsize=pool_maxsize)
+    if uri.scheme == "local":
+        from .local import LocalSource
+
+        return LocalSource(uri)
+    raise BadURIError(f"no source for scheme {uri.scheme!r}")
