@@ -1,0 +1,648 @@
+"""The download engine: parallel, ranged, resumable, verified while streaming, published atomically.
+
+Invariants:
+- Nothing is written outside the staging folder until :func:`publish`, and the destination only ever holds a
+  complete, verified model with its manifest (written last).
+- Every byte is hashed once, in order, while it streams (ranges that land ahead of the hash cursor are read
+  back from the page cache); memory is a fixed buffer per worker thread, never a whole file.
+- A crash, a lost connection or a source error leaves staging resumable: written segments carry checkpoints
+  that are checked against the disk before they are trusted again.
+"""
+
+from __future__ import annotations
+
+import errno
+import http.client
+import logging
+import os
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import overload
+
+import urllib3.exceptions
+
+from . import capacity
+from .errors import (
+    CancelledError,
+    ConfigError,
+    InsufficientSpaceError,
+    ModelherdError,
+    RateLimitedError,
+    TransientSourceError,
+    UnsafePathError,
+    VerificationError,
+)
+from .hashcursor import HashCursor
+from .hashing import MultiHasher, checkable, hash_file
+from .manifest import Manifest, ManifestFile, read_manifest, write_manifest
+from .paths import contained, ensure_inside_root
+from .retry import RetryPolicy, call_with_retry
+from .staging import (
+    RESERVED_PREFIX,
+    STATE_DIRNAME,
+    FileState,
+    adopt_staging,
+    drop_state,
+    load_state,
+    remove_tree,
+    save_state,
+    staging_dir_for,
+)
+from .types import ByteStream, Listing, RemoteFile, Source
+
+__all__ = ["EngineOptions", "adopt_staging", "fetch_into", "manifest_matches", "publish", "pull",
+           "staging_dir_for"]
+
+log = logging.getLogger(__name__)
+MiB = 1024 * 1024
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Knobs of one pull. Files larger than ``multipart_threshold`` are fetched as ``part_size`` ranges,
+    ``multipart_concurrency`` at a time; ``concurrency`` files run in parallel."""
+
+    concurrency: int = 4
+    multipart_concurrency: int = 4
+    multipart_threshold: int = 200 * MiB
+    part_size: int = 64 * MiB
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    chunk_size: int = 2 * MiB
+    checkpoint_size: int = 16 * MiB
+    progress_interval_s: float = 0.1
+    fsync: bool = True
+    record_sha256: bool = True
+    cancel_grace_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("concurrency", "multipart_concurrency", "multipart_threshold", "part_size", "chunk_size",
+                     "checkpoint_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"engine option {name} must be at least 1, got {getattr(self, name)}",
+                                  hint="fix the download settings")
+
+
+# --------------------------------------------------------------------------------------------------- planning
+@dataclass
+class _Part:
+    index: int
+    start: int
+    end: int
+    resume: int
+    crc: int = 0  # CRC-32 of [segment start, resume): carried across retries so a retry continues mid-segment
+
+
+@dataclass
+class _Job:
+    rf: RemoteFile
+    target: Path
+    algos: list[str]
+    state: FileState
+    parts: list[_Part]
+    kept: bool = False
+    digests: dict[str, str] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def present(self) -> int:
+        return self.rf.size if self.kept else sum(p.resume - p.start for p in self.parts)
+
+
+def _layout(rf: RemoteFile, options: EngineOptions) -> FileState:
+    expect = {a: rf.checksums[a].lower() for a in checkable(rf.checksums)[:1]}
+    multipart = rf.size > options.multipart_threshold and rf.size > options.part_size
+    part_size = options.part_size if multipart else max(rf.size, 1)
+    n_parts = -(-rf.size // part_size) if rf.size else 0
+    return FileState(path=rf.path, size=rf.size, expect=expect, part_size=part_size,
+                     segment_size=options.checkpoint_size, parts=[[] for _ in range(n_parts)])
+
+
+def _parts(state: FileState) -> list[_Part]:
+    return [_Part(i, i * state.part_size, min((i + 1) * state.part_size, state.size), i * state.part_size)
+            for i in range(len(state.parts))]
+
+
+def _verified_prefix(fd: int, part: _Part, crcs: list[int], seg: int, buf: memoryview) -> int:
+    """How many leading checkpointed segments of ``part`` still match the disk."""
+    good = 0
+    for k, want in enumerate(crcs):
+        start = part.start + k * seg
+        end = min(start + seg, part.end)
+        crc, pos = 0, start
+        while pos < end:
+            n = os.preadv(fd, [buf[: min(len(buf), end - pos)]], pos)
+            if n <= 0:
+                break
+            crc = zlib.crc32(buf[:n], crc)
+            pos += n
+        if pos != end or crc != want:
+            break
+        good = k + 1
+    return good
+
+
+def _plan(staging: Path, rf: RemoteFile, options: EngineOptions, buf: memoryview) -> _Job:
+    """Decide, from what is on disk, whether ``rf`` is kept, resumed (and from where) or fetched fresh."""
+    target = contained(staging, rf.path, what="file name")
+    fresh = _layout(rf, options)
+    algos = list(fresh.expect)
+    if options.record_sha256 and "sha256" not in algos:
+        algos.append("sha256")
+    job = _Job(rf, target, algos, fresh, _parts(fresh))
+    try:
+        on_disk = os.stat(target).st_size
+    except FileNotFoundError:
+        return job
+    saved = load_state(staging, rf.path)
+    if on_disk != rf.size:
+        return job
+    if saved is not None and saved.layout_matches(fresh):
+        if saved.done:
+            check = fresh.expect or {a: saved.digests[a] for a in saved.digests}
+            if check and hash_file(str(target), list(check), rf.size) == check:
+                job.kept, job.digests, job.state = True, dict(saved.digests), saved
+            return job
+        job.state = saved
+        job.parts = _parts(saved)
+        fd = os.open(target, os.O_RDONLY)
+        try:
+            for part, crcs in zip(job.parts, saved.parts, strict=True):
+                good = _verified_prefix(fd, part, crcs, saved.segment_size, buf)
+                del crcs[good:]
+                part.resume = min(part.start + good * saved.segment_size, part.end)
+        finally:
+            os.close(fd)
+        return job
+    if saved is None and fresh.expect:
+        got = hash_file(str(target), algos, rf.size)
+        if all(got[a] == v for a, v in fresh.expect.items()):
+            job.kept, job.digests = True, got
+    return job
+
+
+# --------------------------------------------------------------------------------------------------- running
+class _Throttle:
+    """Calls ``progress(done, total)`` at most once per interval (plus :meth:`final`)."""
+
+    def __init__(self, total: int, done: int, cb: Progress | None, interval: float) -> None:
+        self.total, self.done, self._cb, self._interval = total, done, cb, interval
+        self.fetched = 0
+        self._lock = threading.Lock()
+        self._last = 0.0
+
+    def forget(self, n: int) -> None:
+        """``n`` bytes already counted as done are being fetched again."""
+        with self._lock:
+            self.done -= n
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.done += n
+            self.fetched += n
+            now = time.monotonic()
+            if self._cb is None or now - self._last < self._interval:
+                return
+            self._last = now
+            done = self.done
+        self._cb(done, self.total)
+
+    def final(self) -> None:
+        if self._cb is not None:
+            self._cb(self.done, self.total)
+
+
+class _Run:
+    """Shared state of one :func:`fetch_into` call."""
+
+    def __init__(self, source: Source, staging: Path, options: EngineOptions, throttle: _Throttle) -> None:
+        self.source, self.staging, self.options, self.throttle = source, staging, options, throttle
+        self.stop = threading.Event()
+        self.parts_pool = ThreadPoolExecutor(options.concurrency * options.multipart_concurrency,
+                                             thread_name_prefix="modelherd-part")
+        self._local = threading.local()
+        self.reread = 0
+
+    def buffer(self) -> memoryview:
+        view: memoryview | None = getattr(self._local, "buf", None)
+        if view is None:
+            view = memoryview(bytearray(self.options.chunk_size))
+            self._local.buf = view
+        return view
+
+    def check(self) -> None:
+        if self.stop.is_set():
+            raise CancelledError("download stopped", hint="another part failed or the pull was cancelled")
+
+    # one file ---------------------------------------------------------------------------------------------
+    def run_file(self, job: _Job) -> None:
+        if job.kept:
+            log.debug("kept %s (already in staging and verified)", job.rf.path)
+            return
+        for attempt in (1, 2):
+            problem = self._fetch_file(job)
+            if problem is None:
+                log.debug("fetched %s (%d bytes)", job.rf.path, job.rf.size)
+                return
+            log.warning("%s failed verification (%s)%s", job.rf.path, problem,
+                        "; fetching it again" if attempt == 1 else "")
+            self.throttle.forget(job.present)
+            remove_tree(job.target)
+            drop_state(self.staging, job.rf.path)
+            job.state = _layout(job.rf, self.options)
+            job.parts = _parts(job.state)
+        raise VerificationError(f"{job.rf.path} does not match its checksum after two downloads",
+                                problems=[f"{job.rf.path}: {problem}"],
+                                hint="the origin serves bytes that differ from its listing; try again later")
+
+    def _fetch_file(self, job: _Job) -> str | None:
+        """Fetch the missing parts of ``job`` and verify it; a mismatch is returned, not raised."""
+        rf = job.rf
+        job.target.parent.mkdir(parents=True, exist_ok=True)
+        flags = os.O_RDWR | os.O_CREAT | (0 if any(p.resume > p.start for p in job.parts) else os.O_TRUNC)
+        try:
+            fd = os.open(job.target, flags, 0o644)
+        except OSError as e:
+            raise self._write_error(e, job) from None
+        try:
+            try:
+                os.ftruncate(fd, rf.size)
+                save_state(self.staging, job.state)
+            except OSError as e:
+                raise self._write_error(e, job) from None
+            cursor = HashCursor(MultiHasher(job.algos, rf.size), fd, rf.size)
+            for p in job.parts:
+                cursor.add_written(p.start, p.resume)
+            todo = [p for p in job.parts if p.resume < p.end]
+            if len(todo) == 1:
+                self._fetch_part(job, fd, cursor, todo[0])
+            elif todo:
+                self._fetch_parts(job, fd, cursor, todo)
+            hashed = cursor.drain(self.buffer())
+            self.reread += cursor.reread_bytes
+            if hashed != rf.size or os.fstat(fd).st_size != rf.size:
+                return f"size {os.fstat(fd).st_size}, hashed {hashed}, expected {rf.size}"
+            digests = cursor.hasher.hexdigests()
+            for algo, want in job.state.expect.items():
+                if digests[algo] != want:
+                    return f"{algo} {digests[algo]} != expected {want}"
+            try:
+                if self.options.fsync:
+                    os.fsync(fd)
+                job.state.done, job.state.digests, job.digests = True, digests, digests
+                save_state(self.staging, job.state)
+            except OSError as e:
+                raise self._write_error(e, job) from None
+            return None
+        finally:
+            os.close(fd)
+
+    def _fetch_parts(self, job: _Job, fd: int, cursor: HashCursor, todo: list[_Part]) -> None:
+        """At most ``multipart_concurrency`` parts of this file in flight; the first failure wins."""
+        window = self.options.multipart_concurrency
+        queue = list(todo)
+        running: set[Future[None]] = set()
+        while queue or running:
+            while queue and len(running) < window and not self.stop.is_set():
+                running.add(self.parts_pool.submit(self._fetch_part, job, fd, cursor, queue.pop(0)))
+            if not running:
+                self.check()
+            done, running = wait(running, return_when=FIRST_EXCEPTION)
+            for fut in done:
+                exc = fut.exception() if not fut.cancelled() else CancelledError("part cancelled")
+                if exc is not None:
+                    self.stop.set()
+                    wait(running)
+                    raise exc
+
+    # one part ---------------------------------------------------------------------------------------------
+    def _fetch_part(self, job: _Job, fd: int, cursor: HashCursor, part: _Part) -> None:
+        """Stream ``[part.resume, part.end)`` into ``fd``; retries continue from the last written byte."""
+        rounds = 0
+        while True:
+            before = part.resume
+            try:
+                call_with_retry(lambda: self._stream(job, fd, cursor, part), self.options.retry, cancel=self.stop,
+                                what=f"GET {job.rf.path} [{part.resume}, {part.end})")
+                return
+            except (TransientSourceError, RateLimitedError):
+                # a retry budget is for one stuck spot: progress earns a fresh one (bounded)
+                if part.resume > before and rounds < 100:
+                    rounds += 1
+                    continue
+                raise
+
+    def _stream(self, job: _Job, fd: int, cursor: HashCursor, part: _Part) -> None:
+        self.check()
+        buf = self.buffer()
+        seg = job.state.segment_size
+        crcs = job.state.parts[part.index]
+        stream = self.source.open(job.rf, part.resume, part.end)
+        try:
+            while part.resume < part.end:
+                self.check()
+                pos = part.resume
+                seg_end = min(part.start + (len(crcs) + 1) * seg, part.end)
+                view = buf[: min(len(buf), seg_end - pos)]
+                n = _read(stream, view, job.rf)
+                if n == 0:
+                    raise TransientSourceError(f"body of {job.rf.path} ended early at byte {pos}",
+                                               hint="the connection was cut; retrying from there")
+                data = view[:n]
+                self._write(fd, data, pos, job)
+                part.crc = zlib.crc32(data, part.crc)
+                cursor.offer(pos, data, buf)
+                part.resume = pos + n
+                self.throttle.add(n)
+                if part.resume == seg_end:
+                    with job.lock:
+                        crcs.append(part.crc)
+                        part.crc = 0
+                        self.check()
+                        try:
+                            save_state(self.staging, job.state)
+                        except OSError as e:
+                            raise self._write_error(e, job) from None
+        finally:
+            _close_quietly(stream)
+
+    def _write(self, fd: int, data: memoryview, pos: int, job: _Job) -> None:
+        try:
+            while data:
+                n = os.pwrite(fd, data, pos)
+                data, pos = data[n:], pos + n
+        except OSError as e:
+            raise self._write_error(e, job) from None
+
+    def _write_error(self, e: OSError, job: _Job) -> ModelherdError | OSError:
+        if capacity.is_no_space(e):
+            return capacity.no_space_error(e, job.target)
+        return e
+
+
+def _read(stream: ByteStream, view: memoryview, rf: RemoteFile) -> int:
+    try:
+        return stream.readinto(view)
+    except ModelherdError:
+        raise
+    except (OSError, http.client.HTTPException, urllib3.exceptions.HTTPError) as e:
+        # the message is built from the type only: a raw error may quote a signed URL
+        code = f" errno {e.errno}" if isinstance(e, OSError) and e.errno else ""
+        raise TransientSourceError(f"reading {rf.path} failed: {type(e).__name__}{code}",
+                                   hint="the connection broke; retrying from the last byte written") from None
+
+
+def _close_quietly(stream: ByteStream) -> None:
+    try:
+        stream.close()
+    except Exception:  # closing a broken stream must not hide the error that broke it
+        log.debug("closing a stream failed", exc_info=False)
+
+
+# --------------------------------------------------------------------------------------------------- fetch_into
+def _check_listing(staging: Path, listing: Listing) -> None:
+    seen: set[str] = set()
+    for rf in listing.files:
+        if rf.path.split("/", 1)[0].startswith(RESERVED_PREFIX):
+            raise UnsafePathError(f"file name {rf.path!r} uses the reserved prefix {RESERVED_PREFIX!r}",
+                                  hint="the source lists a file modelherd keeps for itself")
+        if rf.path in seen:
+            raise UnsafePathError(f"file name {rf.path!r} is listed twice", hint="the source is malformed")
+        if rf.size < 0:
+            raise UnsafePathError(f"file {rf.path!r} has a negative size", hint="the source is malformed")
+        seen.add(rf.path)
+        contained(staging, rf.path, what="file name")
+
+
+def fetch_into(
+    source: Source,
+    listing: Listing,
+    staging: Path,
+    *,
+    options: EngineOptions | None = None,
+    cancel: threading.Event | None = None,
+    progress: Progress | None = None,
+) -> dict[str, dict[str, str]]:
+    """Download every file of ``listing`` into ``staging/<path>``, verified; return the digests per path.
+
+    Keeps files (and checkpointed segments) already in ``staging`` that check out, so a rerun resumes.
+    Raises typed errors; when ``cancel`` is set it stops within about ``cancel_grace_s`` and raises
+    :class:`CancelledError`. Staging is never cleaned here: :func:`pull` decides.
+    """
+    options = options or EngineOptions()
+    staging = Path(staging)
+    staging.mkdir(parents=True, exist_ok=True)
+    _check_listing(staging, listing)
+    started = time.monotonic()
+
+    scratch = memoryview(bytearray(options.chunk_size))
+    jobs = [_plan(staging, rf, options, scratch) for rf in listing.files]
+    del scratch
+    missing = sum(max(0, j.rf.size - min(capacity.allocated_bytes(j.target), j.rf.size))
+                  for j in jobs if not j.kept)
+    capacity.ensure_free_space(staging, missing)
+    present = sum(j.present for j in jobs)
+    log.info("pulling %s: %d files, %.1f MiB (%.1f MiB already in staging) into %s", listing.uri,
+             len(jobs), listing.total_bytes / MiB, present / MiB, staging)
+
+    throttle = _Throttle(listing.total_bytes, present, progress, options.progress_interval_s)
+    run = _Run(source, staging, options, throttle)
+    files_pool = ThreadPoolExecutor(options.concurrency, thread_name_prefix="modelherd-file")
+    futures = [files_pool.submit(run.run_file, j) for j in jobs]
+    error: BaseException | None = None
+    try:
+        pending: set[Future[None]] = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=0.1, return_when=FIRST_EXCEPTION)
+            if cancel is not None and cancel.is_set():
+                error = CancelledError("pull cancelled", hint="staging is removed; run the pull again to restart")
+                break
+            failed = [f for f in done if f.exception() is not None]
+            if failed:
+                error = _first_real_error(futures)
+                break
+    except BaseException as e:  # KeyboardInterrupt in the waiting thread
+        error = e
+    finally:
+        if error is not None:
+            run.stop.set()
+        files_pool.shutdown(wait=False, cancel_futures=True)
+        run.parts_pool.shutdown(wait=False, cancel_futures=True)
+        if error is not None:
+            wait(futures, timeout=options.cancel_grace_s)
+            if not isinstance(error, CancelledError):
+                error = _first_real_error(futures) or error
+    if error is not None:
+        raise error
+    throttle.final()
+    elapsed = max(time.monotonic() - started, 1e-9)
+    log.info("pulled %s: fetched %.1f MiB in %.2fs (%.1f MiB/s), %.1f MiB re-read for hashing", listing.uri,
+             throttle.fetched / MiB, elapsed, throttle.fetched / MiB / elapsed, run.reread / MiB)
+    return {j.rf.path: dict(j.digests) for j in jobs}
+
+
+def _first_real_error(futures: list[Future[None]]) -> BaseException | None:
+    """The first failure that is not a knock-on ``CancelledError`` of the internal stop."""
+    errors = [f.exception() for f in futures if f.done() and not f.cancelled() and f.exception() is not None]
+    real = [e for e in errors if not isinstance(e, CancelledError)]
+    return (real or errors or [None])[0]
+
+
+# --------------------------------------------------------------------------------------------------- publish
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (``renameat2(RENAME_EXCHANGE)``); ``False`` where unsupported."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
+def publish(staging: Path, dest: Path, manifest: Manifest) -> None:
+    """Make ``staging`` the model at ``dest`` in one step; the manifest is written last, just before.
+
+    ``dest`` is only ever absent, the old complete model, or the new complete model (swapped with
+    ``renameat2(RENAME_EXCHANGE)`` where the filesystem has it, else moved aside into the staging root first).
+    """
+    staging, dest = Path(staging), Path(dest)
+    remove_tree(staging / STATE_DIRNAME)
+    write_manifest(staging, manifest)
+    _fsync_dir(staging)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if not os.path.lexists(dest):
+            os.rename(staging, dest)
+        elif _exchange(staging, dest):
+            remove_tree(staging)  # now holds the old model
+        else:
+            aside = staging.with_name(f"{staging.name}.old")
+            remove_tree(aside)
+            os.rename(dest, aside)
+            try:
+                os.rename(staging, dest)
+            except BaseException:
+                os.rename(aside, dest)
+                raise
+            remove_tree(aside)
+    except OSError as e:
+        if e.errno == errno.EXDEV:
+            raise ConfigError(f"{dest} is on another filesystem than the staging folder {staging}",
+                              hint="destinations must be on the models root's own filesystem") from None
+        raise
+    _fsync_dir(dest.parent)
+
+
+# --------------------------------------------------------------------------------------------------- pull
+def manifest_matches(manifest: Manifest, listing: Listing, model_dir: Path | None = None) -> bool:
+    """``manifest`` describes exactly ``listing`` (uri, revision, paths, sizes, checksums); with ``model_dir``,
+    every file is also still there with its size."""
+    if manifest.source_uri != listing.uri or manifest.revision != listing.revision:
+        return False
+    have = {f.path: f for f in manifest.files}
+    if set(have) != {f.path for f in listing.files}:
+        return False
+    for rf in listing.files:
+        mf = have[rf.path]
+        if mf.size != rf.size:
+            return False
+        for algo in checkable(rf.checksums):
+            if algo in mf.checksums and mf.checksums[algo].lower() != rf.checksums[algo].lower():
+                return False
+        if model_dir is not None:
+            try:
+                if os.stat(Path(model_dir) / mf.path).st_size != mf.size:
+                    return False
+            except OSError:
+                return False
+    return True
+
+
+_CLEAN_ON = (CancelledError, VerificationError, InsufficientSpaceError, UnsafePathError, ConfigError)
+
+
+@overload
+def pull(source: Source, dest: Path, /, *, models_root: Path, writer: str, listing: Listing | None = None,
+         options: EngineOptions | None = None, epoch: int = 0, cancel: threading.Event | None = None,
+         progress: Progress | None = None) -> Manifest: ...
+
+
+@overload
+def pull(source: Source, listing: Listing, dest: Path, /, *, models_root: Path, writer: str,
+         options: EngineOptions | None = None, epoch: int = 0, cancel: threading.Event | None = None,
+         progress: Progress | None = None) -> Manifest: ...
+
+
+def pull(source: Source, *args: Path | Listing, models_root: Path, writer: str, listing: Listing | None = None,
+         options: EngineOptions | None = None, epoch: int = 0, cancel: threading.Event | None = None,
+         progress: Progress | None = None) -> Manifest:
+    """Put the model of ``source`` at ``dest`` (inside ``models_root``) and return its manifest.
+
+    Called as ``pull(source, dest, ...)`` (the listing is fetched, or passed as ``listing=``) or
+    ``pull(source, listing, dest, ...)``. A ``dest`` whose manifest already matches the listing is returned as
+    is, without fetching a byte. Otherwise fetches into ``staging_dir_for(models_root, dest, writer, epoch)``
+    and publishes. On a source error staging is kept (a rerun resumes); on cancel, verification failure,
+    lack of space or unsafe names it is removed.
+    """
+    if len(args) == 2 and isinstance(args[0], Listing):
+        listing, dest_arg = args[0], args[1]
+    elif len(args) == 1:
+        dest_arg = args[0]
+    else:
+        raise TypeError("pull(source, dest, ...) or pull(source, listing, dest, ...)")
+    if isinstance(dest_arg, Listing):
+        raise TypeError("dest must be a path")
+    options = options or EngineOptions()
+    models_root = Path(models_root)
+    dest = ensure_inside_root(models_root, Path(dest_arg))
+    if listing is None:
+        listing = source.list_files()
+    try:
+        existing = read_manifest(dest)
+    except VerificationError:
+        existing = None
+    if existing is not None and manifest_matches(existing, listing, dest):
+        log.info("%s is already complete at %s (revision %s)", listing.uri, dest, listing.revision)
+        if progress is not None:
+            progress(listing.total_bytes, listing.total_bytes)
+        return existing
+    staging = staging_dir_for(models_root, dest, writer, epoch)
+    try:
+        digests = fetch_into(source, listing, staging, options=options, cancel=cancel, progress=progress)
+        manifest = Manifest(
+            source_uri=listing.uri, revision=listing.revision, writer=writer,
+            files=tuple(ManifestFile(path=rf.path, size=rf.size,
+                                     checksums={**{a: v.lower() for a, v in rf.checksums.items()
+                                                   if a in checkable(rf.checksums)}, **digests[rf.path]})
+                        for rf in listing.files))
+        publish(staging, dest, manifest)
+    except _CLEAN_ON:
+        remove_tree(staging)
+        raise
+    except OSError as e:
+        if capacity.is_no_space(e):
+            remove_tree(staging)
+            raise capacity.no_space_error(e, staging) from None
+        raise
+    return manifest
+
