@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared helpers for up/build. Sourced, not executed.
 # Cache layout: ${MODELHERD_CACHE:-$HOME/.cache/modelherd}/controlplane/<hash>/{controlplane,kubectl,helm}
 # where <hash> covers go.mod, go.sum and the Go sources.

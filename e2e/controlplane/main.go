@@ -413,4 +413,3 @@ func ready(dir string) error {
 	}
 	return nil
 }
-
