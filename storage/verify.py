@@ -1,0 +1,323 @@
+"""Is a model folder whole? Quick checks read metadata only; deep checks re-hash every file.
+
+Invariants:
+- :func:`verify_quick` is O(files), not O(bytes): it stats files and reads only manifest, index and
+  safetensors *header* bytes, never tensor data;
+- nothing here writes, and nothing is read outside ``model_dir`` (every name taken from a manifest, an
+  index or a ``model_index.json`` goes through :func:`~.paths.contained` first; symlinks leaving the
+  folder are reported, never followed);
+- bad or hostile content is reported as a :class:`Problem`, never raised; only :func:`verify_or_raise`
+  raises, with a :class:`~.errors.VerificationError`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelherdError, VerificationError
+from .hashing import checkable, hash_file
+from .manifest import MANIFEST_NAME, Manifest, read_manifest
+from .paths import contained
+
+# safetensors refuses headers above 100 MB; so do we (a corrupt length must not make us read gigabytes).
+MAX_HEADER = 100_000_000
+# Bits per element; sub-byte dtypes (F4, F6) pack elements, so bytes = ceil(bits * numel / 8).
+DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32,
+    "I64": 64, "U64": 64, "F64": 64, "C64": 64,
+    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+}
+INDEX_SUFFIX = ".safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a model folder. ``path`` is relative to the folder (``.`` for the folder)."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+def _rel(base: Path, p: Path) -> str:
+    try:
+        return p.relative_to(base).as_posix() or "."
+    except ValueError:
+        return str(p)
+
+
+def _walk(model_dir: Path) -> tuple[list[Path], list[Problem]]:
+    """Regular files under ``model_dir`` (symlinks not followed) and problems for links leaving it."""
+    files: list[Path] = []
+    problems: list[Problem] = []
+    real_base = Path(os.path.realpath(model_dir))
+    for root, dirs, names in os.walk(model_dir, followlinks=False):
+        rootp = Path(root)
+        for name in [*dirs, *names]:
+            p = rootp / name
+            if p.is_symlink():
+                target = Path(os.path.realpath(p))
+                if target != real_base and real_base not in target.parents:
+                    problems.append(Problem(_rel(model_dir, p), f"symlink points outside the model folder ({target})"))
+                    continue
+                if name in names and target.is_file():
+                    files.append(p)
+            elif name in names:
+                files.append(p)
+    return files, problems
+
+
+def _check_manifest(model_dir: Path, manifest: Manifest, on_disk: set[str], *, allow_extra: bool) -> list[Problem]:
+    problems: list[Problem] = []
+    listed: set[str] = set()
+    for entry in manifest.files:
+        listed.add(entry.path)
+        try:
+            p = contained(model_dir, entry.path, what="manifest entry")
+        except ModelherdError as e:
+            problems.append(Problem(entry.path, e.message))
+            continue
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            problems.append(Problem(entry.path, "listed in the manifest but missing"))
+            continue
+        except OSError as e:
+            problems.append(Problem(entry.path, f"cannot stat: {e.strerror}"))
+            continue
+        if not p.is_file():
+            problems.append(Problem(entry.path, "listed in the manifest but not a regular file"))
+        elif st.st_size != entry.size:
+            problems.append(Problem(entry.path, f"size {st.st_size} != {entry.size} in the manifest"))
+    if not allow_extra:
+        problems += [Problem(r, "not listed in the manifest") for r in sorted(on_disk - listed - {MANIFEST_NAME})]
+    return problems
+
+
+def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """Parse a safetensors header: ``(header dict, data start offset)``. Reads only the header bytes.
+
+    Raises ``ValueError`` with a readable reason on any malformation.
+    """
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("shorter than the 8-byte header length")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER:
+            raise ValueError(f"header length {n} is implausible (> {MAX_HEADER})")
+        raw = f.read(n)
+    if len(raw) < n:
+        raise ValueError(f"truncated inside the header ({len(raw)} of {n} bytes)")
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    return header, 8 + n
+
+
+def check_safetensors(path: Path) -> list[str]:
+    """Reasons ``path`` is not a whole safetensors file (empty list: the header checks out)."""
+    return _inspect_safetensors(path)[0]
+
+
+def _inspect_safetensors(path: Path) -> tuple[list[str], set[str]]:
+    """``(reasons, tensor names)`` for a safetensors file.
+
+    Checks: header parses; each tensor has a known dtype, an integer shape and ``data_offsets`` whose length
+    equals dtype x shape; tensors tile the data region without gaps or overlaps; the data region ends exactly
+    at the end of the file (so truncation and trailing bytes are caught without reading any weights).
+    """
+    try:
+        header, start = safetensors_header(path)
+        size = path.stat().st_size
+    except (OSError, ValueError) as e:
+        return [str(e)], set()
+    reasons: list[str] = []
+    spans: list[tuple[int, int, str]] = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            reasons.append(f"tensor {name!r}: entry is not an object")
+            continue
+        dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in DTYPE_BITS:
+            reasons.append(f"tensor {name!r}: unknown dtype {dtype!r}")
+            continue
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            reasons.append(f"tensor {name!r}: bad shape {shape!r}")
+            continue
+        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)
+                and 0 <= offs[0] <= offs[1]):
+            reasons.append(f"tensor {name!r}: bad data_offsets {offs!r}")
+            continue
+        want = math.ceil(DTYPE_BITS[dtype] * math.prod(shape) / 8)
+        if offs[1] - offs[0] != want:
+            reasons.append(f"tensor {name!r}: {offs[1] - offs[0]} bytes but {dtype} x {shape} needs {want}")
+        spans.append((offs[0], offs[1], name))
+    spans.sort()
+    pos = 0
+    for b, end, name in spans:
+        if b != pos:
+            reasons.append(f"tensor {name!r}: data starts at {b}, expected {pos} (gap or overlap)")
+        pos = max(pos, end)
+    data_len = size - start
+    if pos > data_len:
+        reasons.append(f"truncated: tensors need {pos} data bytes, the file has {data_len}")
+    elif pos < data_len:
+        reasons.append(f"{data_len - pos} unexpected bytes after the last tensor")
+    return reasons, {n for _, _, n in spans}
+
+
+def _check_index(model_dir: Path, index: Path, tensors_of: dict[Path, set[str] | None]) -> list[Problem]:
+    rel = _rel(model_dir, index)
+    try:
+        doc = json.loads(index.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return [Problem(rel, f"malformed shard index: {e}")]
+    wm = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+        return [Problem(rel, "malformed shard index: 'weight_map' must map tensor names to file names")]
+    problems: list[Problem] = []
+    base = index.parent
+    by_shard: dict[str, list[str]] = {}
+    for tensor, shard in wm.items():
+        by_shard.setdefault(shard, []).append(tensor)
+    for shard, tensors in sorted(by_shard.items()):
+        try:
+            p = contained(base, shard, what="index entry")
+        except ModelherdError as e:
+            problems.append(Problem(rel, e.message))
+            continue
+        if not p.is_file():
+            problems.append(Problem(rel, f"lists shard {shard!r}, which is missing"))
+            continue
+        names = tensors_of.get(p)
+        if names is not None:
+            missing = [t for t in tensors if t not in names]
+            if missing:
+                problems.append(Problem(rel, f"shard {shard!r} lacks {len(missing)} tensor(s) it should hold, "
+                                             f"e.g. {missing[0]!r}"))
+    return problems
+
+
+def _check_diffusers(model_dir: Path, index: Path) -> list[Problem]:
+    rel = _rel(model_dir, index)
+    try:
+        doc = json.loads(index.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return [Problem(rel, f"malformed model_index.json: {e}")]
+    if not isinstance(doc, dict):
+        return [Problem(rel, "malformed model_index.json: not a JSON object")]
+    problems: list[Problem] = []
+    for comp, spec in doc.items():
+        # Components are [library, class]; [null, null] marks a component left out on purpose.
+        if comp.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[0] is None:
+            continue
+        try:
+            p = contained(index.parent, comp, what="diffusers component")
+        except ModelherdError as e:
+            problems.append(Problem(rel, e.message))
+            continue
+        if not p.is_dir():
+            problems.append(Problem(rel, f"component {comp!r} ({spec[1]}) has no folder"))
+    return problems
+
+
+def _quick(model_dir: Path, *, require_manifest: bool, allow_extra: bool) -> tuple[list[Problem], Manifest | None]:
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        return [Problem(".", f"{model_dir} is not a directory")], None
+    files, problems = _walk(model_dir)
+    rels = {_rel(model_dir, p) for p in files}
+    manifest: Manifest | None = None
+    try:
+        manifest = read_manifest(model_dir)
+    except ModelherdError as e:
+        problems.append(Problem(MANIFEST_NAME, e.message))
+    if manifest is not None:
+        problems += _check_manifest(model_dir, manifest, rels, allow_extra=allow_extra)
+    elif require_manifest and not any(p.path == MANIFEST_NAME for p in problems):
+        problems.append(Problem(MANIFEST_NAME, "no completion manifest: the folder was never published whole"))
+
+    tensors_of: dict[Path, set[str] | None] = {}
+    for p in sorted(files):
+        if p.name.endswith(".safetensors"):
+            reasons, names = _inspect_safetensors(p)
+            problems += [Problem(_rel(model_dir, p), r) for r in reasons]
+            tensors_of[p] = None if reasons else names
+    for p in sorted(files):
+        if p.name.endswith(INDEX_SUFFIX):
+            problems += _check_index(model_dir, p, tensors_of)
+        elif p.name == "model_index.json":
+            problems += _check_diffusers(model_dir, p)
+    return problems, manifest
+
+
+def verify_quick(model_dir: Path, *, require_manifest: bool = False, allow_extra: bool = False) -> list[Problem]:
+    """Metadata-only checks of ``model_dir``; the empty list means nothing is wrong.
+
+    With a manifest: every entry exists with its size, and (unless ``allow_extra``) no other file is there.
+    Always: shard indexes name existing shards holding their tensors, safetensors headers are consistent
+    and end exactly at end of file, diffusers components exist, no symlink leaves the folder.
+    """
+    return _quick(model_dir, require_manifest=require_manifest, allow_extra=allow_extra)[0]
+
+
+def _hash_one(model_dir: Path, path: str, algo: str, size: int, want: str) -> Problem | None:
+    try:
+        got = hash_file(str(contained(model_dir, path, what="manifest entry")), [algo], size)[algo]
+    except (OSError, ModelherdError) as e:
+        return Problem(path, f"cannot hash: {e}")
+    if got.lower() != want.lower():
+        return Problem(path, f"{algo} mismatch: {got} on disk, {want} in the manifest")
+    return None
+
+
+def verify_deep(model_dir: Path, *, require_manifest: bool = False, allow_extra: bool = False,
+                workers: int | None = None) -> list[Problem]:
+    """:func:`verify_quick` plus every manifest checksum recomputed from the bytes on disk.
+
+    Each file is hashed once with its strongest checkable algorithm (``hashing.PREFERENCE``); files are
+    hashed in parallel by a thread pool (hashlib releases the GIL). Files whose quick checks already failed
+    (missing, wrong size, escaping) are not hashed again.
+    """
+    model_dir = Path(model_dir)
+    problems, manifest = _quick(model_dir, require_manifest=require_manifest, allow_extra=allow_extra)
+    if manifest is None:
+        return problems
+    bad = {p.path for p in problems}
+    jobs = [(f.path, algos[0], f.size, f.checksums[algos[0]])
+            for f in manifest.files if f.path not in bad and (algos := checkable(f.checksums))]
+    jobs.sort(key=lambda j: -j[2])  # biggest first: the pool finishes together
+    n = workers or min(len(jobs), max(2, os.cpu_count() or 2), 16)
+    if jobs:
+        with ThreadPoolExecutor(max_workers=max(1, n), thread_name_prefix="verify") as pool:
+            results: Iterable[Problem | None] = pool.map(lambda j: _hash_one(model_dir, *j), jobs)
+            problems += [r for r in results if r is not None]
+    return problems
+
+
+def verify_or_raise(model_dir: Path, deep: bool = False, *, require_manifest: bool = False) -> None:
+    """Return quietly if ``model_dir`` checks out; otherwise raise ``VerificationError(problems=[...])``."""
+    check = verify_deep if deep else verify_quick
+    problems = check(model_dir, require_manifest=require_manifest)
+    if problems:
+        raise VerificationError(f"{len(problems)} problem(s) in {model_dir}: {problems[0]}",
+                                problems=[str(p) for p in problems],
+                                hint="delete the model folder and pull again")
