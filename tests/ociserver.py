@@ -113,7 +113,7 @@ def _file_chunks(path: Path) -> Any:
 class OCIObjectServer:
     """In-process Object Storage. ``url`` is the endpoint to hand to the SDK (``service_endpoint``)."""
 
-    def __init__(self, *, page_size: int = 3, list_md5_for_multipart: bool = False) -> None:
+    def __init__(self, *, page_size: int = 3, list_md5_for_multipart: bool = False, port: int = 0) -> None:
         self.page_size = page_size
         self.list_md5_for_multipart = list_md5_for_multipart  # real OCI lists no md5 for multipart objects
         self.buckets: dict[tuple[str, str], dict[str, StoredObject]] = {}
@@ -124,7 +124,7 @@ class OCIObjectServer:
         self.body_bytes = 0  # file-body bytes written to sockets
         self.request_log: list[tuple[str, str, str | None]] = []  # (method, object-or-path, range)
         self.key_ids: set[str] = set()  # keyId="..." of the Signature authorization headers seen
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), _make_handler(self))
         self._httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
 
@@ -472,11 +472,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="register files larger than this as multipart uploads of this part size (0: never)")
     ap.add_argument("--rate-bps", type=int, default=0, help="throttle every body to this many bytes/s")
     args = ap.parse_args(argv)
-    srv = OCIObjectServer(page_size=args.page_size)
-    if args.port:
-        srv._httpd.server_close()
-        srv._httpd = ThreadingHTTPServer(("127.0.0.1", args.port), _make_handler(srv))
-        srv._httpd.daemon_threads = True
+    srv = OCIObjectServer(page_size=args.page_size, port=args.port)
     part = args.multipart_part_mib * 1024 * 1024 or None
     for spec in args.bucket:
         nsb, eq, rest = spec.partition("=")

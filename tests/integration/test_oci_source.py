@@ -316,3 +316,33 @@ def test_crc32c_header_is_big_endian_base64():
     hdr = base64.b64encode(crc.to_bytes(4, "big")).decode()
     assert checksums_from_headers({"opc-content-crc32c": hdr}) == {"crc32c": f"{crc:08x}"}
     assert checksums_from_headers({"opc-content-crc32c": "not base64!"}) == {}
+
+
+@pytest.mark.multiprocess
+def test_standalone_server_process_serves_a_folder_until_sigterm(tmp_path, oci_user_config):
+    import signal
+    import subprocess
+    import sys
+
+    folder = tmp_path / "m"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.bin").write_bytes(b"a" * 5000)
+    (folder / "sub" / "b.json").write_bytes(b"{}")
+    proc = subprocess.Popen([sys.executable, "-m", "tests.ociserver", "--bucket", f"ns1/b1={folder}:models/m/",
+                             "--port", "0", "--multipart-part-mib", "1"],
+                            cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:")
+        src = OCISource(parse_uri("oci://n/ns1/b/b1/o/models/m"), auth="user", config_file=str(oci_user_config.path),
+                        endpoint=url, retry=FAST)
+        files = {f.path: f for f in src.list_files().files}
+        assert sorted(files) == ["a.bin", "sub/b.json"]
+        assert read_all(src.open(files["a.bin"], 10, 20)) == b"a" * 10
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0
+    assert "served 10 body bytes" in err
