@@ -1,0 +1,428 @@
+"""The coordinated pull: on shared storage, exactly one node downloads a model; the others wait and verify.
+
+State machine (one model, one node)::
+
+    fast path: dest has a completion manifest for this source and passes verify_quick -> Ready (no lease)
+    loop:
+      observe the lease
+      follow: while someone holds it and we have not seen it unchanged for leaseDuration -> wait for a change
+              released + Complete + dest verifies -> Ready (no origin request)
+              released + Failed while we were waiting -> HolderFailedError (the holder already tried)
+      acquire: create (none yet) or replace exactly the record we observed (released or expired); one wins
+      hold: adopt the previous holder's staging, download into our own staging (writer=node, epoch=transitions)
+            while a renewer thread renews every renew period; a missed deadline or a 409 stops the download
+            renew (phase Verifying) -> publish at once -> release with phase Complete -> Ready
+
+Invariants:
+- We publish only right after a renewal succeeded, and only if that renewal was sent less than
+  ``lease_duration - safety_margin`` ago on our monotonic clock; a holder that lost the lease (409, or no
+  successful renewal within ``lease_duration - safety_margin`` of the last one) stops writing at once (the
+  engine's cancel Event) and never publishes.
+- Expiry of another holder is judged only from when *we* last saw its record change (monotonic clock).
+- A follower never calls the source: not even the listing (``listing_fn`` is called by the holder only).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from ..storage import engine, verify
+from ..storage.errors import CancelledError, ModelherdError, VerificationError
+from ..storage.hashing import checkable
+from ..storage.manifest import Manifest, ManifestFile, read_manifest
+from ..storage.paths import ensure_inside_root
+from ..storage.types import Listing, Source
+from .backend import LeaseBackend, LeaseRecord, LeaseStatus, Observation, Phase
+from .errors import CoordinationError, HolderFailedError, LeaseLostError, LeaseUnavailableError
+from .identity import ModelIdentity
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+Role = Literal["ready", "holder", "follower"]
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+@dataclass(frozen=True)
+class LeaseTiming:
+    """Lease clock settings. ``safety_margin_s`` defaults to a tenth of the duration (at least 0.5 s)."""
+
+    duration_s: float = 30.0
+    renew_period_s: float = 10.0
+    jitter_s: float = 1.0
+    safety_margin_s: float | None = None
+    max_wait_s: float = 24 * 3600.0
+
+    @property
+    def margin_s(self) -> float:
+        if self.safety_margin_s is not None:
+            return self.safety_margin_s
+        return max(0.5, self.duration_s / 10)
+
+    def check(self) -> None:
+        if self.renew_period_s >= self.duration_s - self.margin_s:
+            raise CoordinationError(
+                f"renew period {self.renew_period_s}s must be shorter than the lease duration "
+                f"{self.duration_s}s minus the safety margin {self.margin_s}s",
+                hint="use e.g. --lease-duration 30 --renew-period 10")
+
+
+@dataclass(frozen=True)
+class PullResult:
+    """How this node got the model. ``epoch`` is the lease transition we wrote under (holders only)."""
+
+    manifest: Manifest
+    role: Role
+    epoch: int | None = None
+    took_over: bool = False
+    lease_requests: int = 0
+
+
+# ------------------------------------------------------------------------------------------- fast path
+def _same_model(manifest: Manifest, source_uri: str, revision: str) -> bool:
+    def base(u: str) -> str:
+        return u.split("@", 1)[0].rstrip("/").lower()
+
+    if base(manifest.source_uri) != base(source_uri):
+        return False
+    # A pinned commit must match; a branch or tag name cannot be checked without asking the origin.
+    return not (_COMMIT.match(revision) and manifest.revision != revision)
+
+
+def ready_model(dest: Path, source_uri: str, revision: str) -> Manifest | None:
+    """The manifest of ``dest`` if it is a published copy of this model and passes ``verify_quick``."""
+    try:
+        manifest = read_manifest(dest)
+    except (VerificationError, OSError):
+        return None
+    if manifest is None or not _same_model(manifest, source_uri, revision):
+        return None
+    problems = verify.verify_quick(dest, require_manifest=True)
+    if problems:
+        log.warning("%s has a manifest but does not verify: %s", dest, problems[0])
+        return None
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------- renewer
+class _Progress:
+    def __init__(self, downstream: Progress | None) -> None:
+        self.done = 0
+        self.total = 0
+        self._downstream = downstream
+
+    def __call__(self, done: int, total: int) -> None:
+        self.done, self.total = done, total
+        if self._downstream is not None:
+            self._downstream(done, total)
+
+
+class _Renewer(threading.Thread):
+    """Renews ``held`` every renew period; on a 409 or a missed deadline sets ``stop_writing`` and exits.
+
+    The deadline is ``last successful renewal (time the request was sent) + duration - margin`` on our
+    monotonic clock; it is checked before every attempt, so a process resumed after SIGSTOP stops writing
+    before it sends anything.
+    """
+
+    def __init__(self, lease: LeaseBackend, held: LeaseRecord, acquired_at: float, timing: LeaseTiming,
+                 status: Callable[[], LeaseStatus], stop_writing: threading.Event,
+                 user_cancel: threading.Event) -> None:
+        super().__init__(name=f"modelherd-renew-{lease.name}", daemon=True)
+        self.lease, self.held, self.timing = lease, held, timing
+        self.last_ok = acquired_at
+        self._status = status
+        self._stop_writing = stop_writing
+        self._user_cancel = user_cancel
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self.lost: str | None = None
+
+    def deadline(self) -> float:
+        return self.last_ok + self.timing.duration_s - self.timing.margin_s
+
+    def _lose(self, why: str) -> None:
+        with self._lock:
+            if self.lost is None:
+                self.lost = why
+        log.warning("lease %s lost (%s): stopping the download", self.lease.name, why)
+        self._stop_writing.set()
+
+    def run(self) -> None:
+        next_at = self.last_ok + self.timing.renew_period_s
+        while not self._done.is_set():
+            if self._user_cancel.is_set():
+                self._stop_writing.set()
+            now = time.monotonic()
+            if now >= self.deadline():
+                self._lose("no successful renewal within the lease duration")
+                return
+            if now < next_at:
+                self._done.wait(min(0.2, next_at - now))
+                continue
+            sent = time.monotonic()
+            try:
+                with self._lock:
+                    if self._done.is_set():
+                        return
+                    self.held = self.lease.renew(self.held, self._status(), timeout_s=self.deadline() - sent)
+                    self.last_ok = sent
+                next_at = sent + self.timing.renew_period_s
+            except LeaseLostError as e:
+                self._lose(e.message)
+                return
+            except (LeaseUnavailableError, CoordinationError) as e:
+                log.warning("renewing lease %s failed (%s); retrying", self.lease.name, e.message)
+                next_at = time.monotonic() + min(1.0, self.timing.renew_period_s / 3)
+
+    def finish(self) -> tuple[LeaseRecord, float]:
+        """Stop renewing; return the last record we wrote and when that write was sent."""
+        self._done.set()
+        self.join()
+        return self.held, self.last_ok
+
+
+# ------------------------------------------------------------------------------------------- coordinator
+class _Lost(Exception):
+    """Internal: we lost the lease while holding it; go back to following."""
+
+
+class Coordinator:
+    """One coordinated pull of one model by one node (see the module docstring for the state machine)."""
+
+    def __init__(self, lease: LeaseBackend, *, source: Source, listing_fn: Callable[[], Listing], dest: Path,
+                 models_root: Path, node: str, options: engine.EngineOptions, timing: LeaseTiming,
+                 cancel: threading.Event | None = None, progress: Progress | None = None) -> None:
+        timing.check()
+        self.lease, self.source, self.listing_fn = lease, source, listing_fn
+        self.models_root = Path(models_root)
+        self.dest = ensure_inside_root(self.models_root, Path(dest))
+        self.node, self.options, self.timing = node, options, timing
+        self.cancel = cancel or threading.Event()
+        self.progress = _Progress(progress)
+        self.identity = lease.identity
+
+    def _check_cancel(self) -> None:
+        if self.cancel.is_set():
+            raise CancelledError("pull cancelled", hint="run the pull again")
+
+    def _ready(self) -> Manifest | None:
+        return ready_model(self.dest, self.identity.source_uri, self.identity.revision)
+
+    def run(self) -> PullResult:
+        manifest = self._ready()
+        if manifest is not None:
+            log.info("%s is already Ready at %s", self.identity.source_uri, self.dest)
+            return PullResult(manifest, "ready", lease_requests=self.lease.counter.total)
+        observation = Observation()
+        saw_holder = False
+        took_over = False
+        deadline = time.monotonic() + self.timing.max_wait_s
+        record = self._observe_with_retry(deadline)
+        observation.see(record)
+        while True:
+            self._check_cancel()
+            if time.monotonic() > deadline:
+                raise CoordinationError(f"waited {self.timing.max_wait_s:.0f}s for {self.identity.source_uri}",
+                                        hint="check `modelherd leases` for the holder's progress")
+            if record is not None and record.held:
+                # someone holds it (an earlier process of this node too: it may still be writing)
+                saw_holder = True
+                if not observation.expired(self.timing.duration_s):
+                    wait = observation.remaining(self.timing.duration_s) + random.uniform(0, self.timing.jitter_s)
+                    record = self._wait(record, min(wait, max(0.1, deadline - time.monotonic())))
+                    observation.see(record)
+                    continue
+                log.info("lease %s: holder %s unseen for %.1fs; taking over", self.lease.name, record.holder,
+                         observation.age())
+            elif record is not None and not record.held:
+                if record.phase == Phase.COMPLETE:
+                    manifest = self._ready()
+                    if manifest is not None:
+                        return PullResult(manifest, "follower", lease_requests=self.lease.counter.total)
+                elif record.phase == Phase.FAILED and saw_holder:
+                    raise HolderFailedError(f"{record.source}: the download by another node failed: "
+                                            f"{record.status.message or 'no reason given'}",
+                                            hint="fix the cause and run the pull again")
+            # released, absent, or expired: try to take it (one contender wins)
+            expired_holder = record is not None and record.held
+            try:
+                held = self.lease.try_acquire(record, LeaseStatus(staging=self._staging_tag(record)))
+            except LeaseUnavailableError as e:
+                log.warning("lease %s: %s; retrying", self.lease.name, e.message)
+                self.cancel.wait(1.0 + random.uniform(0, self.timing.jitter_s))
+                record = self._observe_with_retry(deadline)
+                observation.see(record)
+                continue
+            if held is None:
+                record = self._observe_with_retry(deadline)
+                observation.see(record)
+                continue
+            took_over = took_over or expired_holder
+            acquired_at = time.monotonic()
+            try:
+                return self._hold(record, held, acquired_at, took_over)
+            except _Lost:
+                saw_holder = True
+                record = self._observe_with_retry(deadline)
+                observation.see(record)
+
+    # ---------------------------------------------------------------- follower helpers
+    def _observe_with_retry(self, deadline: float) -> LeaseRecord | None:
+        while True:
+            self._check_cancel()
+            try:
+                return self.lease.observe()
+            except LeaseUnavailableError as e:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("lease %s: %s; retrying", self.lease.name, e.message)
+                self.cancel.wait(1.0 + random.uniform(0, self.timing.jitter_s))
+
+    def _wait(self, record: LeaseRecord, timeout_s: float) -> LeaseRecord | None:
+        # wake up in slices so a cancel is noticed; the backend keeps its watch open across calls
+        end = time.monotonic() + timeout_s
+        current: LeaseRecord | None = record
+        while True:
+            left = end - time.monotonic()
+            if left <= 0 or self.cancel.is_set():
+                return current
+            current = self.lease.wait_for_change(record, min(left, 1.0))
+            if (current.version if current else None) != record.version:
+                return current
+
+    # ---------------------------------------------------------------- holder
+    def _staging(self, epoch: int) -> Path:
+        staging: Path = engine.staging_dir_for(self.models_root, self.dest, self.node, epoch)
+        return staging
+
+    def _staging_tag(self, previous: LeaseRecord | None) -> str:
+        epoch = 0 if previous is None else previous.transitions + 1
+        return f"{self.node}/{epoch}"
+
+    def _adopt_previous(self, previous: LeaseRecord | None, staging: Path) -> None:
+        """Move the previous writer's staging (named in the record) into ours, so the download resumes."""
+        if previous is None or not previous.status.staging:
+            return
+        writer, _, epoch = previous.status.staging.rpartition("/")
+        try:
+            old = engine.staging_dir_for(self.models_root, self.dest, writer, int(epoch))
+        except ValueError:
+            return
+        if old != staging and old.is_dir():
+            log.info("adopting %s's staging %s (epoch %s)", writer, old.name, epoch)
+            engine.adopt_staging(old, staging)
+
+    def _status(self, phase: str, staging_tag: str, message: str = "") -> LeaseStatus:
+        return LeaseStatus(phase=phase, bytes_done=self.progress.done, bytes_total=self.progress.total,
+                           staging=staging_tag, message=message)
+
+    def _hold(self, previous: LeaseRecord | None, held: LeaseRecord, acquired_at: float,
+              took_over: bool) -> PullResult:
+        epoch = held.transitions
+        staging = self._staging(epoch)
+        tag = f"{self.node}/{epoch}"
+        log.info("lease %s acquired by %s (epoch %d)%s", self.lease.name, self.node, epoch,
+                 " by takeover" if took_over else "")
+        stop_writing = threading.Event()
+        renewer = _Renewer(self.lease, held, acquired_at, self.timing,
+                           lambda: self._status(Phase.DOWNLOADING, tag), stop_writing, self.cancel)
+        renewer.start()
+        try:
+            manifest = self._ready()  # someone finished between our look and our acquisition
+            if manifest is None:
+                self._adopt_previous(previous, staging)
+                listing = self.listing_fn()
+                self.progress(0, listing.total_bytes)
+                digests = engine.fetch_into(self.source, listing, staging, options=self.options,
+                                            cancel=stop_writing, progress=self.progress)
+        except CancelledError:
+            held, _ = renewer.finish()
+            if renewer.lost is not None:
+                raise _Lost() from None
+            self._release(held, self._status(Phase.DOWNLOADING, tag, f"cancelled on {self.node}"))
+            raise
+        except ModelherdError as e:
+            held, _ = renewer.finish()
+            if renewer.lost is not None:
+                raise _Lost() from None
+            self._release(held, self._status(Phase.FAILED, tag, e.message))
+            raise
+        except BaseException:
+            held, _ = renewer.finish()
+            if renewer.lost is None:
+                self._release(held, self._status(Phase.DOWNLOADING, tag, f"interrupted on {self.node}"))
+            raise
+        held, _ = renewer.finish()
+        if renewer.lost is not None:
+            raise _Lost()
+        if manifest is not None:
+            self._release(held, self._status(Phase.COMPLETE, tag))
+            return PullResult(manifest, "holder", epoch, took_over, self.lease.counter.total)
+        manifest = _manifest_for(listing, digests, self.node)
+        held = self._renew_then_publish(held, staging, manifest, tag)
+        self._release(held, self._status(Phase.COMPLETE, tag))
+        log.info("published %s at %s (epoch %d)", listing.uri, self.dest, epoch)
+        return PullResult(manifest, "holder", epoch, took_over, self.lease.counter.total)
+
+    def _renew_then_publish(self, held: LeaseRecord, staging: Path, manifest: Manifest, tag: str) -> LeaseRecord:
+        """Publish only right after a renewal proves we still hold the lease (else :class:`_Lost`)."""
+        budget = self.timing.duration_s - self.timing.margin_s
+        for _attempt in range(5):
+            sent = time.monotonic()
+            try:
+                held = self.lease.renew(held, self._status(Phase.VERIFYING, tag), timeout_s=budget / 2)
+            except LeaseLostError as e:
+                log.warning("lease %s lost before publishing (%s); not publishing", self.lease.name, e.message)
+                raise _Lost() from None
+            except LeaseUnavailableError as e:
+                log.warning("renewal before publish failed (%s); retrying", e.message)
+                self.cancel.wait(0.5)
+                continue
+            if time.monotonic() - sent >= budget / 2:
+                continue  # the renewal took too long to trust; renew again
+            engine.publish(staging, self.dest, manifest)
+            return held
+        raise _Lost()
+
+    def _release(self, held: LeaseRecord, status: LeaseStatus) -> None:
+        try:
+            self.lease.release(held, status)
+        except (LeaseLostError, LeaseUnavailableError, CoordinationError) as e:
+            log.warning("releasing lease %s failed (%s); it expires by itself", self.lease.name, e.message)
+
+
+def _manifest_for(listing: Listing, digests: dict[str, dict[str, str]], writer: str) -> Manifest:
+    files = tuple(
+        ManifestFile(path=rf.path, size=rf.size,
+                     checksums={**{a: v.lower() for a, v in rf.checksums.items() if a in checkable(rf.checksums)},
+                                **digests.get(rf.path, {})})
+        for rf in listing.files)
+    return Manifest(source_uri=listing.uri, revision=listing.revision, files=files, writer=writer)
+
+
+def run_coordinated(lease: LeaseBackend, *, source: Source, listing_fn: Callable[[], Listing], dest: Path,
+                    models_root: Path, node: str, options: engine.EngineOptions, timing: LeaseTiming,
+                    cancel: threading.Event | None = None, progress: Progress | None = None) -> PullResult:
+    """Run the state machine with an already opened backend (tests and benchmarks use this directly)."""
+    return Coordinator(lease, source=source, listing_fn=listing_fn, dest=dest, models_root=models_root, node=node,
+                       options=options, timing=timing, cancel=cancel, progress=progress).run()
+
+
+def identity_for(source_uri: str, revision: str | None, dest: Path, models_root: Path) -> ModelIdentity:
+    """The lease identity: canonical source URI, requested revision, destination relative to the root."""
+    root = Path(models_root).resolve()
+    real = Path(dest).resolve()
+    try:
+        rel = real.relative_to(root).as_posix()
+    except ValueError:
+        rel = real.as_posix()
+    return ModelIdentity(source_uri=source_uri, revision=revision or "", dest=rel)
