@@ -346,3 +346,9 @@ def test_standalone_server_process_serves_a_folder_until_sigterm(tmp_path, oci_u
         _, err = proc.communicate(timeout=10)
     assert proc.returncode == 0
     assert "served 10 body bytes" in err
+
+
+def test_factory_hands_hf_options_to_hfsource():
+    hf = pytest.importorskip("modelherd.storage.sources.hf")
+    src = open_source(parse_uri("hf://org/model"), hf_token="hf_x", hf_endpoint="http://127.0.0.1:9", pool_maxsize=8)
+    assert isinstance(src, hf.HFSource) and src.uri == "hf://org/model"
