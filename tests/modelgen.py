@@ -5,7 +5,7 @@ Invariants:
 - small shards go through ``safetensors.numpy.save_file``; large ones are streamed in the exact safetensors
   format (8-byte little-endian header length, JSON header padded to 8 bytes, tensor data) so memory stays
   bounded by :data:`STREAM_CHUNK` whatever the shard size;
-- bytes are random (``numpy.random.Generator.bytes``), seeded, so two calls with the same seed write the
+- bytes are random (``numpy.random.Generator.bytes``, SFC64), seeded, so two calls with the same seed write the
   same files.
 
 Public helpers: :func:`make_sharded_model`, :func:`make_diffusers_model`, :func:`make_trtllm_model`,
@@ -28,6 +28,11 @@ STREAM_CHUNK = 16 * MiB
 # Shards at or below this size are written with safetensors' own save_file (whole tensors in memory).
 SAVE_FILE_LIMIT = 8 * MiB
 TENSORS_PER_SHARD = 4
+
+
+def _rng(seed: int) -> np.random.Generator:
+    # SFC64 makes random bytes ~1.6x faster than the default PCG64; quality is irrelevant here.
+    return np.random.Generator(np.random.SFC64(seed))
 
 
 def _json(path: Path, obj: object) -> Path:
@@ -99,7 +104,7 @@ def make_sharded_model(directory: Path, n_shards: int = 3, shard_bytes: int = 64
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
+    rng = _rng(seed)
     written: list[Path] = []
     weight_map: dict[str, str] = {}
     total = 0
@@ -141,7 +146,7 @@ def make_diffusers_model(directory: Path, *, component_bytes: int = 32 * KiB, se
     ``safety_checker`` is listed as ``[null, null]`` (absent on purpose, as real pipelines do).
     """
     directory = Path(directory)
-    rng = np.random.default_rng(seed)
+    rng = _rng(seed)
     written = [_json(directory / "model_index.json", {"_class_name": "StableDiffusionPipeline",
                                                        "_diffusers_version": "0.30.0",
                                                        "safety_checker": [None, None], **DIFFUSERS_COMPONENTS})]
@@ -170,7 +175,7 @@ def make_trtllm_model(directory: Path, shapes: list[str] | tuple[str, ...] = DEF
     shape-agnostic ``config.json`` / tokenizer files at the top. The rank count follows the shape's ``xN``.
     """
     directory = Path(directory)
-    rng = np.random.default_rng(seed)
+    rng = _rng(seed)
     written = [_json(directory / "config.json", {"architecture": "LlamaForCausalLM"}),
                _json(directory / "tokenizer.json", {"version": "1.0"}),
                _json(directory / "tokenizer_config.json", {"model_max_length": 4096})]
