@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-import os
 import re
 import sys
 import threading
@@ -25,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import urllib3
-
 from modelherd.storage.errors import (
     AuthError,
     RateLimitedError,
@@ -70,6 +68,7 @@ class RangeServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
+        self.httpd.handle_error = lambda request, client_address: None  # type: ignore[method-assign]
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                         daemon=True)
@@ -270,6 +269,10 @@ def _pull_main(spec_path: str) -> int:
                     options=engine.EngineOptions(**opts), progress=progress)
     finally:
         source.close()
+    if spec.get("rss_file"):
+        import resource
+
+        Path(spec["rss_file"]).write_text(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
     return 0
 
 
