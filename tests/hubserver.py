@@ -128,7 +128,7 @@ class RequestRecord:
     host: Literal["api", "cdn"]
     method: str
     path: str
-    headers: dict[str, str]
+    headers: dict[str, str]  # names in lower case
     status: int
 
 
@@ -185,9 +185,12 @@ class HubServer:
         return self
 
     def stop(self) -> None:
+        """Stop serving and close the listening sockets (also for a server never started)."""
+        started = bool(self._threads)
         for srv in (self._api, self._cdn):
             if srv is not None:
-                srv.shutdown()
+                if started:
+                    srv.shutdown()
                 srv.server_close()
         for t in self._threads:
             t.join(timeout=5)
@@ -397,7 +400,7 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         finally:
-            headers = {k: v for k, v in self.headers.items()}
+            headers = {k.lower(): v for k, v in self.headers.items()}
             self.hub._record(RequestRecord(self.server.role, self.command, self.path, headers, self._status),
                              endpoint)
 
