@@ -313,12 +313,10 @@ class _Run:
             if not running:
                 self.check()
             done, running = wait(running, return_when=FIRST_EXCEPTION)
-            for fut in done:
-                exc = fut.exception() if not fut.cancelled() else CancelledError("part cancelled")
-                if exc is not None:
-                    self.stop.set()
-                    wait(running)
-                    raise exc
+            if any(f.cancelled() or f.exception() is not None for f in done):
+                self.stop.set()
+                wait(running)
+                raise _first_real_error([*done, *running]) or CancelledError("part cancelled")
 
     # one part ---------------------------------------------------------------------------------------------
     def _fetch_part(self, job: _Job, fd: int, cursor: HashCursor, part: _Part) -> None:
@@ -455,27 +453,29 @@ def fetch_into(
     files_pool = ThreadPoolExecutor(options.concurrency, thread_name_prefix="modelherd-file")
     futures = [files_pool.submit(run.run_file, j) for j in jobs]
     error: BaseException | None = None
+    cancelled = False
     try:
         pending: set[Future[None]] = set(futures)
         while pending:
             done, pending = wait(pending, timeout=0.1, return_when=FIRST_EXCEPTION)
             if cancel is not None and cancel.is_set():
+                cancelled = True
                 error = CancelledError("pull cancelled", hint="staging is removed; run the pull again to restart")
                 break
-            failed = [f for f in done if f.exception() is not None]
-            if failed:
+            if any(f.exception() is not None for f in done):
                 error = _first_real_error(futures)
                 break
     except BaseException as e:  # KeyboardInterrupt in the waiting thread
-        error = e
+        cancelled, error = True, e
     finally:
         if error is not None:
             run.stop.set()
         files_pool.shutdown(wait=False, cancel_futures=True)
         run.parts_pool.shutdown(wait=False, cancel_futures=True)
         if error is not None:
-            wait(futures, timeout=options.cancel_grace_s)
-            if not isinstance(error, CancelledError):
+            # workers notice the stop between chunks; a failure waits a little longer so its cause is found
+            wait(futures, timeout=options.cancel_grace_s * (1 if cancelled else 5))
+            if not cancelled:
                 error = _first_real_error(futures) or error
     if error is not None:
         raise error
@@ -486,7 +486,7 @@ def fetch_into(
     return {j.rf.path: dict(j.digests) for j in jobs}
 
 
-def _first_real_error(futures: list[Future[None]]) -> BaseException | None:
+def _first_real_error(futures: list[Future[None]] | set[Future[None]]) -> BaseException | None:
     """The first failure that is not a knock-on ``CancelledError`` of the internal stop."""
     errors = [f.exception() for f in futures if f.done() and not f.cancelled() and f.exception() is not None]
     real = [e for e in errors if not isinstance(e, CancelledError)]
