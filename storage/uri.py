@@ -16,6 +16,8 @@ ACCEPTED_FORMS = (
 )
 
 _HF_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# a branch, tag, ``refs/pr/N`` or commit sha; no spaces, control characters, '@' or '..' segments
+_HF_REV = re.compile(r"^[A-Za-z0-9._+=~-]+(?:/[A-Za-z0-9._+=~-]+)*$")
 _OCI_NS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _OCI_BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _OCI_REGION = re.compile(r"^[a-z0-9-]+$")
@@ -82,12 +84,14 @@ def parse_uri(raw: str) -> ModelURI:
         repo, _, rev = rest.partition("@")
         repo = repo.strip("/")
         parts = repo.split("/")
-        if not repo or len(parts) > 2 or not all(_HF_PART.match(p) for p in parts):
+        if not repo or len(parts) > 2 or not all(_HF_PART.fullmatch(p) for p in parts):
             raise _bad(raw, "expected hf://ORG/MODEL with letters, digits, '.', '_' or '-'")
         if any(p in (".", "..") or ".." in p for p in parts):
             raise _bad(raw, "'..' is not allowed in a repository id")
         if "@" in raw and not rev:
             raise _bad(raw, "empty revision after '@'")
+        if rev and (not _HF_REV.fullmatch(rev) or any(p in (".", "..") for p in rev.split("/"))):
+            raise _bad(raw, f"bad revision {rev!r}: use a branch, tag or commit sha")
         return ModelURI(scheme="hf", raw=raw, repo_id=repo, revision=rev or None)
     if scheme == "oci":
         if rest.startswith("n/"):
@@ -100,11 +104,11 @@ def parse_uri(raw: str) -> ModelURI:
             if not m:
                 raise _bad(raw, "expected oci://n/NAMESPACE/b/BUCKET/o/PREFIX or oci://NAMESPACE@REGION/BUCKET/PREFIX")
             ns, region, bucket, prefix = m.group(1), m.group(2), m.group(3), m.group(4) or ""
-            if not _OCI_REGION.match(region):
+            if not _OCI_REGION.fullmatch(region):
                 raise _bad(raw, f"bad region {region!r}")
-        if not _OCI_NS.match(ns):
+        if not _OCI_NS.fullmatch(ns):
             raise _bad(raw, f"bad namespace {ns!r}")
-        if not _OCI_BUCKET.match(bucket):
+        if not _OCI_BUCKET.fullmatch(bucket):
             raise _bad(raw, f"bad bucket {bucket!r}")
         return ModelURI(
             scheme="oci", raw=raw, namespace=ns, bucket=bucket, prefix=_safe_prefix(raw, prefix), region=region
@@ -112,5 +116,7 @@ def parse_uri(raw: str) -> ModelURI:
     if scheme == "local":
         if not rest.startswith("/"):
             raise _bad(raw, "local:// needs an absolute path (local:///data/models/x)")
+        if any(ord(c) < 32 for c in rest):
+            raise _bad(raw, "control characters are not allowed in a path")
         return ModelURI(scheme="local", raw=raw, path=str(PurePosixPath(rest)))
     raise _bad(raw, f"unknown scheme {scheme!r}")
