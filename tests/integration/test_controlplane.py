@@ -7,6 +7,7 @@ restarts -- against the kube-apiserver + etcd started by ``e2e/controlplane/up``
 
 from __future__ import annotations
 
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -398,6 +399,26 @@ def test_ome_crd_schema_is_enforced(api_client: Any, kube_namespace: str) -> Non
     with pytest.raises(ApiException) as err:
         objs.create_namespaced_custom_object(*args, bad_params)
     assert err.value.status == 422
+
+
+# --------------------------------------------------------------------------- tools
+
+
+def test_kubectl_and_helm_from_the_bin_dir_reach_the_cluster(kube_cluster: KubeCluster, kube_namespace: str) -> None:
+    out = kube_cluster.kubectl("get", "namespace", kube_namespace, "-o", "jsonpath={.metadata.name}")
+    assert out.stdout == kube_namespace
+    version = kube_cluster.kubectl("version", "-o", "json", check=False)
+    assert '"serverVersion"' in version.stdout, version.stderr
+    helm = subprocess.run(
+        [str(kube_cluster.bin_dir / "helm"), "list", "-n", kube_namespace, "-o", "json"],
+        env=kube_cluster.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert helm.returncode == 0, helm.stderr
+    assert helm.stdout.strip() == "[]"
 
 
 # --------------------------------------------------------------------------- restart
