@@ -79,6 +79,7 @@ def write_manifest(model_dir: Path, manifest: Manifest) -> Path:
     model_dir = Path(model_dir)
     fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=model_dir)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; every node's agent must be able to read it
         with os.fdopen(fd, "w") as f:
             f.write(manifest.to_json())
             f.flush()
