@@ -97,7 +97,7 @@ def load_settings(args: argparse.Namespace) -> Settings:
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("urllib3", "kubernetes", "oci", "filelock"):
+    for noisy in ("urllib3", "kubernetes", "oci", "filelock", "httpx", "httpx2", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, getattr(logging, level)))
 
 
