@@ -79,7 +79,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         reporter.write_line("k8s_fixtures: building/checking the control plane (first build takes minutes)...")
     try:
         proc = subprocess.run(
-            [str(CONTROLPLANE_DIR / "build"), "tools"],
+            [str(CONTROLPLANE_DIR / "build"), "up"],
             capture_output=True,
             text=True,
             timeout=_BUILD_TIMEOUT_S,
@@ -191,11 +191,20 @@ def _server_from_kubeconfig(path: Path) -> str:
 def _existing_cluster(tmp: Path) -> KubeCluster:
     kubeconfig = Path(os.environ["KUBECONFIG"].split(os.pathsep)[0]).resolve()
     bin_dir = tmp / "bin"
-    bin_dir.mkdir()
-    for tool in ("kubectl", "helm"):
-        found = shutil.which(tool)
-        if found:
-            (bin_dir / tool).symlink_to(found)
+    # kubectl/helm from PATH, else built from Go modules like `up` does.
+    proc = subprocess.run(
+        [str(CONTROLPLANE_DIR / "build"), "tools", str(bin_dir)],
+        capture_output=True,
+        text=True,
+        timeout=_BUILD_TIMEOUT_S,
+        check=False,
+    )
+    if proc.returncode != 0:  # no Go: link whatever PATH has; tests needing the rest fail clearly
+        bin_dir.mkdir(exist_ok=True)
+        for tool in ("kubectl", "helm"):
+            found = shutil.which(tool)
+            if found and not (bin_dir / tool).exists():
+                (bin_dir / tool).symlink_to(found)
     return KubeCluster(kubeconfig=kubeconfig, bin_dir=bin_dir, server=_server_from_kubeconfig(kubeconfig))
 
 
