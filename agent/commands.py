@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Never
 
 from ..storage import engine, fsdetect, gpu, verify
 from ..storage.errors import ConfigError, VerificationError
@@ -21,6 +22,9 @@ from ..storage.sources import open_source
 from ..storage.types import Listing, Source
 from ..storage.uri import ModelURI, parse_uri
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 log = logging.getLogger("modelherd.pull")
 
@@ -89,7 +93,7 @@ class _Progress:
     """A tqdm bar fed from worker threads (tqdm's own lock keeps it consistent)."""
 
     def __init__(self, enabled: bool, desc: str) -> None:
-        self._bar = None
+        self._bar: tqdm[Never] | None = None
         self._enabled = enabled
         self._desc = desc
         self._done = 0
@@ -97,12 +101,13 @@ class _Progress:
     def __call__(self, done: int, total: int) -> None:
         if not self._enabled:
             return
-        if self._bar is None:
+        bar = self._bar
+        if bar is None:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=self._desc,
-                             file=sys.stderr, mininterval=0.5)
-        self._bar.update(done - self._done)
+            bar = self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=self._desc,
+                                   file=sys.stderr, mininterval=0.5)
+        bar.update(done - self._done)
         self._done = done
 
     def close(self) -> None:

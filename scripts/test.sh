@@ -22,7 +22,7 @@ echo "control plane build/cache check: $(( $(date +%s) - start ))s" >&2
 step "ruff"
 .venv/bin/ruff check .
 step "mypy"
-.venv/bin/mypy storage coordination agent
+bash scripts/typecheck.sh
 
 step "pytest"
 exec .venv/bin/python -m pytest "$@"
