@@ -4,7 +4,9 @@ Listing goes through the real ``huggingface_hub`` client, as ``snapshot_download
 revision to a commit sha (``model_info``), then list the tree of that exact commit
 (``list_repo_tree(recursive=True)``, paginated). Bodies are fetched with ranged GETs through one
 shared ``urllib3.PoolManager`` from the resolve URL of that commit, following the Hub's redirect to
-its CDN.
+its CDN. The engine owns retries: urllib3 follows redirects only. One exception we cannot switch off:
+``huggingface_hub`` fetches tree pages through its own ``http_backoff`` (up to 5 retries on 429/5xx,
+honouring ``Retry-After``), inside our ``RetryPolicy`` around the whole listing.
 
 Invariants:
 * every listed name passed :func:`~modelherd.storage.paths.safe_relpath`; the listing names one commit;

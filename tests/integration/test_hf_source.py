@@ -242,7 +242,8 @@ def test_whole_and_ranged_reads_return_exactly_the_requested_bytes(
 
 
 def test_token_reaches_the_api_host_but_never_the_cdn_host(
-        hub_server: HubServer, small_model: Path) -> None:
+        hub_server: HubServer, small_model: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
     hub_server.add_repo("org/private", small_model, token=HUB_TOKEN)
     src = source(hub_server, "hf://org/private", token=HUB_TOKEN)
     for f in src.list_files().files:
@@ -256,6 +257,7 @@ def test_token_reaches_the_api_host_but_never_the_cdn_host(
         assert "authorization" not in r.headers
     assert all(r.headers.get("user-agent", "").startswith("modelherd/") for r in hub_server.request_log
                if "resolve" in r.path or r.host == "cdn")
+    assert caplog.records and HUB_TOKEN not in caplog.text  # urllib3/httpx debug logs ran, without the token
 
 
 def test_bytes_served_counts_every_body_byte_once(hub_server: HubServer, small_model: Path, repo: str) -> None:
@@ -369,3 +371,21 @@ def test_hubserver_runs_as_a_process(tmp_path: Path, small_model: Path) -> None:
         proc.terminate()
         assert proc.wait(timeout=10) == 0
     assert '"bytes_served": 100' in stats.read_text()
+
+
+def test_hubserver_speaks_the_api_that_huggingface_hub_downloads_with(
+        hub_server: HubServer, small_model: Path, tmp_path: Path) -> None:
+    """Fidelity check of the fake: the stock client's download and tree calls work against it."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    sha = hub_server.add_repo("org/small", small_model, token=HUB_TOKEN)
+    for name in ("model.safetensors", "sub/extra.bin"):
+        got = hf_hub_download("org/small", name, endpoint=hub_server.endpoint, token=HUB_TOKEN,
+                              local_dir=tmp_path / "dl")
+        assert Path(got).read_bytes() == (small_model / name).read_bytes()
+    api = HfApi(endpoint=hub_server.endpoint, token=HUB_TOKEN)
+    top = {e.path for e in api.list_repo_tree("org/small", revision=sha)}
+    assert top == {"config.json", "tokenizer.json", "model.safetensors", "sub"}
+    assert {e.path for e in api.list_repo_tree("org/small", "sub", revision=sha)} == {"sub/extra.bin"}
+    info = api.model_info("org/small", files_metadata=True)
+    assert info.sha == sha and {s.rfilename: s.size for s in info.siblings or []}["sub/extra.bin"] == 10_000
