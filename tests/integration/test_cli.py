@@ -1,0 +1,179 @@
+"""`modelherd` as a user runs it: a real process against the loopback Hub, real files, real exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.hub_fixtures import HUB_TOKEN
+from tests.hubserver import HubServer
+from tests.modelgen import make_sharded_model, make_trtllm_model
+
+SHARED_FIXTURE = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "nvml-h200.json"
+
+
+def _has_nvml() -> bool:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        pynvml.nvmlShutdown()
+        return True
+    except Exception:
+        return False
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MODELHERD_", "KUBECONFIG"))}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "modelherd.agent.cli", *args], env=full_env, text=True,
+                          capture_output=True, timeout=timeout, check=False)
+
+
+@pytest.fixture
+def sharded_repo(hub_server: HubServer, tmp_path: Path) -> tuple[HubServer, Path]:
+    src = tmp_path / "src"
+    make_sharded_model(src, 3, 300_000)
+    hub_server.add_repo("acme/tiny", src, lfs_min_size=100_000)
+    return hub_server, src
+
+
+def test_pull_places_a_verified_model_and_prints_ready(sharded_repo: tuple[HubServer, Path], tmp_path: Path) -> None:
+    hub, src = sharded_repo
+    root = tmp_path / "models"
+    r = run_cli("pull", "hf://acme/tiny", "--models-root", str(root), "--no-progress",
+                env={"HF_ENDPOINT": hub.endpoint})
+    assert r.returncode == 0, r.stderr
+    ready = json.loads(r.stdout.strip().splitlines()[-1])
+    assert ready["status"] == "Ready" and ready["dest"] == str((root / "acme/tiny").resolve())
+    for f in src.rglob("*"):
+        if f.is_file():
+            assert (root / "acme/tiny" / f.relative_to(src)).read_bytes() == f.read_bytes()
+    assert not any((root / ".modelherd-staging").iterdir()), "staging must be empty after a pull"
+
+    v = run_cli("verify", str(root / "acme/tiny"), "--deep")
+    assert v.returncode == 0, v.stdout + v.stderr
+
+    # second pull of the same revision: no body bytes from the origin
+    hub.reset_counters()
+    again = run_cli("pull", "hf://acme/tiny", "--models-root", str(root), "--no-progress",
+                    env={"HF_ENDPOINT": hub.endpoint})
+    assert again.returncode == 0, again.stderr
+    assert hub.stats()["bytes_served"] == 0
+
+
+def test_verify_reports_a_corrupted_shard_with_exit_5(sharded_repo: tuple[HubServer, Path], tmp_path: Path) -> None:
+    hub, _ = sharded_repo
+    root = tmp_path / "models"
+    assert run_cli("pull", "hf://acme/tiny", "--models-root", str(root), "--no-progress",
+                   env={"HF_ENDPOINT": hub.endpoint}).returncode == 0
+    shard = root / "acme/tiny/model-00002-of-00003.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert run_cli("verify", str(root / "acme/tiny")).returncode == 0, "quick verify does not read weights"
+    deep = run_cli("verify", str(root / "acme/tiny"), "--deep")
+    assert deep.returncode == 5
+    assert "model-00002-of-00003.safetensors" in deep.stdout
+
+    with open(shard, "r+b") as f:
+        f.truncate(len(data) - 10)
+    quick = run_cli("verify", str(root / "acme/tiny"))
+    assert quick.returncode == 5 and "model-00002-of-00003.safetensors" in quick.stdout
+
+
+@pytest.mark.parametrize("uri", ["hf://", "s3://bucket/x", "hf://a/b/c", "oci://nope", "local://relative"])
+def test_bad_uri_exits_2_naming_accepted_forms(uri: str, tmp_path: Path) -> None:
+    r = run_cli("pull", uri, "--models-root", str(tmp_path))
+    assert r.returncode == 2
+    assert "oci://n/NAMESPACE/b/BUCKET/o/PREFIX" in r.stderr and "hf://ORG/MODEL" in r.stderr
+
+
+def test_missing_repo_exits_3_and_writes_nothing(hub_server: HubServer, tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    r = run_cli("pull", "hf://acme/does-not-exist", "--models-root", str(root), "--no-progress",
+                env={"HF_ENDPOINT": hub_server.endpoint})
+    assert r.returncode == 3, r.stderr
+    assert not (root / "acme").exists()
+
+
+def test_token_is_used_but_never_printed(hub_server: HubServer, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_sharded_model(src, 1, 200_000)
+    hub_server.add_repo("acme/private", src, lfs_min_size=100_000, token=HUB_TOKEN)
+    root = tmp_path / "models"
+    denied = run_cli("pull", "hf://acme/private", "--models-root", str(root), "--no-progress",
+                     env={"HF_ENDPOINT": hub_server.endpoint, "MODELHERD_LOG_LEVEL": "DEBUG"})
+    assert denied.returncode == 3
+    ok = run_cli("pull", "hf://acme/private", "--models-root", str(root), "--no-progress",
+                 env={"HF_ENDPOINT": hub_server.endpoint, "HF_TOKEN": HUB_TOKEN, "MODELHERD_LOG_LEVEL": "DEBUG"})
+    assert ok.returncode == 0, ok.stderr
+    assert HUB_TOKEN not in ok.stdout + ok.stderr + denied.stdout + denied.stderr
+    manifest = (root / "acme/private/.modelherd-manifest.json").read_text()
+    assert HUB_TOKEN not in manifest
+
+
+def test_dest_outside_models_root_is_refused(sharded_repo: tuple[HubServer, Path], tmp_path: Path) -> None:
+    hub, _ = sharded_repo
+    root = tmp_path / "models"
+    outside = tmp_path / "elsewhere"
+    r = run_cli("pull", "hf://acme/tiny", "--models-root", str(root), "--dest", str(outside), "--no-progress",
+                env={"HF_ENDPOINT": hub.endpoint})
+    assert r.returncode == 4
+    assert not outside.exists()
+    r2 = run_cli("pull", "hf://acme/tiny", "--models-root", str(root), "--dest", "../escape", "--no-progress",
+                 env={"HF_ENDPOINT": hub.endpoint})
+    assert r2.returncode == 4
+    assert not (tmp_path / "escape").exists()
+
+
+def test_trtllm_pull_keeps_only_this_nodes_gpu_shape(hub_server: HubServer, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_trtllm_model(src, ["H200x8", "H100x8", "A100x4"], engine_bytes=4096)
+    hub_server.add_repo("acme/trt", src)
+    root = tmp_path / "models"
+    r = run_cli("pull", "hf://acme/trt", "--models-root", str(root), "--gpu-shape", "H200x8", "--no-progress",
+                env={"HF_ENDPOINT": hub_server.endpoint})
+    assert r.returncode == 0, r.stderr
+    model = root / "acme/trt"
+    assert sorted(p.name for p in (model / "engines").iterdir()) == ["H200x8"]
+    assert len(list((model / "engines/H200x8").glob("rank*.engine"))) == 8
+    assert (model / "tokenizer.json").exists() and (model / "config.json").exists()
+    assert run_cli("verify", str(model), "--deep").returncode == 0
+
+    missing = run_cli("pull", "hf://acme/trt", "--models-root", str(tmp_path / "m2"), "--gpu-shape", "B200x8",
+                      "--no-progress", env={"HF_ENDPOINT": hub_server.endpoint})
+    assert missing.returncode == 2
+    assert "H200x8" in missing.stderr
+
+
+def test_local_uri_is_verified_in_place(sharded_repo: tuple[HubServer, Path], tmp_path: Path) -> None:
+    hub, _ = sharded_repo
+    root = tmp_path / "models"
+    assert run_cli("pull", "hf://acme/tiny", "--models-root", str(root), "--no-progress",
+                   env={"HF_ENDPOINT": hub.endpoint}).returncode == 0
+    model = root / "acme/tiny"
+    before = {p: p.stat().st_mtime_ns for p in model.rglob("*")}
+    r = run_cli("pull", f"local://{model}", "--models-root", str(root))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert {p: p.stat().st_mtime_ns for p in model.rglob("*")} == before
+    (model / "model-00001-of-00003.safetensors").unlink()
+    assert run_cli("pull", f"local://{model}", "--models-root", str(root)).returncode == 5
+
+
+def test_detect_reports_filesystem_and_instance_type_shape(tmp_path: Path) -> None:
+    type_map = tmp_path / "map.json"
+    type_map.write_text(json.dumps({"BM.GPU.H200.8": "H200"}))
+    r = run_cli("detect", str(tmp_path), "--instance-type", "BM.GPU.H200.8", "--instance-type-map", str(type_map))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["storage"] in ("local", "shared") and out["fstype"]
+    if not _has_nvml():  # a real GPU answers first; else the instance type decides
+        assert out["gpu_shape"] == "H200x8"
+    forced = json.loads(run_cli("detect", str(tmp_path), "--storage-mode", "shared").stdout)
+    assert forced["storage"] == "shared"
