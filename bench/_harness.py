@@ -1,0 +1,200 @@
+"""Shared pieces of the pull benchmarks: model cache, child processes with their own peak RSS, nginx, timing.
+
+Invariants: every server started here binds 127.0.0.1 and is killed by :class:`Procs` on exit (also on Ctrl-C);
+every wait is bounded; destinations are removed and the dirty pages flushed (``os.sync``) between runs so that
+one tool's writeback never lands in another tool's timing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "bench" / "out"
+MiB = 1024 * 1024
+sys.path.insert(0, str(REPO))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f}s")
+
+
+def cached_model(size_mib: int, files: int, *, seed: int = 1) -> Path:
+    """``bench/out/www/org/model-<files>x<size>`` (``make_sharded_model``), generated once and kept."""
+    from tests.modelgen import make_sharded_model
+
+    folder = OUT / "www" / "org" / f"model-{files}x{size_mib}"
+    marker = folder.with_name(f".{folder.name}.complete")  # outside the model: the Hub serves every file
+    if not marker.exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"generating {files} x {size_mib} MiB into {folder} ...", flush=True)
+        make_sharded_model(folder, n_shards=files, shard_bytes=size_mib * MiB, seed=seed)
+        marker.write_text("ok\n")
+    return folder
+
+
+def model_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+@dataclass
+class Procs:
+    """Background servers, terminated (then killed) on exit."""
+
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+
+    def start(self, argv: Sequence[str], *, log: Path, **kw: object) -> subprocess.Popen[bytes]:
+        """Start ``argv`` in its own session, stderr to ``log``."""
+        err = self.stack.enter_context(open(log, "wb"))  # noqa: SIM115  (closed with the stack)
+        p = subprocess.Popen(list(argv), start_new_session=True, stderr=err, **kw)  # type: ignore[call-overload]
+        self.procs.append(p)
+        return p
+
+    def __enter__(self) -> Procs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=5)
+        self.stack.close()
+
+
+NGINX_CONF = """\
+worker_processes 2;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+  access_log off;
+  client_body_temp_path {tmp}/body; proxy_temp_path {tmp}/proxy; fastcgi_temp_path {tmp}/fcgi;
+  uwsgi_temp_path {tmp}/uwsgi; scgi_temp_path {tmp}/scgi;
+  sendfile on; tcp_nopush on; keepalive_requests 10000;
+  default_type application/octet-stream;
+  server {{ listen 127.0.0.1:{port}; root {root}; }}
+}}
+"""
+
+
+@contextlib.contextmanager
+def nginx(procs: Procs, root: Path) -> Iterator[str]:
+    """A static nginx on 127.0.0.1 serving ``root`` (sendfile on); yields its base URL."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench-nginx-"))
+    port = free_port()
+    conf = tmp / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(tmp=tmp, port=port, root=root))
+    try:
+        procs.start(["/usr/sbin/nginx", "-p", str(tmp), "-c", str(conf), "-g", "daemon off;"],
+                    log=tmp / "stderr")
+        wait_port(port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@dataclass
+class Result:
+    seconds: float
+    rss_mib: float
+
+
+def run_child(argv: Sequence[str], *, env: dict[str, str] | None = None, timeout: float = 600.0,
+              cwd: Path = REPO) -> Result:
+    """Run one command; its wall time and its own peak RSS (``wait4`` rusage of that child, MiB)."""
+    started = time.monotonic()
+    p = subprocess.Popen(list(argv), env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = started + timeout
+    while True:
+        pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() > deadline:
+            p.kill()
+            os.wait4(p.pid, 0)
+            raise TimeoutError(f"{argv[0]} ran past {timeout:.0f}s")
+        time.sleep(0.005)
+    elapsed = time.monotonic() - started
+    p.returncode = os.waitstatus_to_exitcode(status)
+    err = p.stderr.read().decode(errors="replace") if p.stderr else ""
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:3])} ... exited {p.returncode}:\n{err[-3000:]}")
+    return Result(elapsed, ru.ru_maxrss / 1024)
+
+
+def clean(path: Path) -> None:
+    """Remove ``path`` and flush dirty pages so the next run starts from a quiet disk."""
+    shutil.rmtree(path, ignore_errors=True)
+    os.sync()
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def interleave(tools: dict[str, Callable[[], dict[str, Result]]], repeat: int) -> dict[str, list[Result]]:
+    """Run every tool ``repeat`` times, rotating the order each round; a tool may report several series."""
+    series: dict[str, list[Result]] = {}
+    names = list(tools)
+    for r in range(repeat):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            for key, res in tools[name]().items():
+                series.setdefault(key, []).append(res)
+                print(f"  round {r + 1} {key:<22} {res.seconds:7.2f} s  peak RSS {res.rss_mib:6.0f} MiB", flush=True)
+    return series
+
+
+def median(results: list[Result]) -> Result:
+    return Result(statistics.median(r.seconds for r in results), max(r.rss_mib for r in results))
+
+
+def best(results: list[Result]) -> float:
+    return min(r.seconds for r in results)
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def save_json(name: str, data: object) -> Path:
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / name
+    path.write_text(json.dumps(data, indent=1))
+    return path
