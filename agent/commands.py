@@ -13,12 +13,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Never
 
-from ..storage import engine, fsdetect, gpu, verify
+from ..storage import fsdetect, gpu, verify
 from ..storage.errors import ConfigError, VerificationError
 from ..storage.manifest import Manifest
 from ..storage.paths import ensure_inside_root
-from ..storage.retry import RetryPolicy
-from ..storage.sources import open_source
+from ..storage.ready import published_model
 from ..storage.types import Listing, Source
 from ..storage.uri import ModelURI, parse_uri
 from .settings import Settings
@@ -26,10 +25,18 @@ from .settings import Settings
 if TYPE_CHECKING:
     from tqdm import tqdm
 
+    from ..storage import engine
+    from ..storage.retry import RetryPolicy
+
+# The engine, the sources (huggingface_hub, oci) and coordination (kubernetes) are imported only when a
+# pull has to download or coordinate: the restart fast path stays cheap (32 nodes on one box).
+
 log = logging.getLogger("modelherd.pull")
 
 
 def engine_options(settings: Settings) -> engine.EngineOptions:
+    from ..storage import engine
+
     return engine.EngineOptions(
         concurrency=settings.concurrency,
         multipart_concurrency=settings.multipart_concurrency,
@@ -40,12 +47,16 @@ def engine_options(settings: Settings) -> engine.EngineOptions:
 
 
 def retry_policy(settings: Settings) -> RetryPolicy:
+    from ..storage.retry import RetryPolicy
+
     return RetryPolicy(retries=settings.download_retry, backoff_s=settings.retry_backoff_s,
                        backoff_max_s=settings.retry_backoff_max_s)
 
 
 def make_source(uri: ModelURI, settings: Settings, *, allow: list[str] | None = None,
                 ignore: list[str] | None = None) -> Source:
+    from ..storage.sources import open_source
+
     return open_source(
         uri,
         hf_token=settings.hf_token.get_secret_value() if settings.hf_token else None,
@@ -132,6 +143,11 @@ def cmd_pull(args: argparse.Namespace, settings: Settings, cancel: threading.Eve
     log.info("models root %s: %s storage (%s)", root, storage_kind, fs.evidence)
 
     started = time.monotonic()
+    ready = published_model(dest, uri.canonical, uri.revision)
+    if ready is not None:
+        log.info("%s is already Ready at %s (completion manifest + quick verification)", uri.canonical, dest)
+        _print_ready(uri, ready, dest, settings, started, "ready")
+        return 0
     source = make_source(uri, settings, allow=args.allow, ignore=args.ignore)
     progress = _Progress(enabled=not args.no_progress and sys.stderr.isatty(), desc=uri.canonical)
     try:
@@ -141,11 +157,15 @@ def cmd_pull(args: argparse.Namespace, settings: Settings, cancel: threading.Eve
     finally:
         progress.close()
         source.close()
-    elapsed = time.monotonic() - started
-    print(json.dumps({"status": "Ready", "uri": uri.canonical, "revision": manifest.revision, "dest": str(dest),
-                      "files": len(manifest.files), "bytes": manifest.total_bytes,
-                      "seconds": round(elapsed, 3), "node": settings.node_name}))
+    _print_ready(uri, manifest, dest, settings, started, "pulled")
     return 0
+
+
+def _print_ready(uri: ModelURI, manifest: Manifest, dest: Path, settings: Settings, started: float,
+                 how: str) -> None:
+    print(json.dumps({"status": "Ready", "how": how, "uri": uri.canonical, "revision": manifest.revision,
+                      "dest": str(dest), "files": len(manifest.files), "bytes": manifest.total_bytes,
+                      "seconds": round(time.monotonic() - started, 3), "node": settings.node_name}), flush=True)
 
 
 def _pull(uri: ModelURI, source: Source, listing_fn: Callable[[], Listing], dest: Path, root: Path,
@@ -155,6 +175,8 @@ def _pull(uri: ModelURI, source: Source, listing_fn: Callable[[], Listing], dest
 
     backend = choose_backend(settings.coordination, storage_kind, settings.kubeconfig)
     if backend == "none":
+        from ..storage import engine
+
         listing = listing_fn()
         return engine.pull(source, listing, dest, models_root=root, options=engine_options(settings),
                            writer=settings.node_name, cancel=cancel, progress=progress)
