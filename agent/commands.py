@@ -153,41 +153,51 @@ def cmd_pull(args: argparse.Namespace, settings: Settings, cancel: threading.Eve
     try:
         def listing_fn() -> Listing:
             return filter_for_shape(source.list_files(), args.gpu_shape, settings)
-        manifest = _pull(uri, source, listing_fn, dest, root, storage_kind, settings, cancel, progress)
+        manifest, extra = _pull(uri, source, listing_fn, dest, root, storage_kind, settings, cancel, progress)
     finally:
         progress.close()
         source.close()
-    _print_ready(uri, manifest, dest, settings, started, "pulled")
+    _print_ready(uri, manifest, dest, settings, started, str(extra.pop("role", "pulled")), **extra)
     return 0
 
 
 def _print_ready(uri: ModelURI, manifest: Manifest, dest: Path, settings: Settings, started: float,
-                 how: str) -> None:
+                 how: str, **extra: object) -> None:
+    """One JSON line on stdout: what a script or a person needs to know about the Ready model."""
     print(json.dumps({"status": "Ready", "how": how, "uri": uri.canonical, "revision": manifest.revision,
                       "dest": str(dest), "files": len(manifest.files), "bytes": manifest.total_bytes,
-                      "seconds": round(time.monotonic() - started, 3), "node": settings.node_name}), flush=True)
+                      "seconds": round(time.monotonic() - started, 3), "node": settings.node_name, **extra}),
+          flush=True)
 
 
 def _pull(uri: ModelURI, source: Source, listing_fn: Callable[[], Listing], dest: Path, root: Path,
           storage_kind: str, settings: Settings, cancel: threading.Event,
-          progress: Callable[[int, int], None]) -> Manifest:
-    from ..coordination import choose_backend, coordinated_pull
+          progress: Callable[[int, int], None]) -> tuple[Manifest, dict[str, object]]:
+    """Download (or wait for) the model; returns the manifest and what to report about how."""
+    from ..coordination import PullResult, choose_backend, coordinated_pull
 
     backend = choose_backend(settings.coordination, storage_kind, settings.kubeconfig)
     if backend == "none":
         from ..storage import engine
 
         listing = listing_fn()
-        return engine.pull(source, listing, dest, models_root=root, options=engine_options(settings),
-                           writer=settings.node_name, cancel=cancel, progress=progress)
-    return coordinated_pull(
+        manifest = engine.pull(source, listing, dest, models_root=root, options=engine_options(settings),
+                               writer=settings.node_name, cancel=cancel, progress=progress)
+        return manifest, {"role": "pulled", "coordination": "none"}
+    results: list[PullResult] = []
+    manifest = coordinated_pull(
         backend=backend, uri=uri, source=source, listing_fn=listing_fn, dest=dest, models_root=root,
         options=engine_options(settings), node_name=settings.node_name,
         namespace=settings.effective_namespace(), kubeconfig=settings.kubeconfig,
         lease_duration_s=settings.lease_duration_s, renew_period_s=settings.lease_renew_period_s,
         jitter_s=settings.wait_jitter_s, poll_interval_s=settings.poll_interval_s,
-        cancel=cancel, progress=progress,
+        cancel=cancel, progress=progress, result=results,
     )
+    extra: dict[str, object] = {"coordination": backend}
+    if results:
+        r = results[0]
+        extra.update(role=r.role, epoch=r.epoch, took_over=r.took_over, lease_requests=r.lease_requests)
+    return manifest, extra
 
 
 def _report(problems: list[verify.Problem], model_dir: Path) -> int:
