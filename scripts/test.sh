@@ -16,7 +16,7 @@ step "python venv + modelherd[dev]"
 step "control plane for integration tests (kube-apiserver + etcd from Go modules; cached)"
 if ! command -v go >/dev/null 2>&1 && [ -x /usr/local/go/bin/go ]; then export PATH="/usr/local/go/bin:$PATH"; fi
 start=$(date +%s)
-e2e/controlplane/build tools >/dev/null
+e2e/controlplane/build up >/dev/null
 echo "control plane build/cache check: $(( $(date +%s) - start ))s" >&2
 
 step "ruff"
