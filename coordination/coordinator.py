@@ -39,6 +39,7 @@ from ..storage.errors import CancelledError, ModelherdError, VerificationError
 from ..storage.hashing import checkable
 from ..storage.manifest import Manifest, ManifestFile, read_manifest
 from ..storage.paths import ensure_inside_root
+from ..storage.staging import remove_tree
 from ..storage.types import Listing, Source
 from .backend import LeaseBackend, LeaseRecord, LeaseStatus, Observation, Phase
 from .errors import CoordinationError, HolderFailedError, LeaseLostError, LeaseUnavailableError
@@ -209,6 +210,7 @@ class Coordinator:
         self.cancel = cancel or threading.Event()
         self.progress = _Progress(progress)
         self.identity = lease.identity
+        self._abandoned: list[Path] = []  # staging folders of epochs we lost: removed once the model is Ready
 
     def _check_cancel(self) -> None:
         if self.cancel.is_set():
@@ -247,6 +249,7 @@ class Coordinator:
                 if record.phase == Phase.COMPLETE:
                     manifest = self._ready()
                     if manifest is not None:
+                        self._remove_abandoned()
                         return PullResult(manifest, "follower", lease_requests=self.lease.counter.total)
                 elif record.phase == Phase.FAILED and saw_holder:
                     raise HolderFailedError(f"{record.source}: the download by another node failed: "
@@ -271,9 +274,20 @@ class Coordinator:
             try:
                 return self._hold(record, held, acquired_at, took_over)
             except _Lost:
+                self._abandoned.append(self._staging(held.transitions))
                 saw_holder = True
                 record = self._observe_with_retry(deadline)
                 observation.see(record)
+
+    def _remove_abandoned(self) -> None:
+        """Remove what a stopped writer of ours may have re-created after the next holder adopted our staging.
+
+        Safe only once the model is published and the lease released: nobody adopts from these any more.
+        """
+        for folder in self._abandoned:
+            if folder.exists():
+                log.info("removing abandoned staging %s", folder.name)
+                remove_tree(folder)
 
     # ---------------------------------------------------------------- follower helpers
     def _observe_with_retry(self, deadline: float) -> LeaseRecord | None:
@@ -344,25 +358,22 @@ class Coordinator:
                 self.progress(0, listing.total_bytes)
                 digests = engine.fetch_into(self.source, listing, staging, options=self.options,
                                             cancel=stop_writing, progress=self.progress)
-        except CancelledError:
+        except BaseException as e:
             held, _ = renewer.finish()
-            if renewer.lost is not None:
+            if self._lost(renewer):
+                # e.g. CancelledError from our own stop, or an OSError because the next holder adopted our
+                # staging folder under our feet: either way we are fenced off, so we only follow from here
+                log.info("lease %s: download stopped after losing the lease (%s)", self.lease.name,
+                         type(e).__name__)
                 raise _Lost() from None
-            self._release(held, self._status(Phase.DOWNLOADING, tag, f"cancelled on {self.node}"))
-            raise
-        except ModelherdError as e:
-            held, _ = renewer.finish()
-            if renewer.lost is not None:
-                raise _Lost() from None
-            self._release(held, self._status(Phase.FAILED, tag, e.message))
-            raise
-        except BaseException:
-            held, _ = renewer.finish()
-            if renewer.lost is None:
-                self._release(held, self._status(Phase.DOWNLOADING, tag, f"interrupted on {self.node}"))
+            if isinstance(e, CancelledError | KeyboardInterrupt) or not isinstance(e, ModelherdError):
+                why = "cancelled" if isinstance(e, CancelledError | KeyboardInterrupt) else type(e).__name__
+                self._release(held, self._status(Phase.DOWNLOADING, tag, f"{why} on {self.node}"))
+            else:
+                self._release(held, self._status(Phase.FAILED, tag, str(getattr(e, "message", e))))
             raise
         held, _ = renewer.finish()
-        if renewer.lost is not None:
+        if self._lost(renewer):
             raise _Lost()
         if manifest is not None:
             self._release(held, self._status(Phase.COMPLETE, tag))
@@ -372,6 +383,11 @@ class Coordinator:
         self._release(held, self._status(Phase.COMPLETE, tag))
         log.info("published %s at %s (epoch %d)", listing.uri, self.dest, epoch)
         return PullResult(manifest, "holder", epoch, took_over, self.lease.counter.total)
+
+    @staticmethod
+    def _lost(renewer: _Renewer) -> bool:
+        """We lost the lease, or can no longer prove we hold it (our renewal deadline has passed)."""
+        return renewer.lost is not None or time.monotonic() >= renewer.deadline()
 
     def _renew_then_publish(self, held: LeaseRecord, staging: Path, manifest: Manifest, tag: str) -> LeaseRecord:
         """Publish only right after a renewal proves we still hold the lease (else :class:`_Lost`)."""
