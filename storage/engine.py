@@ -5,12 +5,17 @@ Invariants:
   complete, verified model with its manifest (written last).
 - Every byte is hashed once, in order, while it streams (ranges that land ahead of the hash cursor are read
   back from the page cache); memory is a fixed buffer per worker thread, never a whole file.
+- Whole-file streams are preferred to ranged parts (parts land out of order and must be read back to be
+  hashed): large files are split only when there are fewer of them than ``concurrency``; at most
+  ``concurrency * multipart_concurrency`` GETs are in flight.
 - A crash, a lost connection or a source error leaves staging resumable: written segments carry checkpoints
-  that are checked against the disk before they are trusted again.
+  (digests of the in-order hash for one-stream files, CRC-32 per segment for split files) that are checked
+  against the disk before they are trusted again.
 """
 
 from __future__ import annotations
 
+import copy
 import errno
 import http.client
 import logging
@@ -65,8 +70,12 @@ Progress = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """Knobs of one pull. Files larger than ``multipart_threshold`` are fetched as ``part_size`` ranges,
-    ``multipart_concurrency`` at a time; ``concurrency`` files run in parallel."""
+    """Knobs of one pull. ``concurrency * multipart_concurrency`` is the number of GETs that may be in flight.
+
+    Files run in parallel up to that many. Files larger than ``multipart_threshold`` are fetched as ``part_size``
+    ranges, ``multipart_concurrency`` at a time, but only when fewer than ``concurrency`` files of the listing
+    are that large: with enough files, whole-file streams fill the slots without any read-back for hashing.
+    """
 
     concurrency: int = 4
     multipart_concurrency: int = 4
@@ -108,15 +117,26 @@ class _Job:
     kept: bool = False
     digests: dict[str, str] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    hasher: MultiHasher | None = None  # resumed one-stream file: the hash of its verified prefix
+    hashed: int = 0  # ... and how many bytes that is
+
+    @property
+    def prefix_mode(self) -> bool:
+        """One stream hashed in order: checkpoints are digests of the hash itself, not CRCs."""
+        return len(self.parts) == 1 and bool(self.algos)
 
     @property
     def present(self) -> int:
         return self.rf.size if self.kept else sum(p.resume - p.start for p in self.parts)
 
 
-def _layout(rf: RemoteFile, options: EngineOptions) -> FileState:
+def _splittable(rf: RemoteFile, options: EngineOptions) -> bool:
+    return rf.size > options.multipart_threshold and rf.size > options.part_size
+
+
+def _layout(rf: RemoteFile, options: EngineOptions, split: bool = True) -> FileState:
     expect = {a: rf.checksums[a].lower() for a in checkable(rf.checksums)[:1]}
-    multipart = rf.size > options.multipart_threshold and rf.size > options.part_size
+    multipart = split and _splittable(rf, options)
     part_size = options.part_size if multipart else max(rf.size, 1)
     n_parts = -(-rf.size // part_size) if rf.size else 0
     return FileState(path=rf.path, size=rf.size, expect=expect, part_size=part_size,
@@ -147,10 +167,41 @@ def _verified_prefix(fd: int, part: _Part, crcs: list[int], seg: int, buf: memor
     return good
 
 
-def _plan(staging: Path, rf: RemoteFile, options: EngineOptions, buf: memoryview) -> _Job:
+def _copy_hasher(mh: MultiHasher) -> MultiHasher:
+    twin = MultiHasher([], 0)
+    twin.hashers = {a: h.copy() if hasattr(h, "copy") else copy.copy(h) for a, h in mh.hashers.items()}
+    return twin
+
+
+def _replay_prefix(fd: int, job: _Job, saved: FileState, buf: memoryview) -> int:
+    """Hash the file from byte 0 through its prefix checkpoints while they match; return how many did.
+
+    Leaves ``job.hasher`` at the end of the last matching checkpoint, so the in-order hash continues from there
+    without reading those bytes again.
+    """
+    hasher, good, seg = MultiHasher(job.algos, job.rf.size), 0, saved.segment_size
+    algo = saved.prefix_algo
+    if algo not in hasher.hashers:
+        return 0
+    for k, want in enumerate(saved.prefix):
+        trial, pos, end = _copy_hasher(hasher), k * seg, min((k + 1) * seg, job.rf.size)
+        while pos < end:
+            n = os.preadv(fd, [buf[: min(len(buf), end - pos)]], pos)
+            if n <= 0:
+                break
+            trial.update(buf[:n])
+            pos += n
+        if pos != end or trial.hashers[algo].hexdigest() != want:
+            break
+        hasher, good = trial, k + 1
+    job.hasher, job.hashed = hasher, min(good * seg, job.rf.size)
+    return good
+
+
+def _plan(staging: Path, rf: RemoteFile, options: EngineOptions, buf: memoryview, split: bool = True) -> _Job:
     """Decide, from what is on disk, whether ``rf`` is kept, resumed (and from where) or fetched fresh."""
     target = contained(staging, rf.path, what="file name")
-    fresh = _layout(rf, options)
+    fresh = _layout(rf, options, split)
     algos = list(fresh.expect)
     if options.record_sha256 and "sha256" not in algos:
         algos.append("sha256")
@@ -172,10 +223,17 @@ def _plan(staging: Path, rf: RemoteFile, options: EngineOptions, buf: memoryview
         job.parts = _parts(saved)
         fd = os.open(target, os.O_RDONLY)
         try:
-            for part, crcs in zip(job.parts, saved.parts, strict=True):
-                good = _verified_prefix(fd, part, crcs, saved.segment_size, buf)
-                del crcs[good:]
-                part.resume = min(part.start + good * saved.segment_size, part.end)
+            if job.prefix_mode:
+                good = _replay_prefix(fd, job, saved, buf)
+                del saved.prefix[good:]
+                saved.parts[0].clear()
+                job.parts[0].resume = job.hashed
+            else:
+                saved.prefix.clear()
+                for part, crcs in zip(job.parts, saved.parts, strict=True):
+                    good = _verified_prefix(fd, part, crcs, saved.segment_size, buf)
+                    del crcs[good:]
+                    part.resume = min(part.start + good * saved.segment_size, part.end)
         finally:
             os.close(fd)
         return job
@@ -254,8 +312,9 @@ class _Run:
             self.throttle.forget(job.present)
             remove_tree(job.target)
             drop_state(self.staging, job.rf.path)
-            job.state = _layout(job.rf, self.options)
+            job.state = _layout(job.rf, self.options, split=len(job.parts) > 1)
             job.parts = _parts(job.state)
+            job.hasher, job.hashed = None, 0
         raise VerificationError(f"{job.rf.path} does not match its checksum after two downloads",
                                 problems=[f"{job.rf.path}: {problem}"],
                                 hint="the origin serves bytes that differ from its listing; try again later")
@@ -275,7 +334,10 @@ class _Run:
                 save_state(self.staging, job.state)
             except OSError as e:
                 raise self._write_error(e, job) from None
-            cursor = HashCursor(MultiHasher(job.algos, rf.size), fd, rf.size)
+            if job.prefix_mode:
+                job.state.prefix_algo = job.algos[0]
+            hasher = job.hasher if job.hasher is not None else MultiHasher(job.algos, rf.size)
+            cursor = HashCursor(hasher, fd, rf.size, position=job.hashed if job.hasher is not None else 0)
             for p in job.parts:
                 cursor.add_written(p.start, p.resume)
             todo = [p for p in job.parts if p.resume < p.end]
@@ -339,13 +401,15 @@ class _Run:
         self.check()
         buf = self.buffer()
         seg = job.state.segment_size
-        crcs = job.state.parts[part.index]
+        prefix_mode = job.prefix_mode
+        # one-stream files: the in-order hash is the checkpoint (no CRC pass); split files: CRC per segment
+        marks: list[int] | list[str] = job.state.prefix if prefix_mode else job.state.parts[part.index]
         stream = self.source.open(job.rf, part.resume, part.end)
         try:
             while part.resume < part.end:
                 self.check()
                 pos = part.resume
-                seg_end = min(part.start + (len(crcs) + 1) * seg, part.end)
+                seg_end = min(part.start + (len(marks) + 1) * seg, part.end)
                 view = buf[: min(len(buf), seg_end - pos)]
                 n = _read(stream, view, job.rf)
                 if n == 0:
@@ -353,13 +417,20 @@ class _Run:
                                                hint="the connection was cut; retrying from there")
                 data = view[:n]
                 self._write(fd, data, pos, job)
-                part.crc = zlib.crc32(data, part.crc)
+                if not prefix_mode:
+                    part.crc = zlib.crc32(data, part.crc)
                 cursor.offer(pos, data, buf)
                 part.resume = pos + n
                 self.throttle.add(n)
                 if part.resume == seg_end:
                     with job.lock:
-                        crcs.append(part.crc)
+                        if prefix_mode:
+                            if cursor.position != seg_end:  # cannot happen with one stream; never trust it
+                                raise TransientSourceError(f"{job.rf.path}: hash cursor behind the stream",
+                                                           hint="retrying")
+                            job.state.prefix.append(cursor.hasher.hashers[job.state.prefix_algo].hexdigest())
+                        else:
+                            job.state.parts[part.index].append(part.crc)
                         part.crc = 0
                         self.check()
                         try:
@@ -439,7 +510,8 @@ def fetch_into(
     started = time.monotonic()
 
     scratch = memoryview(bytearray(options.chunk_size))
-    jobs = [_plan(staging, rf, options, scratch) for rf in listing.files]
+    split = sum(1 for rf in listing.files if _splittable(rf, options)) < options.concurrency
+    jobs = [_plan(staging, rf, options, scratch, split) for rf in listing.files]
     del scratch
     missing = sum(max(0, j.rf.size - min(capacity.allocated_bytes(j.target), j.rf.size))
                   for j in jobs if not j.kept)
@@ -450,7 +522,9 @@ def fetch_into(
 
     throttle = _Throttle(listing.total_bytes, present, progress, options.progress_interval_s)
     run = _Run(source, staging, options, throttle)
-    files_pool = ThreadPoolExecutor(options.concurrency, thread_name_prefix="modelherd-file")
+    slots = options.concurrency * options.multipart_concurrency
+    files_pool = ThreadPoolExecutor(max(1, min(slots, sum(1 for j in jobs if not j.kept))),
+                                    thread_name_prefix="modelherd-file")
     futures = [files_pool.submit(run.run_file, j) for j in jobs]
     error: BaseException | None = None
     cancelled = False

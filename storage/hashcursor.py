@@ -14,11 +14,13 @@ from .hashing import MultiHasher
 
 
 class HashCursor:
-    def __init__(self, hasher: MultiHasher, fd: int, size: int) -> None:
+    """``hasher`` has already seen ``[0, position)`` (a resumed file); the cursor continues from there."""
+
+    def __init__(self, hasher: MultiHasher, fd: int, size: int, position: int = 0) -> None:
         self.hasher = hasher
         self.size = size
         self._fd = fd
-        self._pos = 0
+        self._pos = position
         self._ready: dict[int, int] = {}  # start -> end of written, not yet hashed ranges
         self._busy = False
         self._cond = threading.Condition()
@@ -31,8 +33,9 @@ class HashCursor:
 
     def add_written(self, start: int, end: int) -> None:
         """Record bytes already on disk (e.g. verified resume segments); hashed when the cursor gets there."""
-        if end > start:
-            with self._cond:
+        with self._cond:
+            start = max(start, self._pos)
+            if end > start:
                 self._put(start, end)
 
     def offer(self, start: int, data: memoryview, buf: memoryview) -> None:

@@ -60,11 +60,13 @@ def state_path(staging: Path, relpath: str) -> Path:
 
 @dataclass
 class FileState:
-    """Resume state of one file: its layout and, per part, the checksums of the segments already written.
+    """Resume state of one file: its layout and the checkpoints of the segments already written.
 
-    ``parts[i][k]`` is the CRC-32 of segment ``k`` of part ``i`` (segments are ``segment_size`` long, the last
-    one of a part may be shorter). ``done`` is set once the whole file was verified; ``digests`` are then the
-    digests computed while it streamed.
+    A file fetched as one stream (one part) is hashed in order as it lands, so its checkpoints cost nothing:
+    ``prefix[k]`` is the ``prefix_algo`` hex digest of bytes ``[0, (k + 1) * segment_size)``. A file fetched as
+    several ranged parts has, per part, ``parts[i][k]`` = CRC-32 of segment ``k`` of part ``i`` (segments are
+    ``segment_size`` long, the last one of a part may be shorter). ``done`` is set once the whole file was
+    verified; ``digests`` are then the digests computed while it streamed.
     """
 
     path: str
@@ -75,10 +77,18 @@ class FileState:
     parts: list[list[int]] = field(default_factory=list)
     done: bool = False
     digests: dict[str, str] = field(default_factory=dict)
+    prefix: list[str] = field(default_factory=list)
+    prefix_algo: str = ""
 
     def layout_matches(self, other: FileState) -> bool:
-        return (self.path, self.size, self.expect, self.part_size, self.segment_size) == (
-            other.path, other.size, other.expect, other.part_size, other.segment_size)
+        """Same file and checkpoint granularity: ``self``'s checkpoints can resume ``other``.
+
+        The part size may differ (whether a file is split depends on the rest of the model); a resumed file keeps
+        the part layout its checkpoints were taken with.
+        """
+        return (self.path, self.size, self.expect, self.segment_size) == (
+            other.path, other.size, other.expect, other.segment_size) and self.part_size >= 1 \
+            and len(self.parts) == -(-self.size // self.part_size)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -91,7 +101,8 @@ class FileState:
                        expect={str(k): str(v) for k, v in dict(d["expect"]).items()},
                        part_size=int(d["part_size"]), segment_size=int(d["segment_size"]),
                        parts=[[int(c) for c in p] for p in d["parts"]], done=bool(d["done"]),
-                       digests={str(k): str(v) for k, v in dict(d.get("digests", {})).items()})
+                       digests={str(k): str(v) for k, v in dict(d.get("digests", {})).items()},
+                       prefix=[str(h) for h in d.get("prefix", [])], prefix_algo=str(d.get("prefix_algo", "")))
         except (KeyError, TypeError, ValueError):
             return None
 

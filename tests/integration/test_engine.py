@@ -239,8 +239,8 @@ def test_pull_killed_mid_file_resumes_from_the_bytes_on_disk(tmp_path: Path, mod
         done = 0
         while time.monotonic() < deadline and done < 2 * MiB:
             time.sleep(0.05)
-            text = progress_file.read_text() if progress_file.exists() else "0 0"
-            done = int(text.split()[0] or 0)
+            words = (progress_file.read_text() if progress_file.exists() else "").split()
+            done = int(words[0]) if words else done  # the writer may have just truncated it
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     assert done >= 2 * MiB and not dest.exists()
@@ -362,3 +362,76 @@ def test_adopted_staging_resumes_under_the_new_writer(origin: tuple[Path, list[R
     _assert_published(dest, origin_dir, files)
     assert server.bytes_sent < sum(f.size for f in files)  # what the dead writer had was adopted and kept
     assert not new.exists()
+
+
+def test_enough_large_files_are_fetched_whole_in_parallel_with_nothing_read_back(
+        tmp_path: Path, models_root: Path, caplog: pytest.LogCaptureFixture) -> None:
+    sizes = {f"shard-{i}.bin": 2 * MiB + i for i in range(4)}
+    files = make_model(tmp_path / "o", sizes, seed=11)
+    with RangeServer(tmp_path / "o") as srv, caplog.at_level("INFO", logger="modelherd.storage.engine"):
+        engine.pull(RangeSource(srv.url, files), models_root / "m", models_root=models_root, writer="a",
+                    options=SMALL)  # 4 files over the 1 MiB threshold, concurrency 4: no splitting
+        assert sorted(srv.requests) == sorted((n, f"bytes=0-{s - 1}") for n, s in sizes.items())
+    _assert_published(models_root / "m", tmp_path / "o", files)
+    assert "0.0 MiB re-read for hashing" in caplog.text
+
+
+def test_fewer_large_files_than_concurrency_are_split_into_ranged_parts(
+        tmp_path: Path, models_root: Path) -> None:
+    files = make_model(tmp_path / "o", {"a.bin": 2 * MiB, "b.bin": 2 * MiB, "small.json": 100}, seed=12)
+    with RangeServer(tmp_path / "o") as srv:
+        engine.pull(RangeSource(srv.url, files), models_root / "m", models_root=models_root, writer="a",
+                    options=SMALL)
+        assert sum(1 for n, _ in srv.requests if n == "a.bin") == 4  # 512 KiB parts
+    _assert_published(models_root / "m", tmp_path / "o", files)
+
+
+def test_one_stream_file_resumes_from_its_last_good_hash_checkpoint_and_refetches_a_damaged_one(
+        tmp_path: Path, models_root: Path) -> None:
+    files = make_model(tmp_path / "o", {"whole.bin": 3 * MiB}, seed=13)
+    opts = engine.EngineOptions(multipart_threshold=64 * MiB, chunk_size=64 * KiB, checkpoint_size=128 * KiB,
+                                retry=RetryPolicy(retries=0))
+    dest = models_root / "m"
+    with RangeServer(tmp_path / "o") as srv:
+        srv.add_fault("whole.bin", Fault(truncate_after=700_000), *[Fault(status=403)] * 4)
+        with pytest.raises(SourceError):
+            engine.pull(RangeSource(srv.url, files), dest, models_root=models_root, writer="a", options=opts)
+        staging = staging_dir_for(models_root, dest, "a", 0)
+        state = json.loads(next((staging / STATE_DIRNAME).glob("*.json")).read_text())
+        assert len(state["prefix"]) == 5 and state["prefix_algo"] == "sha256"  # 5 x 128 KiB < 700 KB
+        with open(staging / "whole.bin", "r+b") as f:  # damage checkpointed segment 3
+            f.seek(3 * 128 * KiB + 9)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        srv.faults.clear()
+        srv.requests.clear()
+        srv.bytes_sent = 0
+        engine.pull(RangeSource(srv.url, files), dest, models_root=models_root, writer="a", options=opts)
+        assert srv.requests == [("whole.bin", f"bytes={3 * 128 * KiB}-{3 * MiB - 1}")]
+        assert srv.bytes_sent == 3 * MiB - 3 * 128 * KiB
+    _assert_published(dest, tmp_path / "o", files)
+
+
+def test_parts_checkpointed_by_a_split_run_are_kept_when_the_rerun_would_not_split(
+        tmp_path: Path, models_root: Path) -> None:
+    files = make_model(tmp_path / "o", {"big.bin": 2 * MiB, "other.bin": 2 * MiB}, seed=14)
+    split = engine.EngineOptions(multipart_threshold=1 * MiB, part_size=512 * KiB, chunk_size=64 * KiB,
+                                 checkpoint_size=128 * KiB, retry=RetryPolicy(retries=0), concurrency=4)
+    dest = models_root / "m"
+    with RangeServer(tmp_path / "o") as srv:
+        srv.add_fault("big.bin", *[Fault(truncate_after=300_000)] * 4, *[Fault(status=403)] * 4)
+        with pytest.raises(SourceError):
+            engine.pull(RangeSource(srv.url, files), dest, models_root=models_root, writer="a", options=split)
+        srv.faults.clear()
+        srv.requests.clear()
+        srv.bytes_sent = 0
+        whole = engine.EngineOptions(multipart_threshold=1 * MiB, part_size=512 * KiB, chunk_size=64 * KiB,
+                                     checkpoint_size=128 * KiB, concurrency=2)  # 2 big files >= 2: no split now
+        engine.pull(RangeSource(srv.url, files), dest, models_root=models_root, writer="a", options=whole)
+        # big.bin keeps its 512 KiB parts; parts that got checkpointed segments resume after them
+        ranges = [tuple(map(int, r.removeprefix("bytes=").split("-"))) for n, r in srv.requests if n == "big.bin"]
+        assert sorted(end + 1 for _, end in ranges) == [(p + 1) * 512 * KiB for p in range(len(ranges))]
+        assert all(start % (128 * KiB) == 0 for start, _ in ranges)
+        assert any(start % (512 * KiB) != 0 for start, _ in ranges)
+    _assert_published(dest, tmp_path / "o", files)
