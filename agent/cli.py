@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     leases = sub.add_parser("leases", help="list modelherd Leases: who downloads what, how far")
     leases.add_argument("--namespace")
     leases.add_argument("--kubeconfig", type=Path)
+    leases.add_argument("--models-root-dir", "--models-root", dest="models_root_dir", type=Path,
+                        help="for file leases (clusters without Kubernetes)")
+    leases.add_argument("--file", action="store_true", help="list the lease files under the models root")
     _add_common(leases)
     return parser
 

@@ -233,9 +233,19 @@ def cmd_detect(args: argparse.Namespace, settings: Settings, cancel: threading.E
 
 
 def cmd_leases(args: argparse.Namespace, settings: Settings, cancel: threading.Event) -> int:
-    from ..coordination import kube
+    """Kubernetes Leases (when a kubeconfig or in-cluster config is found), else the lease files of the
+    models root; ``--file`` forces the latter."""
+    from ..coordination import format_leases
+    from ..coordination.choose import kubernetes_reachable
 
-    api = kube.api_client(settings.kubeconfig)
-    rows = kube.list_leases(api, settings.effective_namespace())
-    print(kube.format_leases(rows))
+    if not args.file and kubernetes_reachable(settings.kubeconfig):
+        from ..coordination import kube
+
+        rows = kube.list_leases(kube.api_client(settings.kubeconfig), settings.effective_namespace())
+    else:
+        from ..coordination.filelease import list_file_leases
+        from ..coordination.views import view_of
+
+        rows = [view_of(r) for r in list_file_leases(Path(settings.models_root_dir))]
+    print(format_leases(rows))
     return 0

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -34,11 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..storage import engine, verify
-from ..storage.errors import CancelledError, ModelherdError, VerificationError
+from ..storage import engine
+from ..storage.errors import CancelledError, ModelherdError
 from ..storage.hashing import checkable
-from ..storage.manifest import Manifest, ManifestFile, read_manifest
+from ..storage.manifest import Manifest, ManifestFile
 from ..storage.paths import ensure_inside_root
+from ..storage.ready import published_model
 from ..storage.staging import remove_tree
 from ..storage.types import Listing, Source
 from .backend import LeaseBackend, LeaseRecord, LeaseStatus, Observation, Phase
@@ -49,7 +49,6 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 Role = Literal["ready", "holder", "follower"]
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 @dataclass(frozen=True)
@@ -88,29 +87,9 @@ class PullResult:
 
 
 # ------------------------------------------------------------------------------------------- fast path
-def _same_model(manifest: Manifest, source_uri: str, revision: str) -> bool:
-    def base(u: str) -> str:
-        return u.split("@", 1)[0].rstrip("/").lower()
-
-    if base(manifest.source_uri) != base(source_uri):
-        return False
-    # A pinned commit must match; a branch or tag name cannot be checked without asking the origin.
-    return not (_COMMIT.match(revision) and manifest.revision != revision)
-
-
 def ready_model(dest: Path, source_uri: str, revision: str) -> Manifest | None:
     """The manifest of ``dest`` if it is a published copy of this model and passes ``verify_quick``."""
-    try:
-        manifest = read_manifest(dest)
-    except (VerificationError, OSError):
-        return None
-    if manifest is None or not _same_model(manifest, source_uri, revision):
-        return None
-    problems = verify.verify_quick(dest, require_manifest=True)
-    if problems:
-        log.warning("%s has a manifest but does not verify: %s", dest, problems[0])
-        return None
-    return manifest
+    return published_model(dest, source_uri, revision)
 
 
 # ------------------------------------------------------------------------------------------- renewer

@@ -7,7 +7,7 @@ from ..storage.errors import ModelherdError
 __all__ = ["CoordinationError", "HolderFailedError", "LeaseLostError", "LeaseUnavailableError"]
 
 
-class CoordinationError(ModelherdError):  # type: ignore[misc]  # mypy sees ..storage as Any (layout)
+class CoordinationError(ModelherdError):
     """The lease store refused us for good (RBAC, a malformed record, a bad setting)."""
 
     exit_code = 7

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -177,3 +178,43 @@ def test_detect_reports_filesystem_and_instance_type_shape(tmp_path: Path) -> No
         assert out["gpu_shape"] == "H200x8"
     forced = json.loads(run_cli("detect", str(tmp_path), "--storage-mode", "shared").stdout)
     assert forced["storage"] == "shared"
+
+
+def test_leases_shows_who_downloaded_what_with_file_leases(sharded_repo: tuple[HubServer, Path],
+                                                           tmp_path: Path) -> None:
+    hub, _ = sharded_repo
+    root = tmp_path / "shared"
+    r = run_cli("pull", "hf://acme/tiny", "--models-root", str(root), "--storage-mode", "shared",
+                "--coordination", "file", "--node-name", "gpu-node-7", "--no-progress",
+                env={"HF_ENDPOINT": hub.endpoint})
+    assert r.returncode == 0, r.stderr
+    ready = json.loads(r.stdout.strip().splitlines()[-1])
+    assert ready["how"] == "holder" and ready["coordination"] == "file"
+    table = run_cli("leases", "--file", "--models-root", str(root))
+    assert table.returncode == 0, table.stderr
+    header, *rows = table.stdout.strip().splitlines()
+    assert header.split()[:3] == ["NAME", "HOLDER", "PHASE"]
+    assert len(rows) == 1
+    assert "Complete" in rows[0] and "hf://acme/tiny" in rows[0] and "100%" in rows[0]
+
+
+@pytest.mark.k8s
+def test_leases_lists_kubernetes_leases_of_a_coordinated_pull(sharded_repo: tuple[HubServer, Path], tmp_path: Path,
+                                                               kube_cluster: Any, kube_namespace: str) -> None:
+    hub, _ = sharded_repo
+    root = tmp_path / "shared"
+    kube = ["--kubeconfig", str(kube_cluster.kubeconfig), "--namespace", kube_namespace]
+    r = run_cli("pull", "hf://acme/tiny", "--models-root", str(root), "--storage-mode", "shared",
+                "--coordination", "kubernetes", "--node-name", "gpu-node-3", "--no-progress", *kube,
+                env={"HF_ENDPOINT": hub.endpoint})
+    assert r.returncode == 0, r.stderr
+    table = run_cli("leases", *kube)
+    assert table.returncode == 0, table.stderr
+    rows = table.stdout.strip().splitlines()[1:]
+    assert len(rows) == 1 and "Complete" in rows[0] and "hf://acme/tiny" in rows[0]
+    kubectl = subprocess.run([str(kube_cluster.bin_dir / "kubectl"), "--kubeconfig", str(kube_cluster.kubeconfig),
+                              "-n", kube_namespace, "get", "leases", "-l", "app.kubernetes.io/managed-by=modelherd",
+                              "-o", "json"], capture_output=True, text=True, timeout=60, check=True)
+    (lease,) = json.loads(kubectl.stdout)["items"]
+    assert lease["spec"]["leaseTransitions"] >= 0
+    assert any(k.startswith("modelherd.io/") for k in lease["metadata"]["annotations"])
