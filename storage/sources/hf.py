@@ -51,6 +51,7 @@ from ..paths import safe_relpath
 from ..retry import RetryPolicy, call_with_retry, parse_retry_after
 from ..types import Listing, RemoteFile
 from ..uri import ModelURI
+from .body import fully_read, readinto_direct
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -80,24 +81,6 @@ def _redact(text: str, token: str | None) -> str:
     return text.replace(token, "***") if token else text
 
 
-def _raw_fp(resp: urllib3.BaseHTTPResponse) -> Any:
-    """The ``http.client`` response under ``resp`` while it still has bytes to give, else ``None``."""
-    fp = getattr(resp, "_fp", None)
-    return fp if fp is not None and getattr(fp, "fp", None) is not None else None
-
-
-def _readinto(resp: urllib3.BaseHTTPResponse, buf: memoryview) -> int:
-    """Read straight into ``buf``: urllib3's ``readinto`` reads a new ``bytes`` and copies it, per chunk.
-
-    Only for bodies urllib3 would not transform (we ask for ``decode_content=False``) and that it has not
-    buffered (nothing was read through it yet); otherwise urllib3's own path.
-    """
-    fp = _raw_fp(resp)
-    if fp is not None and not getattr(resp, "_decoded_buffer", None) and hasattr(fp, "readinto"):
-        return int(fp.readinto(buf))
-    return resp.readinto(buf)
-
-
 class _HFBody:
     """A body of exactly ``length`` bytes (``None``: until the server's end); short bodies raise."""
 
@@ -117,7 +100,7 @@ class _HFBody:
         if self._resp is None:
             return 0
         try:
-            n = _readinto(self._resp, buf)
+            n = readinto_direct(self._resp, buf)
         except Exception as exc:
             raise self._map(exc) from None
         if n == 0 and self._left not in (None, 0):
@@ -141,7 +124,7 @@ class _HFBody:
         resp, self._resp = self._resp, None
         if resp is None:
             return
-        if resp.length_remaining == 0 or (self._left == 0 and _raw_fp(resp) is None):
+        if fully_read(resp):
             resp.release_conn()
         else:
             resp.close()

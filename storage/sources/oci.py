@@ -43,6 +43,7 @@ from ..paths import safe_relpath
 from ..retry import RetryPolicy, call_with_retry, parse_retry_after
 from ..types import Listing, RemoteFile
 from ..uri import ModelURI
+from .body import fully_read, readinto_direct
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -208,7 +209,7 @@ class _OCIBody:
             return 0
         view = buf[: min(len(buf), self._left)]
         try:
-            n = int(self._raw.readinto(view))
+            n = readinto_direct(self._raw, view)
         except Exception as e:
             self.close()
             raise map_error(e, f"{self._what}: reading the body") from None
@@ -220,7 +221,11 @@ class _OCIBody:
         return n
 
     def close(self) -> None:
-        self._response.close()
+        """Keep the connection alive when the body was read to its end, else drop it."""
+        if self._left == 0 and fully_read(self._raw):
+            self._raw.release_conn()
+        else:
+            self._response.close()
 
 
 class _Empty:
