@@ -129,13 +129,30 @@ def nginx(procs: Procs, root: Path) -> Iterator[str]:
 class Result:
     seconds: float
     rss_mib: float
+    stdout: str = ""
 
 
 def run_child(argv: Sequence[str], *, env: dict[str, str] | None = None, timeout: float = 600.0,
               cwd: Path = REPO) -> Result:
-    """Run one command; its wall time and its own peak RSS (``wait4`` rusage of that child, MiB)."""
+    """Run one command; its wall time, its own peak RSS (``wait4`` rusage of that child, MiB) and its stdout.
+
+    stdout/stderr go to temporary files (not pipes), so a chatty child never blocks on a full pipe.
+    """
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as errf:
+        res, rc = _run_child(argv, env, timeout, cwd, out, errf)
+        out.seek(0)
+        errf.seek(0)
+        stdout, err = out.read().decode(errors="replace"), errf.read().decode(errors="replace")
+    if rc != 0:
+        raise RuntimeError(f"{' '.join(argv[:3])} ... exited {rc}:\n{err[-3000:]}")
+    res.stdout = stdout
+    return res
+
+
+def _run_child(argv: Sequence[str], env: dict[str, str] | None, timeout: float, cwd: Path, out: object,
+               errf: object) -> tuple[Result, int]:
     started = time.monotonic()
-    p = subprocess.Popen(list(argv), env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    p = subprocess.Popen(list(argv), env=env, cwd=cwd, stdout=out, stderr=errf)  # type: ignore[call-overload]
     deadline = started + timeout
     while True:
         pid, status, ru = os.wait4(p.pid, os.WNOHANG)
@@ -148,10 +165,7 @@ def run_child(argv: Sequence[str], *, env: dict[str, str] | None = None, timeout
         time.sleep(0.005)
     elapsed = time.monotonic() - started
     p.returncode = os.waitstatus_to_exitcode(status)
-    err = p.stderr.read().decode(errors="replace") if p.stderr else ""
-    if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv[:3])} ... exited {p.returncode}:\n{err[-3000:]}")
-    return Result(elapsed, ru.ru_maxrss / 1024)
+    return Result(elapsed, ru.ru_maxrss / 1024), p.returncode
 
 
 def clean(path: Path) -> None:
@@ -178,6 +192,7 @@ def interleave(tools: dict[str, Callable[[], dict[str, Result]]], repeat: int) -
             for key, res in tools[name]().items():
                 series.setdefault(key, []).append(res)
                 print(f"  round {r + 1} {key:<22} {res.seconds:7.2f} s  peak RSS {res.rss_mib:6.0f} MiB", flush=True)
+                res.stdout = ""
     return series
 
 

@@ -82,7 +82,7 @@ class EngineOptions:
     multipart_threshold: int = 200 * MiB
     part_size: int = 64 * MiB
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-    chunk_size: int = 2 * MiB
+    chunk_size: int = 1 * MiB
     checkpoint_size: int = 16 * MiB
     progress_interval_s: float = 0.1
     fsync: bool = True
@@ -470,7 +470,7 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     fn.restype = ctypes.c_int
-    return fn  
+    return fn
 
 
 _sync_file_range = _load_sync_file_range()
