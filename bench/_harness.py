@@ -76,6 +76,8 @@ class Procs:
         return p
 
     def __enter__(self) -> Procs:
+        # SIGTERM (e.g. from `timeout`) unwinds through __exit__ like Ctrl-C, so no server outlives the bench
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         return self
 
     def __exit__(self, *exc: object) -> None:
