@@ -156,15 +156,18 @@ def _run_child(argv: Sequence[str], env: dict[str, str] | None, timeout: float, 
     started = time.monotonic()
     p = subprocess.Popen(list(argv), env=env, cwd=cwd, stdout=out, stderr=errf)  # type: ignore[call-overload]
     deadline = started + timeout
-    while True:
-        pid, status, ru = os.wait4(p.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.monotonic() > deadline:
-            p.kill()
-            os.wait4(p.pid, 0)
-            raise TimeoutError(f"{argv[0]} ran past {timeout:.0f}s")
-        time.sleep(0.005)
+    try:
+        while True:
+            pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{argv[0]} ran past {timeout:.0f}s")
+            time.sleep(0.005)
+    except BaseException:  # timeout, Ctrl-C, SIGTERM: the child goes too
+        p.kill()
+        os.wait4(p.pid, 0)
+        raise
     elapsed = time.monotonic() - started
     p.returncode = os.waitstatus_to_exitcode(status)
     return Result(elapsed, ru.ru_maxrss / 1024), p.returncode
