@@ -173,10 +173,37 @@ def _run_child(argv: Sequence[str], env: dict[str, str] | None, timeout: float, 
     return Result(elapsed, ru.ru_maxrss / 1024), p.returncode
 
 
+def _disk_counters() -> str:
+    try:
+        with open("/proc/diskstats") as f:
+            # reads/writes/discards completed per device; sectors change while writeback or discards run
+            return "".join(" ".join(line.split()[3:]) for line in f if not line.split()[2].startswith("loop"))
+    except OSError:
+        return ""
+
+
+def wait_disk_quiet(quiet_s: float = 0.5, limit_s: float = 8.0) -> None:
+    """Wait (bounded) until the block devices finished what the last run left them (writeback, discards)."""
+    deadline = time.monotonic() + limit_s
+    last, since = _disk_counters(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = _disk_counters()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return
+
+
 def clean(path: Path) -> None:
-    """Remove ``path`` and flush dirty pages so the next run starts from a quiet disk."""
+    """Remove ``path``, flush dirty pages and let the disk settle, so the next run starts from a quiet disk.
+
+    On a filesystem mounted with ``discard`` the deletion of gigabytes that were fsynced issues TRIMs that
+    would otherwise slow down whichever tool runs next.
+    """
     shutil.rmtree(path, ignore_errors=True)
     os.sync()
+    wait_disk_quiet()
 
 
 def fsync_file(path: Path) -> None:
