@@ -72,7 +72,8 @@ Progress = Callable[[int, int], None]
 class EngineOptions:
     """Knobs of one pull. ``concurrency * multipart_concurrency`` is the number of GETs that may be in flight.
 
-    Files run in parallel up to that many. Files larger than ``multipart_threshold`` are fetched as ``part_size``
+    A model with at most that many files to fetch runs them all at once; a larger one ``concurrency`` files at a
+    time. Files larger than ``multipart_threshold`` are fetched as ``part_size``
     ranges, ``multipart_concurrency`` at a time, but only when fewer than ``concurrency`` files of the listing
     are that large: with enough files, whole-file streams fill the slots without any read-back for hashing.
     """
@@ -554,8 +555,7 @@ def fetch_into(
 
     throttle = _Throttle(listing.total_bytes, present, progress, options.progress_interval_s)
     run = _Run(source, staging, options, throttle)
-    slots = options.concurrency * options.multipart_concurrency
-    files_pool = ThreadPoolExecutor(max(1, min(slots, sum(1 for j in jobs if not j.kept))),
+    files_pool = ThreadPoolExecutor(_files_in_flight(sum(1 for j in jobs if not j.kept), options),
                                     thread_name_prefix="modelherd-file")
     futures = [files_pool.submit(run.run_file, j) for j in jobs]
     error: BaseException | None = None
@@ -590,6 +590,14 @@ def fetch_into(
     log.info("pulled %s: fetched %.1f MiB in %.2fs (%.1f MiB/s), %.1f MiB re-read for hashing", listing.uri,
              throttle.fetched / MiB, elapsed, throttle.fetched / MiB / elapsed, run.reread / MiB)
     return {j.rf.path: dict(j.digests) for j in jobs}
+
+
+def _files_in_flight(todo: int, options: EngineOptions) -> int:
+    """All files at once when they fit in the ``concurrency * multipart_concurrency`` stream slots (e.g. 8 shards:
+    8 streams, like 8 curls, instead of 4), else ``concurrency`` at a time: a crash then loses at most
+    ``concurrency`` partial files' unchecked tails, as the setting promises."""
+    slots = options.concurrency * options.multipart_concurrency
+    return max(1, todo if todo <= slots else options.concurrency)
 
 
 def _first_real_error(futures: list[Future[None]] | set[Future[None]]) -> BaseException | None:
