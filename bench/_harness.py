@@ -134,17 +134,32 @@ class Result:
     stdout: str = ""
 
 
+# Runs the command and reports its peak RSS from RUSAGE_CHILDREN. Measuring in this small middle process matters:
+# a process exec'd straight from the bench inherits the bench's own high-water RSS in its ru_maxrss (Linux folds
+# the vfork parent's mark in at exec), and so would wait4() on it.
+_RSS_WRAPPER = """
+import resource, subprocess, sys
+rc = subprocess.call(sys.argv[2:])
+with open(sys.argv[1], "w") as f:
+    f.write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
+sys.exit(rc)
+"""
+
+
 def run_child(argv: Sequence[str], *, env: dict[str, str] | None = None, timeout: float = 600.0,
               cwd: Path = REPO) -> Result:
-    """Run one command; its wall time, its own peak RSS (``wait4`` rusage of that child, MiB) and its stdout.
+    """Run one command; its wall time, its own peak RSS (MiB, see ``_RSS_WRAPPER``) and its stdout.
 
     stdout/stderr go to temporary files (not pipes), so a chatty child never blocks on a full pipe.
     """
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as errf:
-        res, rc = _run_child(argv, env, timeout, cwd, out, errf)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as errf, \
+            tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
+        res, rc = _run_child([sys.executable, "-c", _RSS_WRAPPER, rss.name, *argv], env, timeout, cwd, out, errf)
         out.seek(0)
         errf.seek(0)
         stdout, err = out.read().decode(errors="replace"), errf.read().decode(errors="replace")
+        text = rss.read().strip()
+        res.rss_mib = int(text) / 1024 if text else 0.0
     if rc != 0:
         raise RuntimeError(f"{' '.join(argv[:3])} ... exited {rc}:\n{err[-3000:]}")
     res.stdout = stdout
