@@ -557,7 +557,8 @@ def fetch_into(
     run = _Run(source, staging, options, throttle)
     files_pool = ThreadPoolExecutor(_files_in_flight(sum(1 for j in jobs if not j.kept), options),
                                     thread_name_prefix="modelherd-file")
-    futures = [files_pool.submit(run.run_file, j) for j in jobs]
+    # largest first: with more files than workers, no big file starts last and runs alone at the end
+    futures = [files_pool.submit(run.run_file, j) for j in sorted(jobs, key=lambda j: -j.rf.size)]
     error: BaseException | None = None
     cancelled = False
     try:

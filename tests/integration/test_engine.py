@@ -437,3 +437,14 @@ def test_parts_checkpointed_by_a_split_run_are_kept_when_the_rerun_would_not_spl
         assert all(start % (128 * KiB) == 0 for start, _ in ranges)
         assert any(start % (512 * KiB) != 0 for start, _ in ranges)
     _assert_published(dest, tmp_path / "o", files)
+
+
+def test_more_files_than_slots_run_concurrency_at_a_time_largest_first(tmp_path: Path, models_root: Path) -> None:
+    sizes = {"a-small.json": 10, "b-big.bin": 300 * KiB, "c-mid.bin": 100 * KiB, "d-tiny.txt": 1}
+    files = make_model(tmp_path / "o", sizes, seed=15)
+    opts = engine.EngineOptions(concurrency=1, multipart_concurrency=2, chunk_size=64 * KiB)  # 2 slots < 4 files
+    with RangeServer(tmp_path / "o") as srv:
+        engine.pull(RangeSource(srv.url, files), models_root / "m", models_root=models_root, writer="a",
+                    options=opts)
+        assert [n for n, _ in srv.requests] == sorted(sizes, key=lambda n: -sizes[n])
+    _assert_published(models_root / "m", tmp_path / "o", files)
