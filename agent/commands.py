@@ -43,6 +43,7 @@ def engine_options(settings: Settings) -> engine.EngineOptions:
         multipart_threshold=settings.multipart_threshold,
         part_size=settings.part_size,
         retry=retry_policy(settings),
+        fsync=settings.fsync,
     )
 
 

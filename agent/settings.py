@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     download_retry: int = Field(default=5, ge=0, le=100, description="retries per request")
     retry_backoff_s: float = Field(default=0.5, gt=0)
     retry_backoff_max_s: float = Field(default=60.0, gt=0)
+    fsync: bool = Field(default=True, description="fsync every file before publishing (durable publish)")
 
     storage_mode: StorageMode = "auto"
     coordination: CoordinationMode = "auto"
