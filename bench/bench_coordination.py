@@ -62,6 +62,18 @@ def create_namespace(kubeconfig: Path) -> str:
     return ns
 
 
+def lease_requests_at_server(kubeconfig: Path) -> int:
+    """``apiserver_request_total`` for leases, summed over verbs and codes: the server's own count."""
+    kubectl = kubeconfig.parent / "bin" / "kubectl"
+    text = subprocess.run([str(kubectl), "--kubeconfig", str(kubeconfig), "get", "--raw", "/metrics"],
+                          capture_output=True, text=True, timeout=60, check=True).stdout
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("apiserver_request_total{") and 'resource="leases"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return int(total)
+
+
 def launch(n: int, *, endpoint: str, root: Path, kubeconfig: Path, namespace: str, jitter: float,
            prefix: str) -> list[Node]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MODELHERD_"))}
@@ -146,10 +158,12 @@ def main() -> int:
                 watcher = threading.Thread(target=watch_publish, args=(manifest, stop, published), daemon=True)
                 watcher.start()
                 t0 = time.time()
+                server_before = lease_requests_at_server(kubeconfig)
                 nodes = launch(args.nodes, endpoint=hub.endpoint, root=root, kubeconfig=kubeconfig,
                                namespace=namespace, jitter=args.jitter, prefix="node")
                 collect(nodes, timeout=args.download_seconds * 4 + 120)
                 stop.set()
+                server_total = lease_requests_at_server(kubeconfig) - server_before
                 failed = [n.name for n in nodes if n.proc.returncode != 0 or n.ready_at is None]
                 ratio = hub.stats()["bytes_served"] / model_bytes
                 holders = [n for n in nodes if n.ready.get("how") == "holder"]
@@ -171,6 +185,15 @@ def main() -> int:
                         waited = (n.ready_at or 0) - n.started
                         reqs = int(str(n.ready.get("lease_requests", 0)))
                         rates.append(reqs / max(waited / 10.0, 1e-9))
+                    holder_reqs = sum(int(str(n.ready.get("lease_requests", 0))) for n in holders)
+                    client_total = holder_reqs + sum(int(str(n.ready.get("lease_requests", 0))) for n in followers)
+                    print(f"lease requests counted by the API server: {server_total} (the nodes counted "
+                          f"{client_total}: holder {holder_reqs}, followers {client_total - holder_reqs})")
+                    if followers:
+                        waited = sum((n.ready_at or 0) - n.started for n in followers)
+                        server_rate = (server_total - holder_reqs) / max(waited / 10.0, 1e-9)
+                        print(f"server-side: (all lease requests - holder's) per waiting node per 10 s = "
+                              f"{server_rate:.2f}")
                     if rates:
                         mean = sum(rates) / len(rates)
                         ok = mean <= 1.0
