@@ -42,6 +42,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Literal
 
+from tests.support import parse_range
+
 Endpoint = Literal["model_info", "tree", "resolve", "cdn", "any"]
 
 DEFAULT_LFS_MIN_SIZE = 64 * 1024
@@ -547,7 +549,7 @@ class _Handler(BaseHTTPRequestHandler):
         rng = self.headers.get("Range")
         start, end, status = 0, f.size, 200
         if rng:
-            parsed = _parse_range(rng, f.size)
+            parsed = parse_range(rng, f.size)
             if parsed is None:
                 raise _Reply(416, message="Range Not Satisfiable", headers={"Content-Range": f"bytes */{f.size}"})
             start, end = parsed
@@ -613,26 +615,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if not head:
             self.wfile.write(body)
-
-
-def _parse_range(value: str, size: int) -> tuple[int, int] | None:
-    """``bytes=a-b`` / ``bytes=a-`` / ``bytes=-n`` as ``[start, end)``; ``None`` when unsatisfiable."""
-    unit, _, spec = value.partition("=")
-    if unit.strip() != "bytes" or "," in spec:
-        return None
-    a, _, b = spec.strip().partition("-")
-    try:
-        if a == "":
-            n = int(b)
-            return (max(0, size - n), size) if n > 0 and size > 0 else None
-        start = int(a)
-        end = int(b) + 1 if b else size
-    except ValueError:
-        return None
-    end = min(end, size)
-    if start >= size or start >= end:
-        return None
-    return start, end
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import google_crc32c
 
+from tests.support import parse_range
+
 CHUNK = 1024 * 1024
 
 
@@ -399,7 +401,7 @@ def _make_handler(server: OCIObjectServer) -> type[BaseHTTPRequestHandler]:
             headers["opc-multipart-md5" if obj.multipart else "content-md5"] = obj.md5_b64
             start, stop, status = 0, obj.size, 200
             if rng:
-                parsed = _parse_range(rng, obj.size)
+                parsed = parse_range(rng, obj.size)
                 if parsed is None:
                     self._error(416, "InvalidRange", f"bad range {rng!r}",
                                 {"content-range": f"bytes */{obj.size}"})
@@ -443,23 +445,6 @@ def _make_handler(server: OCIObjectServer) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
 
     return Handler
-
-
-def _parse_range(value: str, size: int) -> tuple[int, int] | None:
-    """``bytes=a-b`` / ``bytes=a-`` / ``bytes=-n`` → [start, stop), ``None`` if unsatisfiable."""
-    unit, _, spec = value.partition("=")
-    if unit.strip() != "bytes" or "," in spec:
-        return None
-    a, _, b = spec.strip().partition("-")
-    try:
-        if a == "":
-            n = int(b)
-            return (max(0, size - n), size) if n > 0 and size > 0 else None
-        start = int(a)
-        stop = min(int(b) + 1, size) if b else size
-    except ValueError:
-        return None
-    return (start, stop) if start < stop else None
 
 
 def main(argv: list[str] | None = None) -> int:

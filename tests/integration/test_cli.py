@@ -14,19 +14,9 @@ import pytest
 from tests.hub_fixtures import HUB_TOKEN
 from tests.hubserver import HubServer
 from tests.modelgen import make_sharded_model, make_trtllm_model
+from tests.support import nvml_available
 
 SHARED_FIXTURE = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "nvml-h200.json"
-
-
-def _has_nvml() -> bool:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        pynvml.nvmlShutdown()
-        return True
-    except Exception:
-        return False
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -174,7 +164,7 @@ def test_detect_reports_filesystem_and_instance_type_shape(tmp_path: Path) -> No
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["storage"] in ("local", "shared") and out["fstype"]
-    if not _has_nvml():  # a real GPU answers first; else the instance type decides
+    if not nvml_available():  # a real GPU answers first; else the instance type decides
         assert out["gpu_shape"] == "H200x8"
     forced = json.loads(run_cli("detect", str(tmp_path), "--storage-mode", "shared").stdout)
     assert forced["storage"] == "shared"

@@ -24,6 +24,7 @@ from modelherd.storage.gpu import (
 from modelherd.storage.types import RemoteFile
 
 from tests.modelgen import make_trtllm_model
+from tests.support import nvml_available
 
 FIXTURE = Path(__file__).parents[2].parent / "shared/fixtures/nvml-h200.json"
 
@@ -131,25 +132,14 @@ def test_nothing_known_gives_none() -> None:
     assert detect_gpu_shape(nvml=_BrokenNvml({}), instance_type="m5.large", instance_type_map={}) is None
 
 
-def _real_nvml_works() -> bool:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        pynvml.nvmlShutdown()
-        return True
-    except Exception:
-        return False
-
-
 def test_real_pynvml_without_gpu_falls_back() -> None:
-    if _real_nvml_works():
+    if nvml_available():
         pytest.skip("this machine has a working NVML")
     shape = detect_gpu_shape(instance_type="BM.GPU.H200.8", instance_type_map={"BM.GPU.H200.8": "H200"})
     assert shape == GpuShape("H200", 8)
 
 
-@pytest.mark.skipif(not _real_nvml_works(), reason="no GPU / NVML on this machine")
+@pytest.mark.skipif(not nvml_available(), reason="no GPU / NVML on this machine")
 def test_real_nvml_reads_a_shape() -> None:
     import pynvml
 
