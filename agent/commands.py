@@ -132,7 +132,7 @@ def cmd_pull(args: argparse.Namespace, settings: Settings, cancel: threading.Eve
     if uri.scheme == "local":
         problems = verify.verify_quick(Path(uri.path))
         return _report(problems, Path(uri.path))
-    root = Path(settings.models_root_dir)
+    root = Path(settings.models_root_dir).expanduser().absolute()
     root.mkdir(parents=True, exist_ok=True)
     dest = Path(args.dest) if args.dest else root / uri.default_relpath()
     if not dest.is_absolute():

@@ -19,11 +19,12 @@ from tests.support import nvml_available
 SHARED_FIXTURE = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "nvml-h200.json"
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MODELHERD_", "KUBECONFIG"))}
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "modelherd.agent.cli", *args], env=full_env, text=True,
-                          capture_output=True, timeout=timeout, check=False)
+                          capture_output=True, timeout=timeout, check=False, cwd=cwd)
 
 
 @pytest.fixture
@@ -208,3 +209,13 @@ def test_leases_lists_kubernetes_leases_of_a_coordinated_pull(sharded_repo: tupl
     (lease,) = json.loads(kubectl.stdout)["items"]
     assert lease["spec"]["leaseTransitions"] >= 0
     assert any(k.startswith("modelherd.io/") for k in lease["metadata"]["annotations"])
+
+
+def test_relative_models_root_is_taken_from_the_working_directory(sharded_repo: tuple[HubServer, Path],
+                                                                  tmp_path: Path) -> None:
+    hub, _ = sharded_repo
+    r = run_cli("pull", "hf://acme/tiny", "--models-root", "./models", "--no-progress",
+                env={"HF_ENDPOINT": hub.endpoint}, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["dest"] == str(tmp_path / "models/acme/tiny")
+    assert (tmp_path / "models/acme/tiny/.modelherd-manifest.json").is_file()
