@@ -219,3 +219,25 @@ def test_relative_models_root_is_taken_from_the_working_directory(sharded_repo: 
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1])["dest"] == str(tmp_path / "models/acme/tiny")
     assert (tmp_path / "models/acme/tiny/.modelherd-manifest.json").is_file()
+
+
+def test_pull_from_oci_object_storage_with_a_user_config(oci_server: Any, oci_user_config: Any,
+                                                          tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_sharded_model(src, 2, 400_000)
+    oci_server.add_folder("tenantns", "models", src, prefix="llama/v1/")
+    root = tmp_path / "models"
+    env = {"MODELHERD_OCI_ENDPOINT": oci_server.url, "MODELHERD_OCI_CONFIG_FILE": str(oci_user_config.path),
+           "MODELHERD_OCI_AUTH": "user"}
+    r = run_cli("pull", "oci://n/tenantns/b/models/o/llama/v1/", "--models-root", str(root), "--no-progress",
+                env=env)
+    assert r.returncode == 0, r.stderr
+    dest = root / "llama/v1"
+    assert json.loads(r.stdout.strip().splitlines()[-1])["dest"] == str(dest)
+    for f in src.rglob("*"):
+        if f.is_file():
+            assert (dest / f.relative_to(src)).read_bytes() == f.read_bytes()
+    assert run_cli("verify", str(dest), "--deep").returncode == 0
+    assert oci_user_config.key_pem.splitlines()[1] not in r.stderr
+    missing = run_cli("pull", "oci://n/tenantns/b/nope/o/x/", "--models-root", str(root), "--no-progress", env=env)
+    assert missing.returncode == 3 and "nope" in missing.stderr
