@@ -19,15 +19,24 @@ _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 def same_model(manifest: Manifest, source_uri: str, revision: str | None) -> bool:
-    """The manifest is of ``source_uri``; a pinned commit must match, a branch or tag cannot be checked
-    without asking the origin and is taken as is."""
+    """The manifest is of ``source_uri`` at the revision asked for.
 
-    def base(u: str) -> str:
-        return u.split("@", 1)[0].rstrip("/").lower()
+    A pinned commit matches the manifest's resolved revision (or the same label); a branch or tag name
+    matches only the same name (``@v1`` never serves for ``@v2``, nor for the default branch); what a
+    branch points to now cannot be checked without asking the origin, so it is taken as published.
+    """
 
-    if base(manifest.source_uri) != base(source_uri):
+    def split(u: str) -> tuple[str, str]:
+        base, _, label = u.partition("@")
+        return base.rstrip("/").lower(), label
+
+    have_base, have_label = split(manifest.source_uri)
+    want_base, want_label = split(source_uri)
+    if have_base != want_base:
         return False
-    return not (revision and _COMMIT.match(revision) and manifest.revision != revision)
+    if revision and _COMMIT.match(revision) and manifest.revision == revision:
+        return True
+    return have_label == want_label
 
 
 def published_model(dest: Path, source_uri: str, revision: str | None) -> Manifest | None:
