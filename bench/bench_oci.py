@@ -22,7 +22,6 @@ Prints each run, the medians and pull/oci-cli (target <= 1.0: at least as fast) 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import subprocess
 import sys
@@ -65,22 +64,11 @@ def ensure_oci_cli(explicit: str | None) -> str:
 
 def user_config(folder: Path) -> Path:
     """An OCI config + fresh RSA key (0600) for the API-key signer; the loopback server ignores signatures."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
+    from tests.support import write_oci_user_config
 
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                            serialization.NoEncryption())
-    der = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    digest = hashlib.md5(der, usedforsecurity=False).hexdigest()
-    fingerprint = ":".join(digest[i:i + 2] for i in range(0, 32, 2))
-    key_file = folder / "key.pem"
-    key_file.write_bytes(pem)
-    key_file.chmod(0o600)
-    cfg = folder / "config"
-    cfg.write_text(f"[DEFAULT]\nuser=ocid1.user.oc1..aaaabench\nfingerprint={fingerprint}\n"
-                   f"tenancy=ocid1.tenancy.oc1..aaaabench\nregion=us-ashburn-1\nkey_file={key_file}\n")
-    cfg.chmod(0o600)
+    cfg, _, _ = write_oci_user_config(folder, user="ocid1.user.oc1..aaaabench",
+                                      tenancy="ocid1.tenancy.oc1..aaaabench", key_name="key.pem",
+                                      config_name="config")
     return cfg
 
 

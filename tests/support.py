@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from modelherd.storage.types import ByteStream
+
 
 def parse_range(value: str, size: int) -> tuple[int, int] | None:
     """``bytes=a-b`` / ``bytes=a-`` / ``bytes=-n`` as ``[start, end)``; ``None`` when unsatisfiable."""
@@ -33,3 +39,42 @@ def nvml_available() -> bool:
         return True
     except Exception:
         return False
+
+
+def read_all(stream: ByteStream, chunk: int = 64 * 1024) -> bytes:
+    """Every byte of a source body, through its ``readinto``; the stream is closed afterwards."""
+    out = bytearray()
+    view = memoryview(bytearray(chunk))
+    try:
+        while n := stream.readinto(view):
+            out += view[:n]
+    finally:
+        stream.close()
+    return bytes(out)
+
+
+def write_oci_user_config(folder: Path, *, user: str, tenancy: str, region: str = "us-ashburn-1",
+                          key_name: str = "oci_api_key.pem", config_name: str = "oci_config") -> tuple[Path, str, str]:
+    """An OCI ``config`` + fresh 2048-bit RSA key (both 0600) for the real API-key signer.
+
+    Returns (config path, private key PEM, fingerprint); the loopback servers do not check signatures.
+    """
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                            serialization.NoEncryption()).decode()
+    der = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    digest = hashlib.md5(der, usedforsecurity=False).hexdigest()
+    fingerprint = ":".join(digest[i:i + 2] for i in range(0, 32, 2))
+    key_file = folder / key_name
+    key_file.write_text(pem)
+    key_file.chmod(0o600)
+    cfg = folder / config_name
+    cfg.write_text(f"[DEFAULT]\nuser={user}\nfingerprint={fingerprint}\ntenancy={tenancy}\n"
+                   f"region={region}\nkey_file={key_file}\n")
+    cfg.chmod(0o600)
+    return cfg, pem, fingerprint

@@ -11,19 +11,10 @@ from modelherd.storage.errors import ConfigError, SourceNotFoundError, UnsafePat
 from modelherd.storage.manifest import Manifest, ManifestFile, write_manifest
 from modelherd.storage.sources import open_source
 from modelherd.storage.sources.local import LocalSource
-from modelherd.storage.types import ByteStream, RemoteFile
+from modelherd.storage.types import RemoteFile
 from modelherd.storage.uri import parse_uri
 
-
-def read_all(stream: ByteStream, chunk: int = 4096) -> bytes:
-    out = bytearray()
-    view = memoryview(bytearray(chunk))
-    try:
-        while n := stream.readinto(view):
-            out += view[:n]
-    finally:
-        stream.close()
-    return bytes(out)
+from tests.support import read_all
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int, int]]:

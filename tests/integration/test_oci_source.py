@@ -22,11 +22,12 @@ from modelherd.storage.hashing import hash_file
 from modelherd.storage.retry import RetryPolicy
 from modelherd.storage.sources import open_source
 from modelherd.storage.sources.oci import OCISource, resolve_auth
-from modelherd.storage.types import ByteStream, RemoteFile
+from modelherd.storage.types import RemoteFile
 from modelherd.storage.uri import parse_uri
 
 from tests.oci_fixtures import OCIUserConfig
 from tests.ociserver import Faults, OCIObjectServer
+from tests.support import read_all
 
 NS, BUCKET = "testns", "models"
 FAST = RetryPolicy(retries=3, backoff_s=0.01, backoff_max_s=0.05)
@@ -38,16 +39,6 @@ def make_source(server: OCIObjectServer, cfg: OCIUserConfig, prefix: str = "llam
                      profile=cfg.profile, endpoint=server.url, retry=retry, pool_maxsize=8)
 
 
-def read_all(stream: ByteStream, chunk: int = 64 * 1024) -> bytes:
-    out = bytearray()
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    try:
-        while n := stream.readinto(view):
-            out += view[:n]
-    finally:
-        stream.close()
-    return bytes(out)
 
 
 @pytest.fixture
