@@ -86,12 +86,6 @@ class PullResult:
     lease_requests: int = 0
 
 
-# ------------------------------------------------------------------------------------------- fast path
-def ready_model(dest: Path, source_uri: str, revision: str) -> Manifest | None:
-    """The manifest of ``dest`` if it is a published copy of this model and passes ``verify_quick``."""
-    return published_model(dest, source_uri, revision)
-
-
 # ------------------------------------------------------------------------------------------- renewer
 class _Progress:
     def __init__(self, downstream: Progress | None) -> None:
@@ -196,7 +190,7 @@ class Coordinator:
             raise CancelledError("pull cancelled", hint="run the pull again")
 
     def _ready(self) -> Manifest | None:
-        return ready_model(self.dest, self.identity.source_uri, self.identity.revision)
+        return published_model(self.dest, self.identity.source_uri, self.identity.revision)
 
     def run(self) -> PullResult:
         manifest = self._ready()
