@@ -32,6 +32,7 @@ from typing import overload
 import urllib3.exceptions
 
 from . import capacity
+from .directio import DirectMode, FileWriter, aligned_buffer
 from .errors import (
     CancelledError,
     ConfigError,
@@ -87,6 +88,7 @@ class EngineOptions:
     checkpoint_size: int = 16 * MiB
     progress_interval_s: float = 0.1
     fsync: bool = True
+    direct_io: DirectMode = "auto"
     record_sha256: bool = True
     cancel_grace_s: float = 1.0
 
@@ -120,6 +122,7 @@ class _Job:
     lock: threading.Lock = field(default_factory=threading.Lock)
     hasher: MultiHasher | None = None  # resumed one-stream file: the hash of its verified prefix
     hashed: int = 0  # ... and how many bytes that is
+    writer: FileWriter | None = None  # while the file is being fetched
 
     @property
     def prefix_mode(self) -> bool:
@@ -286,11 +289,14 @@ class _Run:
                                              thread_name_prefix="modelherd-part")
         self._local = threading.local()
         self.reread = 0
+        self.direct = _use_direct_io(options.direct_io, staging)
+        self.direct_bytes = 0
 
     def buffer(self) -> memoryview:
+        """This thread's chunk buffer: page-aligned, so ``O_DIRECT`` can write straight from it."""
         view: memoryview | None = getattr(self._local, "buf", None)
         if view is None:
-            view = memoryview(bytearray(self.options.chunk_size))
+            view = aligned_buffer(self.options.chunk_size)[: self.options.chunk_size]
             self._local.buf = view
         return view
 
@@ -333,6 +339,7 @@ class _Run:
             try:
                 os.ftruncate(fd, rf.size)
                 save_state(self.staging, job.state)
+                job.writer = FileWriter(fd, job.target, direct=self.direct)
             except OSError as e:
                 raise self._write_error(e, job) from None
             if job.prefix_mode:
@@ -363,6 +370,10 @@ class _Run:
                 raise self._write_error(e, job) from None
             return None
         finally:
+            if job.writer is not None:
+                self.direct_bytes += job.writer.direct_bytes
+                job.writer.close()
+                job.writer = None
             os.close(fd)
 
     def _fetch_parts(self, job: _Job, fd: int, cursor: HashCursor, todo: list[_Part]) -> None:
@@ -417,14 +428,14 @@ class _Run:
                     raise TransientSourceError(f"body of {job.rf.path} ended early at byte {pos}",
                                                hint="the connection was cut; retrying from there")
                 data = view[:n]
-                self._write(fd, data, pos, job)
+                self._write(job, data, pos)
                 if not prefix_mode:
                     part.crc = zlib.crc32(data, part.crc)
                 cursor.offer(pos, data, buf)
                 part.resume = pos + n
                 self.throttle.add(n)
                 if part.resume == seg_end:
-                    if self.options.fsync:
+                    if self.options.fsync and not self.direct:
                         start_writeback(fd, max(part.start, seg_end - seg), seg_end - max(part.start, seg_end - seg))
                     with job.lock:
                         if prefix_mode:
@@ -443,11 +454,10 @@ class _Run:
         finally:
             _close_quietly(stream)
 
-    def _write(self, fd: int, data: memoryview, pos: int, job: _Job) -> None:
+    def _write(self, job: _Job, data: memoryview, pos: int) -> None:
+        assert job.writer is not None, "a file is written only between open and close in _fetch_file"
         try:
-            while data:
-                n = os.pwrite(fd, data, pos)
-                data, pos = data[n:], pos + n
+            job.writer.write(data, pos)
         except OSError as e:
             raise self._write_error(e, job) from None
 
@@ -455,6 +465,19 @@ class _Run:
         if capacity.is_no_space(e):
             return capacity.no_space_error(e, job.target)
         return e
+
+
+def _use_direct_io(mode: DirectMode, staging: Path) -> bool:
+    """``auto``: ``O_DIRECT`` on node-local filesystems only. On a shared one (NFS, Lustre, FUSE, ...) its
+    semantics and speed depend on the client, so buffered writes stay the default there."""
+    if mode != "auto":
+        return mode == "on"
+    from .fsdetect import detect_filesystem
+
+    try:
+        return detect_filesystem(staging).kind == "local"
+    except (OSError, ConfigError):
+        return False
 
 
 _SYNC_FILE_RANGE_WRITE = 2
@@ -588,8 +611,9 @@ def fetch_into(
         raise error
     throttle.final()
     elapsed = max(time.monotonic() - started, 1e-9)
-    log.info("pulled %s: fetched %.1f MiB in %.2fs (%.1f MiB/s), %.1f MiB re-read for hashing", listing.uri,
-             throttle.fetched / MiB, elapsed, throttle.fetched / MiB / elapsed, run.reread / MiB)
+    log.info("pulled %s: fetched %.1f MiB in %.2fs (%.1f MiB/s), %.1f MiB re-read for hashing, %.1f MiB written "
+             "with O_DIRECT", listing.uri, throttle.fetched / MiB, elapsed, throttle.fetched / MiB / elapsed,
+             run.reread / MiB, run.direct_bytes / MiB)
     return {j.rf.path: dict(j.digests) for j in jobs}
 
 
