@@ -16,11 +16,14 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
+from . import startup
 
-from ..storage.errors import ModelherdError
-from .settings import Settings
+if TYPE_CHECKING:
+    from .settings import Settings
+
+# Nothing heavy is imported at module level: main() pauses the garbage collector first (see startup.py).
 
 log = logging.getLogger("modelherd")
 
@@ -92,6 +95,8 @@ _SETTING_FLAGS = ("models_root_dir", "concurrency", "multipart_concurrency", "do
 
 def load_settings(args: argparse.Namespace) -> Settings:
     """Environment first, then every flag the user gave (flags win)."""
+    from .settings import Settings
+
     overrides = {k: getattr(args, k) for k in _SETTING_FLAGS if getattr(args, k, None) is not None}
     base = Settings()
     return Settings.model_validate({**base.model_dump(), **overrides})
@@ -114,6 +119,18 @@ def _install_cancel_handlers(cancel: threading.Event) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    startup.pause()
+    try:
+        return _main(argv)
+    finally:
+        startup.resume()
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    from pydantic import ValidationError
+
+    from ..storage.errors import ModelherdError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -20,6 +20,7 @@ from ..storage.paths import ensure_inside_root
 from ..storage.ready import published_model
 from ..storage.types import Listing, Source
 from ..storage.uri import ModelURI, parse_uri
+from . import startup
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -176,11 +177,11 @@ def _pull(uri: ModelURI, source: Source, listing_fn: Callable[[], Listing], dest
           progress: Callable[[int, int], None]) -> tuple[Manifest, dict[str, object]]:
     """Download (or wait for) the model; returns the manifest and what to report about how."""
     from ..coordination import PullResult, choose_backend, coordinated_pull
+    from ..storage import engine
 
+    startup.resume()  # the modules a pull needs are loaded; from here on the process may run for hours
     backend = choose_backend(settings.coordination, storage_kind, settings.kubeconfig)
     if backend == "none":
-        from ..storage import engine
-
         listing = listing_fn()
         manifest = engine.pull(source, listing, dest, models_root=root, options=engine_options(settings),
                                writer=settings.node_name, cancel=cancel, progress=progress)

@@ -20,6 +20,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,10 +44,10 @@ from .identity import (
     MODEL_KEY_LABEL,
     ModelIdentity,
 )
-from .microtime import now_microtime
+from .microtime import format_microtime, now_microtime
 from .views import LeaseView, format_leases, view_of
 
-__all__ = ["KubernetesLease", "LeaseView", "api_client", "format_leases", "list_leases"]
+__all__ = ["KubernetesLease", "LeaseView", "MicroTimeApiClient", "api_client", "format_leases", "list_leases"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -402,3 +403,17 @@ def list_leases(api: client.ApiClient, namespace: str) -> list[LeaseView]:
 
 def model_key_selector(identity: ModelIdentity) -> str:
     return f"{MODEL_KEY_LABEL}={identity.key}"
+
+
+class MicroTimeApiClient(client.ApiClient):
+    """``kubernetes.client.ApiClient`` that writes datetimes the way the API server parses them.
+
+    Build one from an existing client's configuration:
+    ``MicroTimeApiClient(configuration=api_client.configuration)``. Naive datetimes in a request
+    body raise :class:`ValueError` before anything is sent.
+    """
+
+    def sanitize_for_serialization(self, obj: Any) -> Any:
+        if isinstance(obj, datetime):
+            return format_microtime(obj)
+        return super().sanitize_for_serialization(obj)  # type: ignore[no-untyped-call]

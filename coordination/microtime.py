@@ -9,9 +9,10 @@ and drops the offset for naive datetimes, and the server rejects both with 400 B
 
 The ``kubernetes`` client (v37, pydantic models) coerces strings and dicts into its typed models
 before serializing, so passing ``format_microtime(...)`` as ``renew_time`` -- even inside a plain
-dict body -- gets re-parsed and re-``isoformat``-ed. Use :class:`MicroTimeApiClient`, which
+dict body -- gets re-parsed and re-``isoformat``-ed. Use :class:`~modelherd.coordination.kube.MicroTimeApiClient`, which
 serializes every ``datetime`` with :func:`format_microtime`; that is valid for ``MicroTime`` and
-for ``metav1.Time`` fields (RFC 3339 with a fraction) alike.
+for ``metav1.Time`` fields (RFC 3339 with a fraction) alike. This module itself imports nothing of
+``kubernetes``, so the file lease and the local path never pay for that import.
 
 Naive datetimes are **rejected** with :class:`ValueError` rather than guessed to be UTC or
 local time: a lease timestamp in the wrong zone silently breaks expiry arithmetic, so the
@@ -22,11 +23,8 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import Any
 
-from kubernetes.client import ApiClient
-
-__all__ = ["MicroTimeApiClient", "format_microtime", "now_microtime", "parse_microtime"]
+__all__ = ["format_microtime", "now_microtime", "parse_microtime"]
 
 _MICROTIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
@@ -67,17 +65,3 @@ def parse_microtime(s: str) -> datetime:
     tz = "+00:00" if tz in ("Z", "z") else tz
     parsed = datetime.fromisoformat(f"{m.group('date')}T{m.group('time')}.{frac}{tz}")
     return parsed.astimezone(UTC)
-
-
-class MicroTimeApiClient(ApiClient):
-    """``kubernetes.client.ApiClient`` that writes datetimes the way the API server parses them.
-
-    Build one from an existing client's configuration:
-    ``MicroTimeApiClient(configuration=api_client.configuration)``. Naive datetimes in a request
-    body raise :class:`ValueError` before anything is sent.
-    """
-
-    def sanitize_for_serialization(self, obj: Any) -> Any:
-        if isinstance(obj, datetime):
-            return format_microtime(obj)
-        return super().sanitize_for_serialization(obj)  # type: ignore[no-untyped-call]

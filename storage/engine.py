@@ -84,7 +84,7 @@ class EngineOptions:
     multipart_threshold: int = 200 * MiB
     part_size: int = 64 * MiB
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-    chunk_size: int = 1 * MiB
+    chunk_size: int = 4 * MiB
     checkpoint_size: int = 16 * MiB
     progress_interval_s: float = 0.1
     fsync: bool = True

@@ -353,6 +353,9 @@ class _Reply(Exception):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # headers and body leave in separate writes: without TCP_NODELAY, Nagle holds the body back until the
+    # client's delayed ACK (40 ms on loopback), a stall no real Hub or CDN has
+    disable_nagle_algorithm = True
     server: _Server
     _status = 0
 

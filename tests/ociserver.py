@@ -243,6 +243,7 @@ def _make_handler(server: OCIObjectServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "ociserver"
+        disable_nagle_algorithm = True  # no 40 ms Nagle/delayed-ACK stall between headers and body
 
         def log_message(self, format: str, *args: Any) -> None:
             return None

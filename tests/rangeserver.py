@@ -59,6 +59,7 @@ class RangeServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # no 40 ms Nagle/delayed-ACK stall between headers and body
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass

@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 import pytest
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
-from modelherd.coordination.microtime import MicroTimeApiClient, format_microtime, parse_microtime
+from modelherd.coordination.kube import MicroTimeApiClient
+from modelherd.coordination.microtime import format_microtime, parse_microtime
 
 from tests.k8s_fixtures import CRD_DIR, KubeCluster, admin_api_client, mint_sa_kubeconfig
 
