@@ -136,19 +136,23 @@ class Result:
 
 # Runs the command and reports its peak RSS from RUSAGE_CHILDREN. Measuring in this small middle process matters:
 # a process exec'd straight from the bench inherits the bench's own high-water RSS in its ru_maxrss (Linux folds
-# the vfork parent's mark in at exec), and so would wait4() on it.
+# the vfork parent's mark in at exec), and so would wait4() on it. The middle process also times the command
+# itself, from just before its spawn to its exit, so its own interpreter start-up is not charged to the command
+# (curl is timed from the bench, with nothing in between).
 _RSS_WRAPPER = """
-import resource, subprocess, sys
+import resource, subprocess, sys, time
+started = time.monotonic()
 rc = subprocess.call(sys.argv[2:])
+elapsed = time.monotonic() - started
 with open(sys.argv[1], "w") as f:
-    f.write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
+    f.write(f"{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss} {elapsed}")
 sys.exit(rc)
 """
 
 
 def run_child(argv: Sequence[str], *, env: dict[str, str] | None = None, timeout: float = 600.0,
               cwd: Path = REPO) -> Result:
-    """Run one command; its wall time, its own peak RSS (MiB, see ``_RSS_WRAPPER``) and its stdout.
+    """Run one command; its wall time and its own peak RSS (MiB), both taken by ``_RSS_WRAPPER``, and its stdout.
 
     stdout/stderr go to temporary files (not pipes), so a chatty child never blocks on a full pipe.
     """
@@ -158,8 +162,11 @@ def run_child(argv: Sequence[str], *, env: dict[str, str] | None = None, timeout
         out.seek(0)
         errf.seek(0)
         stdout, err = out.read().decode(errors="replace"), errf.read().decode(errors="replace")
-        text = rss.read().strip()
-        res.rss_mib = int(text) / 1024 if text else 0.0
+        text = rss.read().split()
+        if len(text) == 2:
+            res.rss_mib, res.seconds = int(text[0]) / 1024, float(text[1])
+        else:
+            res.rss_mib = 0.0
     if rc != 0:
         raise RuntimeError(f"{' '.join(argv[:3])} ... exited {rc}:\n{err[-3000:]}")
     res.stdout = stdout
