@@ -42,6 +42,8 @@ def _add_transfer(p: argparse.ArgumentParser) -> None:
     p.add_argument("--multipart-concurrency", type=int, help="ranged parts per large file (default 4)")
     p.add_argument("--download-retry", type=int, help="retries per request (default 5)")
     p.add_argument("--storage-mode", choices=["auto", "shared", "local"], help="override filesystem detection")
+    p.add_argument("--direct-io", choices=["auto", "on", "off"],
+                   help="write with O_DIRECT (default auto: on for node-local filesystems, off for shared ones)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _SETTING_FLAGS = ("models_root_dir", "concurrency", "multipart_concurrency", "download_retry", "storage_mode",
+                  "direct_io",
                   "coordination", "node_name", "namespace", "kubeconfig", "lease_duration_s",
                   "lease_renew_period_s", "instance_type", "instance_type_map", "log_level")
 

@@ -35,8 +35,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("modelherd.pull")
 
 
-def engine_options(settings: Settings) -> engine.EngineOptions:
+def engine_options(settings: Settings, storage_kind: str) -> engine.EngineOptions:
+    """The engine's knobs from the settings. ``direct_io=auto`` follows the storage mode in force (the
+    operator's ``--storage-mode`` included): ``O_DIRECT`` on local storage, the page cache on shared storage."""
     from ..storage import engine
+
+    direct_io = settings.direct_io
+    if direct_io == "auto":
+        direct_io = "on" if storage_kind == "local" else "off"
 
     return engine.EngineOptions(
         concurrency=settings.concurrency,
@@ -45,6 +51,7 @@ def engine_options(settings: Settings) -> engine.EngineOptions:
         part_size=settings.part_size,
         retry=retry_policy(settings),
         fsync=settings.fsync,
+        direct_io=direct_io,
     )
 
 
@@ -183,13 +190,13 @@ def _pull(uri: ModelURI, source: Source, listing_fn: Callable[[], Listing], dest
     backend = choose_backend(settings.coordination, storage_kind, settings.kubeconfig)
     if backend == "none":
         listing = listing_fn()
-        manifest = engine.pull(source, listing, dest, models_root=root, options=engine_options(settings),
+        manifest = engine.pull(source, listing, dest, models_root=root, options=engine_options(settings, storage_kind),
                                writer=settings.node_name, cancel=cancel, progress=progress)
         return manifest, {"role": "pulled", "coordination": "none"}
     results: list[PullResult] = []
     manifest = coordinated_pull(
         backend=backend, uri=uri, source=source, listing_fn=listing_fn, dest=dest, models_root=root,
-        options=engine_options(settings), node_name=settings.node_name,
+        options=engine_options(settings, storage_kind), node_name=settings.node_name,
         namespace=settings.effective_namespace(), kubeconfig=settings.kubeconfig,
         lease_duration_s=settings.lease_duration_s, renew_period_s=settings.lease_renew_period_s,
         jitter_s=settings.wait_jitter_s, poll_interval_s=settings.poll_interval_s,

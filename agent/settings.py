@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     retry_backoff_s: float = Field(default=0.5, gt=0)
     retry_backoff_max_s: float = Field(default=60.0, gt=0)
     fsync: bool = Field(default=True, description="fsync every file before publishing (durable publish)")
+    direct_io: Literal["auto", "on", "off"] = Field(
+        default="auto", description="write with O_DIRECT: auto = on node-local filesystems, off on shared ones")
 
     storage_mode: StorageMode = "auto"
     coordination: CoordinationMode = "auto"

@@ -7,9 +7,9 @@ this also evicts everything else the node had cached. With ``O_DIRECT`` the disk
 
 Invariants:
 - :meth:`FileWriter.write` writes exactly the bytes asked for at the offset asked for, whichever path it takes:
-  an aligned piece (address, offset and length multiples of :data:`ALIGN`) goes through the ``O_DIRECT``
-  descriptor, anything else (a file's tail, a short read) through the ordinary one. The kernel keeps the two
-  coherent for the same file.
+  the aligned head of a piece (address, offset and length multiples of :data:`ALIGN`) goes through the
+  ``O_DIRECT`` descriptor, anything else (a file's last partial page, a piece after a short read) through the
+  ordinary one. The kernel keeps the two coherent for the same file.
 - A filesystem that refuses ``O_DIRECT`` (at open or at the first write, ``EINVAL``) gets buffered writes for
   the rest of that file, never an error.
 - Buffers from :func:`aligned_buffer` are page-aligned anonymous memory, released by the garbage collector.
@@ -17,6 +17,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -44,10 +45,8 @@ def aligned_buffer(size: int) -> memoryview:
     view = memoryview(area)
     skip = -_address(view) % _HUGE
     if hasattr(area, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
+        with contextlib.suppress(OSError):  # no THP in this kernel: small pages work the same, only slower
             area.madvise(mmap.MADV_HUGEPAGE, skip, size)
-        except OSError:
-            pass  # no THP in this kernel: small pages work the same, only slower
     return view[skip: skip + size]
 
 
@@ -88,18 +87,23 @@ class FileWriter:
         return self._direct_fd >= 0
 
     def write(self, data: memoryview, pos: int) -> None:
-        """Write all of ``data`` at ``pos``; ``OSError`` (ENOSPC, EIO, ...) propagates."""
-        if self._direct_fd >= 0 and pos % ALIGN == 0 and len(data) % ALIGN == 0 and len(data) \
-                and _address(data) % ALIGN == 0:
+        """Write all of ``data`` at ``pos``; ``OSError`` (ENOSPC, EIO, ...) propagates.
+
+        From an aligned start, the largest aligned head goes direct and only the remainder (under
+        :data:`ALIGN` bytes: a file's last page) is buffered.
+        """
+        head = len(data) - len(data) % ALIGN
+        if self._direct_fd >= 0 and head and pos % ALIGN == 0 and _address(data) % ALIGN == 0:
             try:
-                self._pwrite_all(self._direct_fd, data, pos)
-                self.direct_bytes += len(data)
-                return
+                self._pwrite_all(self._direct_fd, data[:head], pos)
+                self.direct_bytes += head
+                data, pos = data[head:], pos + head
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
                 self._drop_direct()  # the filesystem's own alignment rules are stricter: buffered from now on
-        self._pwrite_all(self.fd, data, pos)
+        if data:
+            self._pwrite_all(self.fd, data, pos)
 
     @staticmethod
     def _pwrite_all(fd: int, data: memoryview, pos: int) -> None:

@@ -78,3 +78,35 @@ def write_oci_user_config(folder: Path, *, user: str, tenancy: str, region: str 
                    f"region={region}\nkey_file={key_file}\n")
     cfg.chmod(0o600)
     return cfg, pem, fingerprint
+
+
+def resident_fraction(path: Path) -> float:
+    """Which share of ``path``'s pages sit in the page cache now (``mincore(2)`` on a read-only mapping)."""
+    import ctypes
+    import mmap
+    import os
+
+    size = os.path.getsize(path)
+    if size == 0:
+        return 0.0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "mmap failed", str(path))
+        try:
+            pages = -(-size // mmap.PAGESIZE)
+            vec = ctypes.create_string_buffer(pages)
+            if libc.mincore(ctypes.c_void_p(addr), size, vec) != 0:
+                raise OSError(ctypes.get_errno(), "mincore failed", str(path))
+            return sum(b & 1 for b in vec.raw) / pages
+        finally:
+            libc.munmap(ctypes.c_void_p(addr), size)
+    finally:
+        os.close(fd)

@@ -241,3 +241,27 @@ def test_pull_from_oci_object_storage_with_a_user_config(oci_server: Any, oci_us
     assert oci_user_config.key_pem.splitlines()[1] not in r.stderr
     missing = run_cli("pull", "oci://n/tenantns/b/nope/o/x/", "--models-root", str(root), "--no-progress", env=env)
     assert missing.returncode == 3 and "nope" in missing.stderr
+
+
+def test_local_storage_writes_shards_with_o_direct_and_shared_storage_or_direct_io_off_through_the_cache(
+        hub_server: HubServer, tmp_path: Path) -> None:
+    from tests.support import resident_fraction
+
+    src = tmp_path / "src"
+    make_sharded_model(src, 2, 3 * 1024 * 1024)
+    hub_server.add_repo("acme/big", src, lfs_min_size=100_000)
+    resident = {}
+    for name, flags in {"local": ["--storage-mode", "local"],
+                        "shared": ["--storage-mode", "shared", "--coordination", "file"],
+                        "off": ["--storage-mode", "local", "--direct-io", "off"]}.items():
+        root = tmp_path / name
+        r = run_cli("pull", "hf://acme/big", "--models-root", str(root), "--no-progress", *flags,
+                    env={"HF_ENDPOINT": hub_server.endpoint})
+        assert r.returncode == 0, r.stderr
+        shards = sorted((root / "acme/big").glob("*.safetensors"))
+        assert len(shards) == 2
+        resident[name] = sum(resident_fraction(p) for p in shards) / 2
+    if resident["local"] > 0.9:
+        pytest.skip("this filesystem refuses O_DIRECT")
+    assert resident["local"] < 0.1, resident  # every aligned byte went straight to the disk
+    assert resident["shared"] > 0.9 and resident["off"] > 0.9, resident

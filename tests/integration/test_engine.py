@@ -448,3 +448,21 @@ def test_more_files_than_slots_run_concurrency_at_a_time_largest_first(tmp_path:
                     options=opts)
         assert [n for n, _ in srv.requests] == sorted(sizes, key=lambda n: -sizes[n])
     _assert_published(models_root / "m", tmp_path / "o", files)
+
+
+def test_direct_io_keeps_a_pulled_model_out_of_the_page_cache_and_buffered_io_does_not(
+        tmp_path: Path, models_root: Path) -> None:
+    from tests.support import resident_fraction
+
+    files = make_model(tmp_path / "o", {"w.safetensors": 8 * MiB + 100}, seed=21)
+    resident = {}
+    with RangeServer(tmp_path / "o") as srv:
+        for mode in ("on", "off"):
+            dest = models_root / mode
+            engine.pull(RangeSource(srv.url, files), dest, models_root=models_root, writer="a",
+                        options=engine.EngineOptions(chunk_size=1 * MiB, direct_io=mode))
+            resident[mode] = resident_fraction(dest / "w.safetensors")  # before anything reads it back
+            _assert_published(dest, tmp_path / "o", files)
+    if resident["on"] > 0.9:
+        pytest.skip("this filesystem refuses O_DIRECT")
+    assert resident["on"] < 0.1 and resident["off"] > 0.9, resident
