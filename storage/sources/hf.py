@@ -1,12 +1,15 @@
 """The Hugging Face Hub as a model source.
 
-Listing goes through the real ``huggingface_hub`` client, as ``snapshot_download`` does: resolve the
-revision to a commit sha (``model_info``), then list the tree of that exact commit
-(``list_repo_tree(recursive=True)``, paginated). Bodies are fetched with ranged GETs through one
-shared ``urllib3.PoolManager`` from the resolve URL of that commit, following the Hub's redirect to
-its CDN. The engine owns retries: urllib3 follows redirects only. One exception we cannot switch off:
-``huggingface_hub`` fetches tree pages through its own ``http_backoff`` (up to 5 retries on 429/5xx,
-honouring ``Retry-After``), inside our ``RetryPolicy`` around the whole listing.
+Listing makes the two Hub API calls ``snapshot_download`` makes, through ``huggingface_hub``'s own HTTP
+session, auth headers (``build_hf_headers``) and typed errors (``hf_raise_for_status``): resolve the
+revision to a commit sha (``GET /api/models/{repo}/revision/{rev}``, what ``HfApi.model_info`` sends), then
+list the tree of that exact commit (``GET /api/models/{repo}/tree/{sha}?recursive=true``, following the
+``Link: rel="next"`` pages, what ``HfApi.list_repo_tree`` sends). Only the two JSON fields we need are read
+(``sha``; each file's ``path``/``size``/``oid``/``lfs``), so the 10,000-line ``huggingface_hub.hf_api`` module
+is never imported: that is about a tenth of a second of every ``modelherd pull``'s start-up. Bodies are
+fetched with ranged GETs through one shared ``urllib3.PoolManager`` from the resolve URL of that commit
+(``hf_hub_url``), following the Hub's redirect to its CDN. The engine owns retries (the listing runs inside
+our ``RetryPolicy``); neither HTTP client retries on its own.
 
 Invariants:
 * every listed name passed :func:`~modelherd.storage.paths.safe_relpath`; the listing names one commit;
@@ -20,14 +23,14 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterable, Sequence
+import ssl
+from collections.abc import Callable, Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 import httpx2
 import urllib3
-from huggingface_hub import HfApi, hf_hub_url
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
@@ -36,8 +39,13 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.hf_api import RepoFile
-from huggingface_hub.utils import filter_repo_objects  # type: ignore[attr-defined]  # not in __all__
+from huggingface_hub.file_download import hf_hub_url
+from huggingface_hub.utils import (  # type: ignore[attr-defined]  # filter_repo_objects is not in __all__
+    build_hf_headers,
+    filter_repo_objects,
+    get_session,
+    hf_raise_for_status,
+)
 from urllib3.exceptions import HTTPError as Urllib3HTTPError
 
 from ..errors import (
@@ -60,7 +68,9 @@ _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 60.0
+API_TIMEOUT_S = 30.0
 MAX_REDIRECTS = 5
+MAX_TREE_PAGES = 10_000  # 10 million entries at the Hub's 1000 per page; a Link loop ends here
 _SKIP_CHUNK = 1024 * 1024
 DEFAULT_RETRY = RetryPolicy()
 
@@ -75,6 +85,15 @@ def _user_agent() -> str:
         return f"modelherd/{version('modelherd')}"
     except PackageNotFoundError:  # pragma: no cover - running from a source tree without metadata
         return "modelherd/0"
+
+
+def _field(entry: dict[str, Any], key: str, kind: type[T]) -> T:
+    """``entry[key]`` when it is a ``kind`` (never a bool for int), else a clear error."""
+    value = entry.get(key)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise SourceError(f"the Hub's tree entry {entry.get('path')!r} has no valid {key!r}",
+                          hint="the endpoint does not answer like the Hub API")
+    return value
 
 
 def _redact(text: str, token: str | None) -> str:
@@ -156,16 +175,21 @@ class HFSource:
         self._ignore = list(ignore_patterns) if ignore_patterns is not None else None
         self._retry = retry
         ua = _user_agent()
-        # token=False: never fall back to a token saved on disk or in the environment.
-        self._api = HfApi(endpoint=self._endpoint, token=self._token if self._token else False,
-                          library_name="modelherd", library_version=ua.partition("/")[2])
         self._headers = {"user-agent": ua}
+        # token=False: never fall back to a token saved on disk or in the environment.
+        self._api_headers = build_hf_headers(token=self._token if self._token else False,
+                                             library_name="modelherd", library_version=ua.partition("/")[2])
+        tls: dict[str, Any] = {}
+        if self._endpoint.startswith("https:"):
+            # one TLS context (CA bundle parsed once) for every connection, not one per connection
+            tls["ssl_context"] = ssl.create_default_context()
         self._pool = urllib3.PoolManager(
             maxsize=pool_maxsize,
             block=False,
             retries=urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=MAX_REDIRECTS,
                                   raise_on_redirect=True, raise_on_status=False),
             timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT_S, read=READ_TIMEOUT_S),
+            **tls,
         )
 
     def __repr__(self) -> str:
@@ -183,30 +207,61 @@ class HFSource:
             if _COMMIT_RE.match(revision):
                 commit = revision
             else:
-                info = self._api.model_info(repo_id, revision=revision)
-                if not info.sha:
+                info = self._api_get(f"{self._endpoint}/api/models/{repo_id}/revision/{quote(revision, safe='')}")
+                body = info.json()
+                sha = body.get("sha") if isinstance(body, dict) else None
+                if not isinstance(sha, str) or not _COMMIT_RE.match(sha):
                     raise SourceError(f"the Hub did not resolve {self.uri} to a commit",
                                       hint="retry later or pin a commit sha: hf://ORG/MODEL@SHA")
-                commit = info.sha
-            entries: Iterable[Any] = self._api.list_repo_tree(repo_id, recursive=True, revision=commit)
-            repo_files = [e for e in entries if isinstance(e, RepoFile)]
+                commit = sha
+            entries = list(self._tree(f"{self._endpoint}/api/models/{repo_id}/tree/{commit}"))
         except Exception as exc:
             raise self._map_hf(exc, f"listing {self.uri}") from None
         files: list[RemoteFile] = []
-        for rf in repo_files:
-            path = safe_relpath(rf.path, what="Hub tree path")
-            if rf.lfs is not None:
-                checksums = {"sha256": rf.lfs.sha256}
-                size = rf.lfs.size
+        for entry in entries:
+            if entry.get("type") != "file":
+                continue  # directories: their files are listed too (recursive)
+            path = safe_relpath(_field(entry, "path", str), what="Hub tree path")
+            lfs = entry.get("lfs")
+            if lfs is not None:
+                if not isinstance(lfs, dict):
+                    raise SourceError(f"listing {self.uri}: malformed lfs entry for {path!r}",
+                                      hint="the endpoint does not answer like the Hub API")
+                checksums = {"sha256": _field(lfs, "oid", str)}
+                size = _field(lfs, "size", int)
             else:
-                checksums = {"git-sha1": rf.blob_id}
-                size = rf.size
+                checksums = {"git-sha1": _field(entry, "oid", str)}
+                size = _field(entry, "size", int)
             locator = hf_hub_url(repo_id, path, revision=commit, endpoint=self._endpoint)
             files.append(RemoteFile(path=path, size=size, checksums=checksums, locator=locator))
         kept = list(filter_repo_objects(files, allow_patterns=self._allow, ignore_patterns=self._ignore,
                                         key=lambda f: f.path))
         kept.sort(key=lambda f: f.path)
         return Listing(uri=self.uri, revision=commit, files=tuple(kept))
+
+    def _api_get(self, url: str, params: dict[str, str] | None = None) -> httpx2.Response:
+        """One Hub API GET through ``huggingface_hub``'s session; HTTP errors raise its typed errors."""
+        r = get_session().get(url, headers=self._api_headers, params=params, timeout=API_TIMEOUT_S)
+        hf_raise_for_status(r)
+        return r
+
+    def _tree(self, url: str) -> Iterator[dict[str, Any]]:
+        """Every entry of a recursive tree listing, following ``Link: rel="next"`` pages."""
+        next_url: str | None = url
+        params: dict[str, str] | None = {"recursive": "true", "expand": "false"}
+        for _ in range(MAX_TREE_PAGES):
+            if next_url is None:
+                return
+            r = self._api_get(next_url, params)
+            page = r.json()
+            if not isinstance(page, list) or not all(isinstance(e, dict) for e in page):
+                raise SourceError(f"listing {self.uri}: the tree page is not a list of entries",
+                                  hint="the endpoint does not answer like the Hub API")
+            yield from page
+            link = r.links.get("next", {}).get("url")
+            next_url, params = (urljoin(next_url, link) if link else None), None  # the next link holds its query
+        raise SourceError(f"listing {self.uri}: more than {MAX_TREE_PAGES} tree pages",
+                          hint="the endpoint paginates in a loop")
 
     def _map_hf(self, exc: Exception, what: str) -> Exception:
         """A ``huggingface_hub``/httpx error as a typed error; the message never holds the token."""

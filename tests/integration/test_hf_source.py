@@ -389,3 +389,39 @@ def test_hubserver_speaks_the_api_that_huggingface_hub_downloads_with(
     assert {e.path for e in api.list_repo_tree("org/small", "sub", revision=sha)} == {"sub/extra.bin"}
     info = api.model_info("org/small", files_metadata=True)
     assert info.sha == sha and {s.rfilename: s.size for s in info.siblings or []}["sub/extra.bin"] == 10_000
+
+
+@pytest.mark.parametrize("tree", [
+    b'{"not": "a list"}',
+    b'[{"type": "file", "path": "a.bin", "oid": "0123"}]',  # no size
+    b'[{"type": "file", "path": "a.bin", "size": 3, "oid": "0123", "lfs": {"size": 3}}]',  # lfs without oid
+    b'[{"type": "file", "path": "a.bin", "size": true, "oid": "0123"}]',
+])
+def test_a_malformed_api_answer_is_a_clear_source_error(tree: bytes) -> None:
+    import http.server
+    import threading
+
+    from modelherd.storage.errors import SourceError
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b'{"sha": "' + b"a" * 40 + b'"}' if "/revision/" in self.path else tree
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        src = HFSource(parse_uri("hf://org/m"), endpoint=f"http://127.0.0.1:{srv.server_address[1]}",
+                       retry=NO_RETRY)
+        with pytest.raises(SourceError, match=r"does not answer like the Hub API|no valid"):
+            src.list_files()
+    finally:
+        srv.shutdown()
+        srv.server_close()

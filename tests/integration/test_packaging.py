@@ -33,3 +33,13 @@ def test_storage_layer_does_not_import_kubernetes() -> None:
             "'modelherd.agent'))]; print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_a_pull_without_coordination_loads_neither_kubernetes_nor_huggingface_hubs_hf_api() -> None:
+    """Start-up cost is part of every one-shot pull: the no-coordination HF path imports only what it uses."""
+    code = ("import sys; from modelherd.agent import cli, commands; from modelherd.storage.sources import hf;"
+            "from modelherd.storage import engine; from modelherd.coordination import choose_backend;"
+            "bad = [m for m in sys.modules if m.startswith(('kubernetes', 'huggingface_hub.hf_api', 'oci'))];"
+            "print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
