@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Never
 
-from ..storage import fsdetect, gpu, verify
+from ..storage import fsdetect
 from ..storage.errors import ConfigError, VerificationError
 from ..storage.manifest import Manifest
 from ..storage.paths import ensure_inside_root
@@ -26,7 +26,7 @@ from .settings import Settings
 if TYPE_CHECKING:
     from tqdm import tqdm
 
-    from ..storage import engine
+    from ..storage import engine, gpu, verify
     from ..storage.retry import RetryPolicy
 
 # The engine, the sources (huggingface_hub, oci) and coordination (kubernetes) are imported only when a
@@ -84,6 +84,8 @@ def make_source(uri: ModelURI, settings: Settings, *, allow: list[str] | None = 
 
 def resolve_gpu_shape(spec: str, settings: Settings) -> gpu.GpuShape | None:
     """``auto``: NVML, then the instance-type map; ``none``: no filtering; else a literal shape."""
+    from ..storage import gpu
+
     if spec == "none":
         return None
     if spec != "auto":
@@ -94,6 +96,8 @@ def resolve_gpu_shape(spec: str, settings: Settings) -> gpu.GpuShape | None:
 
 def filter_for_shape(listing: Listing, spec: str, settings: Settings) -> Listing:
     """Keep only the TensorRT-LLM engines for this node's GPU shape (no-op for other layouts)."""
+    from ..storage import gpu
+
     paths = [f.path for f in listing.files]
     if not gpu.is_trtllm_layout(paths):
         return listing
@@ -138,6 +142,8 @@ class _Progress:
 def cmd_pull(args: argparse.Namespace, settings: Settings, cancel: threading.Event) -> int:
     uri = parse_uri(args.uri)
     if uri.scheme == "local":
+        from ..storage import verify
+
         problems = verify.verify_quick(Path(uri.path))
         return _report(problems, Path(uri.path))
     root = Path(settings.models_root_dir).expanduser().absolute()
@@ -223,6 +229,8 @@ def cmd_verify(args: argparse.Namespace, settings: Settings, cancel: threading.E
     model_dir = Path(args.dir)
     if not model_dir.is_dir():
         raise ConfigError(f"{model_dir} is not a directory", hint="pass the model folder")
+    from ..storage import verify
+
     problems = verify.verify_deep(model_dir) if args.deep else verify.verify_quick(model_dir)
     return _report(problems, model_dir)
 
