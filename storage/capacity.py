@@ -6,18 +6,24 @@ Invariant: ``ENOSPC``/``EDQUOT`` from any write of the engine surface as :class:
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from pathlib import Path
 
 from .errors import InsufficientSpaceError
 
+log = logging.getLogger(__name__)
+
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 MiB = 1024 * 1024
 
 
-def free_bytes(path: Path) -> int:
-    """Bytes an unprivileged writer may still use on the filesystem holding ``path``."""
+def free_bytes(path: Path) -> int | None:
+    """Bytes an unprivileged writer may still use on the filesystem holding ``path``; ``None`` when the
+    filesystem reports no size at all (``f_blocks == 0``: ramfs, some FUSE and network filesystems)."""
     st = os.statvfs(path)
+    if st.f_blocks == 0:
+        return None
     return st.f_bavail * st.f_frsize
 
 
@@ -30,8 +36,15 @@ def allocated_bytes(path: Path) -> int:
 
 
 def ensure_free_space(directory: Path, needed: int) -> None:
-    """Raise :class:`InsufficientSpaceError` when ``needed`` bytes do not fit on ``directory``'s filesystem."""
+    """Raise :class:`InsufficientSpaceError` when ``needed`` bytes do not fit on ``directory``'s filesystem.
+
+    A filesystem that reports no size cannot be checked up front; a full disk then still surfaces as
+    :class:`InsufficientSpaceError` from the write that hits it.
+    """
     free = free_bytes(directory)
+    if free is None:
+        log.info("%s reports no capacity (statvfs f_blocks = 0); skipping the free-space check", directory)
+        return
     if needed > free:
         raise InsufficientSpaceError(
             f"not enough space in {directory}: need {needed / MiB:.1f} MiB more, {free / MiB:.1f} MiB free",

@@ -466,3 +466,35 @@ def test_direct_io_keeps_a_pulled_model_out_of_the_page_cache_and_buffered_io_do
     if resident["on"] > 0.9:
         pytest.skip("this filesystem refuses O_DIRECT")
     assert resident["on"] < 0.1 and resident["off"] > 0.9, resident
+
+
+@pytest.fixture
+def ramfs(tmp_path: Path) -> Iterator[Path]:
+    """A real filesystem that refuses ``O_DIRECT`` (``open`` fails with EINVAL): ramfs."""
+    mnt = tmp_path / "ramfs"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "ramfs", "ramfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a ramfs here (needs root): {r.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_filesystem_refusing_o_direct_gets_buffered_writes_and_the_same_model(
+        ramfs: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from modelherd.storage.directio import FileWriter
+
+    fd = os.open(ramfs / "probe", os.O_RDWR | os.O_CREAT, 0o644)
+    with FileWriter(fd, ramfs / "probe", direct=True) as probe:
+        assert not probe.direct, "ramfs accepted O_DIRECT: this test needs a filesystem that refuses it"
+    os.close(fd)
+
+    files = make_model(tmp_path / "o", {"w.safetensors": 3 * MiB + 5, "config.json": 300}, seed=22)
+    with RangeServer(tmp_path / "o") as srv, caplog.at_level("INFO", logger="modelherd.storage.engine"):
+        engine.pull(RangeSource(srv.url, files), ramfs / "m", models_root=ramfs, writer="a",
+                    options=engine.EngineOptions(chunk_size=1 * MiB, direct_io="on"))
+    _assert_published(ramfs / "m", tmp_path / "o", files)
+    assert "0.0 MiB written with O_DIRECT" in caplog.text
+    assert _staging_is_empty(ramfs)
