@@ -269,11 +269,15 @@ def test_cancel_stops_within_a_second_and_cleans_staging(tmp_path: Path, models_
 
 @pytest.fixture
 def tiny_fs(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "tiny"
+    yield from _mounted(tmp_path / "tiny", "tmpfs", "-o", "size=6m")
+
+
+def _mounted(mnt: Path, fstype: str, *options: str) -> Iterator[Path]:
+    """A real filesystem of ``fstype`` mounted at ``mnt`` for one test (skips without the right to mount)."""
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], capture_output=True)
+    r = subprocess.run(["mount", "-t", fstype, *options, fstype, str(mnt)], capture_output=True)
     if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {r.stderr.decode().strip()}")
+        pytest.skip(f"cannot mount a {fstype} here (needs root): {r.stderr.decode().strip()}")
     try:
         yield mnt
     finally:
@@ -471,15 +475,7 @@ def test_direct_io_keeps_a_pulled_model_out_of_the_page_cache_and_buffered_io_do
 @pytest.fixture
 def ramfs(tmp_path: Path) -> Iterator[Path]:
     """A real filesystem that refuses ``O_DIRECT`` (``open`` fails with EINVAL): ramfs."""
-    mnt = tmp_path / "ramfs"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "ramfs", "ramfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a ramfs here (needs root): {r.stderr.decode().strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    yield from _mounted(tmp_path / "ramfs", "ramfs")
 
 
 def test_a_filesystem_refusing_o_direct_gets_buffered_writes_and_the_same_model(
