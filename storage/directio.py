@@ -18,6 +18,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import mmap
 import os
@@ -56,8 +57,7 @@ def direct_supported() -> bool:
 
 
 def _address(view: memoryview) -> int:
-    import ctypes
-
+    """Where ``view``'s first byte lives (O_DIRECT needs it aligned); -1 for a read-only view."""
     if view.readonly:
         return -1  # ctypes cannot take a read-only buffer; such a view never comes from aligned_buffer
     return ctypes.addressof(ctypes.c_char.from_buffer(view))
