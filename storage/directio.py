@@ -24,7 +24,7 @@ import mmap
 import os
 from typing import Literal
 
-__all__ = ["ALIGN", "DirectMode", "FileWriter", "aligned_buffer", "direct_supported"]
+__all__ = ["ALIGN", "DirectMode", "FileWriter", "aligned_buffer"]
 
 ALIGN = 4096  # covers 512-byte and 4 KiB logical blocks
 _HUGE = 2 * 1024 * 1024
@@ -49,11 +49,6 @@ def aligned_buffer(size: int) -> memoryview:
         with contextlib.suppress(OSError):  # no THP in this kernel: small pages work the same, only slower
             area.madvise(mmap.MADV_HUGEPAGE, skip, size)
     return view[skip: skip + size]
-
-
-def direct_supported() -> bool:
-    """This platform has ``O_DIRECT`` at all (Linux does; macOS does not)."""
-    return bool(_O_DIRECT)
 
 
 def _address(view: memoryview) -> int:

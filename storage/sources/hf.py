@@ -247,19 +247,18 @@ class HFSource:
 
     def _tree(self, url: str) -> Iterator[dict[str, Any]]:
         """Every entry of a recursive tree listing, following ``Link: rel="next"`` pages."""
-        next_url: str | None = url
         params: dict[str, str] | None = {"recursive": "true", "expand": "false"}
         for _ in range(MAX_TREE_PAGES):
-            if next_url is None:
-                return
-            r = self._api_get(next_url, params)
+            r = self._api_get(url, params)
             page = r.json()
             if not isinstance(page, list) or not all(isinstance(e, dict) for e in page):
                 raise SourceError(f"listing {self.uri}: the tree page is not a list of entries",
                                   hint="the endpoint does not answer like the Hub API")
             yield from page
             link = r.links.get("next", {}).get("url")
-            next_url, params = (urljoin(next_url, link) if link else None), None  # the next link holds its query
+            if not link:
+                return
+            url, params = urljoin(url, link), None  # the next link holds its own query
         raise SourceError(f"listing {self.uri}: more than {MAX_TREE_PAGES} tree pages",
                           hint="the endpoint paginates in a loop")
 
