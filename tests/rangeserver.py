@@ -86,6 +86,13 @@ class RangeServer:
         with self._lock:
             self.faults[name].extend(faults)
 
+    def reset(self) -> None:
+        """Forget pending faults, recorded requests and the byte count (between two pulls of one test)."""
+        with self._lock:
+            self.faults.clear()
+            self.requests.clear()
+            self.bytes_sent = 0
+
     def _serve(self, h: BaseHTTPRequestHandler) -> None:
         name = h.path.removeprefix("/files/")
         rng = h.headers.get("Range", "")

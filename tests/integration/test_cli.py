@@ -27,6 +27,12 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
                           capture_output=True, timeout=timeout, check=False, cwd=cwd)
 
 
+def pull_hf(hub: HubServer, repo: str, root: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    """``modelherd pull hf://REPO --models-root ROOT --no-progress FLAGS`` against the loopback Hub."""
+    return run_cli("pull", f"hf://{repo}", "--models-root", str(root), "--no-progress", *flags,
+                   env={"HF_ENDPOINT": hub.endpoint})
+
+
 @pytest.fixture
 def sharded_repo(hub_server: HubServer, tmp_path: Path) -> tuple[HubServer, Path]:
     src = tmp_path / "src"
@@ -38,8 +44,7 @@ def sharded_repo(hub_server: HubServer, tmp_path: Path) -> tuple[HubServer, Path
 def test_pull_places_a_verified_model_and_prints_ready(sharded_repo: tuple[HubServer, Path], tmp_path: Path) -> None:
     hub, src = sharded_repo
     root = tmp_path / "models"
-    r = run_cli("pull", "hf://acme/tiny", "--models-root", str(root), "--no-progress",
-                env={"HF_ENDPOINT": hub.endpoint})
+    r = pull_hf(hub, "acme/tiny", root)
     assert r.returncode == 0, r.stderr
     ready = json.loads(r.stdout.strip().splitlines()[-1])
     assert ready["status"] == "Ready" and ready["dest"] == str((root / "acme/tiny").resolve())
@@ -53,8 +58,7 @@ def test_pull_places_a_verified_model_and_prints_ready(sharded_repo: tuple[HubSe
 
     # second pull of the same revision: no body bytes from the origin
     hub.reset_counters()
-    again = run_cli("pull", "hf://acme/tiny", "--models-root", str(root), "--no-progress",
-                    env={"HF_ENDPOINT": hub.endpoint})
+    again = pull_hf(hub, "acme/tiny", root)
     assert again.returncode == 0, again.stderr
     assert hub.stats()["bytes_served"] == 0
 
@@ -62,8 +66,7 @@ def test_pull_places_a_verified_model_and_prints_ready(sharded_repo: tuple[HubSe
 def test_verify_reports_a_corrupted_shard_with_exit_5(sharded_repo: tuple[HubServer, Path], tmp_path: Path) -> None:
     hub, _ = sharded_repo
     root = tmp_path / "models"
-    assert run_cli("pull", "hf://acme/tiny", "--models-root", str(root), "--no-progress",
-                   env={"HF_ENDPOINT": hub.endpoint}).returncode == 0
+    assert pull_hf(hub, "acme/tiny", root).returncode == 0
     shard = root / "acme/tiny/model-00002-of-00003.safetensors"
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF
@@ -88,8 +91,7 @@ def test_bad_uri_exits_2_naming_accepted_forms(uri: str, tmp_path: Path) -> None
 
 def test_missing_repo_exits_3_and_writes_nothing(hub_server: HubServer, tmp_path: Path) -> None:
     root = tmp_path / "models"
-    r = run_cli("pull", "hf://acme/does-not-exist", "--models-root", str(root), "--no-progress",
-                env={"HF_ENDPOINT": hub_server.endpoint})
+    r = pull_hf(hub_server, "acme/does-not-exist", root)
     assert r.returncode == 3, r.stderr
     assert not (root / "acme").exists()
 
@@ -114,12 +116,10 @@ def test_dest_outside_models_root_is_refused(sharded_repo: tuple[HubServer, Path
     hub, _ = sharded_repo
     root = tmp_path / "models"
     outside = tmp_path / "elsewhere"
-    r = run_cli("pull", "hf://acme/tiny", "--models-root", str(root), "--dest", str(outside), "--no-progress",
-                env={"HF_ENDPOINT": hub.endpoint})
+    r = pull_hf(hub, "acme/tiny", root, "--dest", str(outside))
     assert r.returncode == 4
     assert not outside.exists()
-    r2 = run_cli("pull", "hf://acme/tiny", "--models-root", str(root), "--dest", "../escape", "--no-progress",
-                 env={"HF_ENDPOINT": hub.endpoint})
+    r2 = pull_hf(hub, "acme/tiny", root, "--dest", "../escape")
     assert r2.returncode == 4
     assert not (tmp_path / "escape").exists()
 
@@ -129,8 +129,7 @@ def test_trtllm_pull_keeps_only_this_nodes_gpu_shape(hub_server: HubServer, tmp_
     make_trtllm_model(src, ["H200x8", "H100x8", "A100x4"], engine_bytes=4096)
     hub_server.add_repo("acme/trt", src)
     root = tmp_path / "models"
-    r = run_cli("pull", "hf://acme/trt", "--models-root", str(root), "--gpu-shape", "H200x8", "--no-progress",
-                env={"HF_ENDPOINT": hub_server.endpoint})
+    r = pull_hf(hub_server, "acme/trt", root, "--gpu-shape", "H200x8")
     assert r.returncode == 0, r.stderr
     model = root / "acme/trt"
     assert sorted(p.name for p in (model / "engines").iterdir()) == ["H200x8"]
@@ -138,8 +137,7 @@ def test_trtllm_pull_keeps_only_this_nodes_gpu_shape(hub_server: HubServer, tmp_
     assert (model / "tokenizer.json").exists() and (model / "config.json").exists()
     assert run_cli("verify", str(model), "--deep").returncode == 0
 
-    missing = run_cli("pull", "hf://acme/trt", "--models-root", str(tmp_path / "m2"), "--gpu-shape", "B200x8",
-                      "--no-progress", env={"HF_ENDPOINT": hub_server.endpoint})
+    missing = pull_hf(hub_server, "acme/trt", tmp_path / "m2", "--gpu-shape", "B200x8")
     assert missing.returncode == 2
     assert "H200x8" in missing.stderr
 
@@ -147,8 +145,7 @@ def test_trtllm_pull_keeps_only_this_nodes_gpu_shape(hub_server: HubServer, tmp_
 def test_local_uri_is_verified_in_place(sharded_repo: tuple[HubServer, Path], tmp_path: Path) -> None:
     hub, _ = sharded_repo
     root = tmp_path / "models"
-    assert run_cli("pull", "hf://acme/tiny", "--models-root", str(root), "--no-progress",
-                   env={"HF_ENDPOINT": hub.endpoint}).returncode == 0
+    assert pull_hf(hub, "acme/tiny", root).returncode == 0
     model = root / "acme/tiny"
     before = {p: p.stat().st_mtime_ns for p in model.rglob("*")}
     r = run_cli("pull", f"local://{model}", "--models-root", str(root))
@@ -175,9 +172,8 @@ def test_leases_shows_who_downloaded_what_with_file_leases(sharded_repo: tuple[H
                                                            tmp_path: Path) -> None:
     hub, _ = sharded_repo
     root = tmp_path / "shared"
-    r = run_cli("pull", "hf://acme/tiny", "--models-root", str(root), "--storage-mode", "shared",
-                "--coordination", "file", "--node-name", "gpu-node-7", "--no-progress",
-                env={"HF_ENDPOINT": hub.endpoint})
+    r = pull_hf(hub, "acme/tiny", root, "--storage-mode", "shared", "--coordination", "file",
+                "--node-name", "gpu-node-7")
     assert r.returncode == 0, r.stderr
     ready = json.loads(r.stdout.strip().splitlines()[-1])
     assert ready["how"] == "holder" and ready["coordination"] == "file"
@@ -195,9 +191,8 @@ def test_leases_lists_kubernetes_leases_of_a_coordinated_pull(sharded_repo: tupl
     hub, _ = sharded_repo
     root = tmp_path / "shared"
     kube = ["--kubeconfig", str(kube_cluster.kubeconfig), "--namespace", kube_namespace]
-    r = run_cli("pull", "hf://acme/tiny", "--models-root", str(root), "--storage-mode", "shared",
-                "--coordination", "kubernetes", "--node-name", "gpu-node-3", "--no-progress", *kube,
-                env={"HF_ENDPOINT": hub.endpoint})
+    r = pull_hf(hub, "acme/tiny", root, "--storage-mode", "shared", "--coordination", "kubernetes",
+                "--node-name", "gpu-node-3", *kube)
     assert r.returncode == 0, r.stderr
     table = run_cli("leases", *kube)
     assert table.returncode == 0, table.stderr
@@ -255,8 +250,7 @@ def test_local_storage_writes_shards_with_o_direct_and_shared_storage_or_direct_
                         "shared": ["--storage-mode", "shared", "--coordination", "file"],
                         "off": ["--storage-mode", "local", "--direct-io", "off"]}.items():
         root = tmp_path / name
-        r = run_cli("pull", "hf://acme/big", "--models-root", str(root), "--no-progress", *flags,
-                    env={"HF_ENDPOINT": hub_server.endpoint})
+        r = pull_hf(hub_server, "acme/big", root, *flags)
         assert r.returncode == 0, r.stderr
         shards = sorted((root / "acme/big").glob("*.safetensors"))
         assert len(shards) == 2

@@ -73,6 +73,15 @@ def _assert_published(dest: Path, origin_dir: Path, files: list[RemoteFile]) -> 
     assert not (dest / STATE_DIRNAME).exists()
 
 
+def _flip_byte(path: Path, offset: int) -> None:
+    """Corrupt one byte of ``path`` in place."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
 def _staging_is_empty(models_root: Path) -> bool:
     root = staging_root(models_root)
     return not root.exists() or not any(root.iterdir())
@@ -205,14 +214,8 @@ def test_corrupted_checkpointed_segment_is_fetched_again_and_good_ones_are_kept(
     with pytest.raises(SourceError):
         engine.pull(RangeSource(server.url, files), dest, models_root=models_root, writer="a", options=no_retry)
     staged = staging_dir_for(models_root, dest, "a", 0) / name
-    with open(staged, "r+b") as f:  # damage checkpointed segment 2 of part 0
-        f.seek(2 * 128 * KiB + 5)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0xFF]))
-    server.faults.clear()
-    server.requests.clear()
-    server.bytes_sent = 0
+    _flip_byte(staged, 2 * 128 * KiB + 5)  # damage checkpointed segment 2 of part 0
+    server.reset()
     engine.pull(RangeSource(server.url, files), dest, models_root=models_root, writer="a", options=no_retry)
     _assert_published(dest, origin_dir, files)
     resumed = sorted(r for n, r in server.requests if n == name)
@@ -361,8 +364,7 @@ def test_adopted_staging_resumes_under_the_new_writer(origin: tuple[Path, list[R
     old = staging_dir_for(models_root, dest, "dead", 0)
     new = adopt_staging(old, staging_dir_for(models_root, dest, "alive", 1))
     assert not old.exists()
-    server.faults.clear()
-    server.bytes_sent = 0
+    server.reset()
     engine.pull(RangeSource(server.url, files), dest, models_root=models_root, writer="alive", epoch=1,
                 options=SMALL)
     _assert_published(dest, origin_dir, files)
@@ -405,14 +407,8 @@ def test_one_stream_file_resumes_from_its_last_good_hash_checkpoint_and_refetche
         staging = staging_dir_for(models_root, dest, "a", 0)
         state = json.loads(next((staging / STATE_DIRNAME).glob("*.json")).read_text())
         assert len(state["prefix"]) == 5 and state["prefix_algo"] == "sha256"  # 5 x 128 KiB < 700 KB
-        with open(staging / "whole.bin", "r+b") as f:  # damage checkpointed segment 3
-            f.seek(3 * 128 * KiB + 9)
-            byte = f.read(1)
-            f.seek(-1, os.SEEK_CUR)
-            f.write(bytes([byte[0] ^ 0xFF]))
-        srv.faults.clear()
-        srv.requests.clear()
-        srv.bytes_sent = 0
+        _flip_byte(staging / "whole.bin", 3 * 128 * KiB + 9)  # damage checkpointed segment 3
+        srv.reset()
         engine.pull(RangeSource(srv.url, files), dest, models_root=models_root, writer="a", options=opts)
         assert srv.requests == [("whole.bin", f"bytes={3 * 128 * KiB}-{3 * MiB - 1}")]
         assert srv.bytes_sent == 3 * MiB - 3 * 128 * KiB
@@ -429,9 +425,7 @@ def test_parts_checkpointed_by_a_split_run_are_kept_when_the_rerun_would_not_spl
         srv.add_fault("big.bin", *[Fault(truncate_after=300_000)] * 4, *[Fault(status=403)] * 4)
         with pytest.raises(SourceError):
             engine.pull(RangeSource(srv.url, files), dest, models_root=models_root, writer="a", options=split)
-        srv.faults.clear()
-        srv.requests.clear()
-        srv.bytes_sent = 0
+        srv.reset()
         whole = engine.EngineOptions(multipart_threshold=1 * MiB, part_size=512 * KiB, chunk_size=64 * KiB,
                                      checkpoint_size=128 * KiB, concurrency=2)  # 2 big files >= 2: no split now
         engine.pull(RangeSource(srv.url, files), dest, models_root=models_root, writer="a", options=whole)

@@ -25,6 +25,7 @@ from modelherd.storage.sources.hf import HFSource
 from modelherd.storage.types import RemoteFile
 from modelherd.storage.uri import parse_uri
 
+from tests import support
 from tests.hub_fixtures import HUB_TOKEN, LFS_MIN_SIZE, make_small_model
 from tests.hubserver import HubServer
 
@@ -38,15 +39,7 @@ def source(hub: HubServer, uri: str, **kw: object) -> HFSource:
 
 
 def read_all(src: HFSource, f: RemoteFile, start: int = 0, end: int | None = None, bufsize: int = 65536) -> bytes:
-    body = src.open(f, start, end)
-    out = bytearray()
-    buf = memoryview(bytearray(bufsize))
-    try:
-        while n := body.readinto(buf):
-            out += buf[:n]
-    finally:
-        body.close()
-    return bytes(out)
+    return support.read_all(src.open(f, start, end), chunk=bufsize)
 
 
 def by_path(files: tuple[RemoteFile, ...]) -> dict[str, RemoteFile]:

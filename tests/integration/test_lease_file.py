@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from modelherd.coordination import LeaseLostError, LeaseStatus, ModelIdentity, Observation, Phase
+from modelherd.coordination import LeaseStatus, Observation, Phase
 from modelherd.coordination.filelease import FileLease, list_file_leases
 
-IDENTITY = ModelIdentity("hf://Org/Llama-3.1-8B_Instruct@main", "main", "Org/Llama-3.1-8B_Instruct")
+from tests import lease_contract
+from tests.lease_contract import IDENTITY
 
 
 def _lease(root: Path, node: str, duration_s: float = 5.0) -> FileLease:
@@ -79,23 +80,11 @@ def test_takeover_happens_only_after_the_holder_is_unseen_for_the_lease_duration
 
 
 def test_a_stale_holder_cannot_renew_or_release_after_a_takeover(tmp_path: Path) -> None:
-    old, new = _lease(tmp_path, "node-a"), _lease(tmp_path, "node-b")
-    held_by_old = old.try_acquire(None, LeaseStatus())
-    assert held_by_old is not None
-    assert new.try_acquire(new.observe(), LeaseStatus()) is not None
-    with pytest.raises(LeaseLostError):
-        old.renew(held_by_old, LeaseStatus(bytes_done=1))
-    with pytest.raises(LeaseLostError):
-        old.release(held_by_old, LeaseStatus(phase=Phase.COMPLETE))
-    final = new.observe()
-    assert final is not None and final.holder == "node-b" and final.phase == Phase.DOWNLOADING
+    lease_contract.stale_holder_is_fenced(lambda node: _lease(tmp_path, node))
 
 
 def test_transitions_increase_on_every_change_of_holder(tmp_path: Path) -> None:
-    record = None
-    for i in range(4):
-        record = _lease(tmp_path, f"node-{i}").try_acquire(record, LeaseStatus())
-        assert record is not None and record.transitions == i and record.holder == f"node-{i}"
+    lease_contract.transitions_count_holder_changes(lambda node: _lease(tmp_path, node))
 
 
 def test_the_record_carries_progress_phase_and_microtime_stamps(tmp_path: Path) -> None:

@@ -10,14 +10,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from modelherd.coordination import LeaseLostError, LeaseStatus, ModelIdentity, Observation, Phase
+from modelherd.coordination import LeaseStatus, ModelIdentity, Observation, Phase
 from modelherd.coordination.kube import KubernetesLease, api_client, format_leases, list_leases
 
+from tests import lease_contract
 from tests.k8s_fixtures import KubeCluster
+from tests.lease_contract import IDENTITY
 
 pytestmark = pytest.mark.k8s
 
-IDENTITY = ModelIdentity("hf://Org/Llama-3.1-8B_Instruct@main", "main", "Org/Llama-3.1-8B_Instruct")
 
 
 @pytest.fixture
@@ -75,17 +76,7 @@ def test_takeover_happens_only_after_the_holder_is_unseen_for_the_lease_duration
 
 
 def test_a_stale_holder_cannot_renew_after_a_takeover(make_lease: Any) -> None:
-    old, new = make_lease("node-a"), make_lease("node-b")
-    held_by_old = old.try_acquire(None, LeaseStatus())
-    assert held_by_old is not None
-    observed = new.observe()
-    assert new.try_acquire(observed, LeaseStatus()) is not None
-    with pytest.raises(LeaseLostError):
-        old.renew(held_by_old, LeaseStatus(bytes_done=1))
-    with pytest.raises(LeaseLostError):
-        old.release(held_by_old, LeaseStatus(phase=Phase.COMPLETE))
-    final = new.observe()
-    assert final is not None and final.holder == "node-b" and final.phase == Phase.DOWNLOADING
+    lease_contract.stale_holder_is_fenced(make_lease)
 
 
 def test_only_one_of_two_followers_wins_a_takeover_of_the_same_record(make_lease: Any) -> None:
@@ -99,11 +90,7 @@ def test_only_one_of_two_followers_wins_a_takeover_of_the_same_record(make_lease
 
 
 def test_transitions_increase_on_every_change_of_holder(make_lease: Any) -> None:
-    nodes = [make_lease(f"node-{i}") for i in range(4)]
-    record = None
-    for i, lease in enumerate(nodes):
-        record = lease.try_acquire(record, LeaseStatus())
-        assert record is not None and record.transitions == i and record.holder == f"node-{i}"
+    lease_contract.transitions_count_holder_changes(make_lease)
 
 
 def test_renewals_carry_progress_and_are_visible_to_kubectl(make_lease: Any, kube_cluster: KubeCluster,
