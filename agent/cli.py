@@ -101,8 +101,7 @@ def load_settings(args: argparse.Namespace) -> Settings:
     from .settings import Settings
 
     overrides = {k: getattr(args, k) for k in _SETTING_FLAGS if getattr(args, k, None) is not None}
-    base = Settings()
-    return Settings.model_validate({**base.model_dump(), **overrides})
+    return Settings(**overrides)  # init arguments outrank the environment in pydantic-settings
 
 
 def _setup_logging(level: str) -> None:
