@@ -358,6 +358,8 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     server: _Server
     _status = 0
+    _logged = False
+    _endpoint = ""
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet
         pass
@@ -367,8 +369,19 @@ class _Handler(BaseHTTPRequestHandler):
         return self.server.hub
 
     def send_response(self, code: int, message: str | None = None) -> None:
+        # recorded before a byte of the answer leaves: a client that has read the whole body always finds
+        # its request in the log (recording after the body raced with tests that check the log at once)
         self._status = code
+        self._log_request()
         super().send_response(code, message)
+
+    def _log_request(self) -> None:
+        if self._logged:
+            return
+        self._logged = True
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        self.hub._record(RequestRecord(self.server.role, self.command, self.path, headers, self._status),
+                         self._endpoint)
 
     def do_HEAD(self) -> None:
         self._dispatch(head=True)
@@ -381,7 +394,8 @@ class _Handler(BaseHTTPRequestHandler):
         url = urllib.parse.urlsplit(self.path)
         query = urllib.parse.parse_qs(url.query)
         segments = [urllib.parse.unquote(s) for s in url.path.split("/")[1:]]
-        endpoint = self._classify(segments)
+        endpoint = self._endpoint = self._classify(segments)
+        self._status, self._logged = 0, False
         try:
             if url.path == "/_stats" and self.server.role == "api":
                 self._json(200, self.hub.stats(), head=head)
@@ -405,9 +419,7 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         finally:
-            headers = {k.lower(): v for k, v in self.headers.items()}
-            self.hub._record(RequestRecord(self.server.role, self.command, self.path, headers, self._status),
-                             endpoint)
+            self._log_request()  # a request that got no answer at all (the client went away first)
 
     def _classify(self, segments: list[str]) -> str:
         if self.server.role == "cdn":
