@@ -32,7 +32,14 @@ EXIT_USAGE = 2
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
+    p.add_argument("--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="default INFO")
+    p.add_argument("--log-format", choices=["text", "json"], help="default text")
+
+
+def _add_kube(p: argparse.ArgumentParser, *, namespace_help: str) -> None:
+    p.add_argument("--namespace", help=namespace_help)
+    p.add_argument("--kubeconfig", type=Path, help="kubeconfig (default KUBECONFIG, else in-cluster)")
 
 
 def _add_transfer(p: argparse.ArgumentParser) -> None:
@@ -80,6 +87,35 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--instance-type-map", type=Path, help="OME INSTANCE_TYPE_MAP file")
     _add_common(detect)
 
+    agent = sub.add_parser("agent", help="run the node agent (a DaemonSet pod per node) until SIGTERM")
+    agent.add_argument("--node-name", help="this node (default env NODE_NAME; required)")
+    _add_kube(agent, namespace_help="namespace of the status ConfigMaps and Leases (default: the pod's, else ome)")
+    agent.add_argument("--port", type=int, help="HTTP port for /healthz /livez /readyz /metrics (default 8080)")
+    agent.add_argument("--bind-address", help="address the HTTP server listens on (default 0.0.0.0)")
+    agent.add_argument("--num-download-worker", type=int, help="models worked on in parallel (default 5)")
+    agent.add_argument("--node-label-retry", type=int, help="attempts per node-label write (default 5)")
+    agent.add_argument("--coordination", choices=["auto", "kubernetes", "file", "none"])
+    agent.add_argument("--lease-duration", dest="lease_duration_s", type=float, help="seconds (default 30)")
+    agent.add_argument("--renew-period", dest="lease_renew_period_s", type=float, help="seconds (default 10)")
+    agent.add_argument("--startup-jitter", dest="startup_jitter_s", type=float,
+                       help="seconds models needing origin work wait after start (default 10)")
+    agent.add_argument("--model-retry-max", dest="model_retry_max_s", type=float,
+                       help="cap of the back-off between retries of a failed model, seconds (default 600)")
+    _add_transfer(agent)
+    _add_common(agent)
+
+    explain = sub.add_parser("explain", help="for every model: is this node selected, and why not; dest; status")
+    explain.add_argument("--node", dest="node_name", help="the node to explain for (default NODE_NAME)")
+    _add_kube(explain, namespace_help="namespace of the status ConfigMaps (default: the pod's, else ome)")
+    explain.add_argument("--models-root-dir", "--models-root", dest="models_root_dir", type=Path)
+    explain.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    _add_common(explain)
+
+    status = sub.add_parser("status", help="the cluster view: per model, nodes Ready/Updating/Failed and its Lease")
+    _add_kube(status, namespace_help="namespace of the status ConfigMaps and Leases (default: the pod's, else ome)")
+    status.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    _add_common(status)
+
     leases = sub.add_parser("leases", help="list modelherd Leases: who downloads what, how far")
     leases.add_argument("--namespace")
     leases.add_argument("--kubeconfig", type=Path)
@@ -93,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
 _SETTING_FLAGS = ("models_root_dir", "concurrency", "multipart_concurrency", "download_retry", "storage_mode",
                   "direct_io",
                   "coordination", "node_name", "namespace", "kubeconfig", "lease_duration_s",
-                  "lease_renew_period_s", "instance_type", "instance_type_map", "log_level")
+                  "lease_renew_period_s", "instance_type", "instance_type_map", "log_level", "log_format",
+                  "port", "bind_address", "num_download_worker", "node_label_retry", "startup_jitter_s",
+                  "model_retry_max_s")
 
 
 def load_settings(args: argparse.Namespace) -> Settings:
@@ -104,9 +142,34 @@ def load_settings(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)  # init arguments outrank the environment in pydantic-settings
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and the structured fields a call passed in
+    ``extra`` (``model``, ``state``, ``reason``, ...)."""
+
+    _STD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+
+        out = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+               "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
+        out.update({k: v for k, v in record.__dict__.items() if k not in self._STD and not k.startswith("_")})
+        if record.exc_info:
+            out["error"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    import time as _time
+
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        formatter: logging.Formatter = JsonFormatter()
+        formatter.converter = _time.gmtime
+    else:
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler.setFormatter(formatter)
+    logging.basicConfig(level=getattr(logging, level), handlers=[handler], force=True)
     for noisy in ("urllib3", "kubernetes", "oci", "filelock", "httpx", "httpx2", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, getattr(logging, level)))
 
@@ -140,7 +203,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except ValidationError as e:
         print(f"modelherd: invalid settings: {e}", file=sys.stderr)
         return EXIT_USAGE
-    _setup_logging(settings.log_level)
+    _setup_logging(settings.log_level, settings.log_format)
     from . import commands
 
     handlers: dict[str, Callable[[argparse.Namespace, Settings, threading.Event], int]] = {
@@ -148,6 +211,9 @@ def _main(argv: Sequence[str] | None) -> int:
         "verify": commands.cmd_verify,
         "detect": commands.cmd_detect,
         "leases": commands.cmd_leases,
+        "agent": commands.cmd_agent,
+        "explain": commands.cmd_explain,
+        "status": commands.cmd_status,
     }
     cancel = threading.Event()
     _install_cancel_handlers(cancel)

@@ -266,3 +266,56 @@ def cmd_leases(args: argparse.Namespace, settings: Settings, cancel: threading.E
         rows = [view_of(r) for r in list_file_leases(Path(settings.models_root_dir))]
     print(format_leases(rows))
     return 0
+
+
+# ------------------------------------------------------------------------------------------- the node agent
+def _node_name_for_agent(args: argparse.Namespace) -> str:
+    import os
+
+    name = getattr(args, "node_name", None) or os.environ.get("MODELHERD_NODE_NAME") or os.environ.get("NODE_NAME")
+    if not name or not name.strip():
+        raise ConfigError("no node name: the agent must know which node it runs on",
+                          hint="set NODE_NAME from the downward API (spec.nodeName), or pass --node-name")
+    return name.strip()
+
+
+def _kube_api(settings: Settings) -> object:
+    from ..coordination.kube import api_client
+
+    return api_client(settings.kubeconfig)
+
+
+def cmd_agent(args: argparse.Namespace, settings: Settings, cancel: threading.Event) -> int:
+    node = _node_name_for_agent(args)
+    settings = settings.model_copy(update={"node_name": node})
+    from .runner import NodeAgent
+
+    startup.resume()  # a long-running process: the garbage collector runs as usual from here on
+    agent = NodeAgent(settings, _kube_api(settings), node_name=node)
+    return agent.run(cancel)
+
+
+def cmd_explain(args: argparse.Namespace, settings: Settings, cancel: threading.Event) -> int:
+    from .views import explain, format_explain
+
+    node = _node_name_for_agent(args)
+    rows = explain(_kube_api(settings), node_name=node, namespace=settings.effective_namespace("ome"),
+                   models_root=Path(settings.models_root_dir), storage_mode=settings.storage_mode)
+    if args.output == "json":
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        print(format_explain(rows, node))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings, cancel: threading.Event) -> int:
+    from .views import cluster_status, format_status
+
+    rows = cluster_status(_kube_api(settings), namespace=settings.effective_namespace("ome"))
+    if args.output == "json":
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        print(format_status(rows))
+    return 0

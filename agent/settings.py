@@ -70,6 +70,20 @@ class Settings(BaseSettings):
     oci_endpoint: str = Field(default="", description="override the Object Storage endpoint (tests, realms)")
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = Field(default="text", description="--log-format")
+
+    # ---- the node agent (`modelherd agent`); OME's flag names where OME has one
+    port: int = Field(default=8080, ge=0, le=65535, description="one HTTP server: /healthz /livez /readyz /metrics")
+    bind_address: str = Field(default="0.0.0.0", description="address the HTTP server listens on")
+    num_download_worker: int = Field(default=5, ge=1, le=64, description="models worked on in parallel")
+    node_label_retry: int = Field(default=5, ge=0, le=100, description="attempts per node-label write")
+    model_retry_base_s: float = Field(default=5.0, gt=0, description="first back-off after a model failed")
+    model_retry_max_s: float = Field(default=600.0, gt=0, description="cap of the per-model back-off")
+    startup_jitter_s: float = Field(default=10.0, ge=0,
+                                    description="models needing origin work wait up to this long after start")
+    progress_interval_s: float = Field(default=5.0, gt=0, description="ConfigMap progress writes, at most every")
+    watch_timeout_s: float = Field(default=300.0, gt=0, description="server-side watch timeout (re-watch after)")
+    heartbeat_max_age_s: float = Field(default=120.0, gt=0, description="/livez fails when a loop is older")
 
     @property
     def multipart_threshold(self) -> int:
@@ -79,11 +93,13 @@ class Settings(BaseSettings):
     def part_size(self) -> int:
         return self.part_size_mib * MiB
 
-    def effective_namespace(self) -> str:
+    def effective_namespace(self, fallback: str = "default") -> str:
+        """``--namespace``, else the pod's namespace (POD_NAMESPACE or the ServiceAccount's), else ``fallback``
+        (``default`` for pulls; OME's ``ome`` for the agent)."""
         if self.namespace:
             return self.namespace
         sa_ns = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
         try:
-            return sa_ns.read_text().strip() or "default"
+            return sa_ns.read_text().strip() or fallback
         except OSError:
-            return "default"
+            return fallback

@@ -1,0 +1,436 @@
+"""One model on this node: from what the CR asks to what the node reports.
+
+``Reconciler.reconcile(ref)`` is called by a worker for one model at a time (the work queue never hands one key
+to two workers). It reads the CR and this Node from the informer caches and converges:
+
+    CR gone / being deleted / node not selected  -> cancel any download, remove the label and ConfigMap key
+    CR malformed, unsupported scheme, path outside the root -> Failed with the reason (no retry until it changes)
+    already published and quick-verified on disk   -> Ready, with no origin request and no lease; nothing is
+                                                       written when the label and entry already say so
+    else -> (start-up jitter) Updating -> coordinated pull (shared) or own pull (local) -> Ready | Failed
+
+Invariants:
+- The label is written before the ConfigMap entry (OME's order); neither is written when already in place, so a
+  restart with every model on disk sends no write and no label ever leaves Ready.
+- A cancelled pull (delete, deselect, spec change, SIGTERM) writes nothing: the reconcile that follows (the queue
+  re-runs the key once the worker is done) writes the final state, so a deleted model's label and entry never
+  come back.
+- A failure is Failed with its reason, counted, recorded as an Event and retried with capped exponential
+  back-off; it never stops the other models.
+- Credentials are read per pull and passed down; they are never logged, stored, or put into an entry or Event.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from ...storage.errors import CancelledError, ConfigError, ModelherdError, RateLimitedError, SourceNotFoundError
+from ...storage.manifest import Manifest
+from ...storage.ready import published_model
+from ...storage.types import Listing
+from ..kubeapi import ApiError, request
+from ..models import ModelRef, ModelSpec, model_spec
+from ..reporting.configmap import StatusConfigMap
+from ..reporting.entry import KEEP, DownloadProgress, parse_entry, render_entry
+from ..reporting.events import EventRecorder
+from ..reporting.labels import NodeLabels
+from ..reporting.metadata import parse_model_config
+from ..reporting.metrics import AgentMetrics
+from ..settings import Settings
+from ..watching.selection import evaluate
+
+log = logging.getLogger("modelherd.agent")
+
+Status = Literal["Ready", "Updating", "Failed"]
+OCI_AUTH = {"InstancePrincipal": "instance_principal", "UserPrincipal": "user",
+            "ResourcePrincipal": "resource_principal", "OkeWorkloadIdentity": "workload_identity"}
+INSTANCE_TYPE_LABELS = ("node.kubernetes.io/instance-type", "beta.kubernetes.io/instance-type")
+
+
+class PermanentFailure(ModelherdError):
+    """Retrying cannot help until the CR (or the cluster) changes: no back-off retry."""
+
+    exit_code = 2
+
+
+@dataclass
+class Task:
+    """A running origin pull of one model on this node."""
+
+    uid: str
+    identity: dict[str, str]
+    cancel: threading.Event = field(default_factory=threading.Event)
+    why: str = ""
+    done: int = 0
+    total: int = 0
+    files: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def stop(self, why: str) -> None:
+        self.why = self.why or why
+        self.cancel.set()
+
+
+@dataclass(frozen=True)
+class Env:
+    """What the reconciler needs from the running agent (informer caches, clients, settings)."""
+
+    settings: Settings
+    api: Any
+    node_name: str
+    namespace: str
+    models_root: Path
+    storage_kind: str
+    get_model: Callable[[ModelRef], Mapping[str, Any] | None]
+    get_node: Callable[[], Mapping[str, Any] | None]
+
+
+def _now_rfc3339() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Reconciler:
+    def __init__(self, env: Env, *, configmap: StatusConfigMap, labels: NodeLabels, events: EventRecorder,
+                 metrics: AgentMetrics, shutdown: threading.Event) -> None:
+        self.env, self.cm, self.labels, self.events, self.metrics = env, configmap, labels, events, metrics
+        self.shutdown = shutdown
+        self._tasks: dict[ModelRef, Task] = {}
+        self._lock = threading.Lock()
+        self._config_cache: dict[tuple[ModelRef, str, str], dict[str, Any] | None] = {}
+        self._started = time.monotonic()
+        digest = hashlib.sha256(env.node_name.encode()).digest()
+        self._jitter_s = env.settings.startup_jitter_s * (int.from_bytes(digest[:4], "big") / 2**32)
+
+    # ----------------------------------------------------------------------------- called from event handlers
+    def cancel(self, ref: ModelRef, why: str) -> bool:
+        """Stop a running pull of ``ref`` at once (never blocks); True when one was running."""
+        with self._lock:
+            task = self._tasks.get(ref)
+        if task is None:
+            return False
+        log.info("%s: cancelling the download (%s)", ref.display, why)
+        task.stop(why)
+        return True
+
+    def running(self) -> dict[ModelRef, Task]:
+        with self._lock:
+            return dict(self._tasks)
+
+    def cancel_all(self, why: str) -> None:
+        for ref in self.running():
+            self.cancel(ref, why)
+
+    # ----------------------------------------------------------------------------- the worker's entry point
+    def reconcile(self, ref: ModelRef) -> bool:
+        """Converge ``ref`` on this node; returns False when it failed and should be retried with back-off."""
+        obj = self.env.get_model(ref)
+        if obj is None:
+            self._leave(ref, "deleted", deleted=True)
+            return True
+        spec = model_spec(obj, self.env.models_root)
+        if spec.deleting:
+            self._leave(ref, "being deleted", deleted=True, uid=spec.uid)
+            return True
+        node = self.env.get_node() or {"metadata": {"name": self.env.node_name}}
+        selection = evaluate(spec.storage, node)
+        if not selection.selected:
+            self._leave(ref, f"not selected: {selection.reason}", deleted=False, uid=spec.uid)
+            return True
+        if spec.problem:
+            self._failed(ref, spec, spec.problem, reason="InvalidSpec")
+            return True  # retried when the CR changes, not by back-off
+        try:
+            return self._ensure(ref, spec)
+        except CancelledError:
+            return True
+        except PermanentFailure as e:
+            self._failed(ref, spec, str(e), reason="InvalidSpec")
+            return True
+        except ModelherdError as e:
+            self._failed(ref, spec, str(e), reason=type(e).__name__.removesuffix("Error") or "Failed")
+            return False
+
+    # ----------------------------------------------------------------------------- states
+    def _ensure(self, ref: ModelRef, spec: ModelSpec) -> bool:
+        assert spec.uri is not None and spec.dest is not None
+        if spec.uri.scheme == "local":
+            return self._local(ref, spec)
+        started = time.monotonic()
+        manifest = published_model(spec.dest, spec.uri.canonical, spec.uri.revision)
+        self.metrics.verification_duration.observe(time.monotonic() - started)
+        if manifest is not None:
+            self.metrics.verifications.labels(**ref.metric_labels(), result="success").inc()
+            self._ready(ref, spec, manifest, role="ready")
+            return True
+        self._wait_startup_jitter(ref)
+        task = Task(uid=spec.uid, identity=spec.identity)
+        with self._lock:
+            self._tasks[ref] = task
+        try:
+            self._set(ref, spec, "Updating", progress=None, message="downloading")
+            manifest, role = self._pull(ref, spec, task)
+        except CancelledError:
+            log.info("%s: download stopped (%s)", ref.display, task.why or "cancelled")
+            raise
+        except RateLimitedError:
+            self.metrics.rate_limits.labels(**ref.metric_labels()).inc()
+            raise
+        finally:
+            with self._lock:
+                self._tasks.pop(ref, None)
+            self.metrics.clear_progress(ref.metric_labels())
+        if task.cancel.is_set():
+            raise CancelledError(task.why or "cancelled")
+        self.metrics.downloads_success.labels(**ref.metric_labels()).inc()
+        self.metrics.download_duration.labels(**ref.metric_labels()).observe(time.monotonic() - task.started)
+        self._ready(ref, spec, manifest, role=role)
+        return True
+
+    def _local(self, ref: ModelRef, spec: ModelSpec) -> bool:
+        """``local://``: the files are already on the node; verify them in place, never modify them."""
+        from ...storage.verify import verify_quick
+
+        assert spec.dest is not None
+        problems = verify_quick(spec.dest)
+        if problems:
+            self.metrics.verifications.labels(**ref.metric_labels(), result="failure").inc()
+            self._failed(ref, spec, f"{len(problems)} problem(s) in {spec.dest}: {problems[0]}",
+                         reason="VerificationFailed")
+            return False
+        self.metrics.verifications.labels(**ref.metric_labels(), result="success").inc()
+        self._ready(ref, spec, None, role="ready")
+        return True
+
+    def _ready(self, ref: ModelRef, spec: ModelSpec, manifest: Manifest | None, *, role: str) -> None:
+        assert spec.dest is not None
+        config = self._config(ref, spec, manifest)
+        changed = self._set(ref, spec, "Ready", config=config, progress=None,
+                            revision=manifest.revision if manifest else "")
+        if manifest is not None and role != "ready":
+            self.metrics.verified_bytes.labels(**ref.metric_labels()).inc(manifest.total_bytes)
+        self.metrics.set_role(ref.metric_labels(), role)
+        if changed:
+            how = {"ready": "already on disk, verified", "holder": "downloaded under the Lease",
+                   "follower": "verified the copy another node downloaded", "pulled": "downloaded"}.get(role, role)
+            self.events.record(ref, spec.uid, reason="Ready", message=f"Ready at {spec.dest} ({how})")
+
+    def _failed(self, ref: ModelRef, spec: ModelSpec, message: str, *, reason: str) -> None:
+        self.metrics.downloads_failed.labels(**ref.metric_labels()).inc()
+        self.metrics.failures.labels(**ref.metric_labels(), reason=reason).inc()
+        changed = self._set(ref, spec, "Failed", progress=None, message=message)
+        if changed:
+            self.events.record(ref, spec.uid, reason="Failed", message=message, warning=True)
+
+    def _leave(self, ref: ModelRef, why: str, *, deleted: bool, uid: str = "") -> None:
+        """The model is not (or no longer) wanted on this node: cancel, then remove label and entry."""
+        self.cancel(ref, why)
+        had_label = self.labels.current(ref.label_key) is not None
+        had_entry = self.cm.current(ref.cm_key) is not None or ref.cm_key in self.cm.remembered()
+        if not had_label and not had_entry:
+            self.metrics.set_state(ref.metric_labels(), None)
+            return
+        self.labels.set(ref.label_key, None)
+        self.cm.remove(ref.cm_key)
+        self.metrics.set_state(ref.metric_labels(), None)
+        self.metrics.set_role(ref.metric_labels(), None)
+        log.info("%s: removed from this node (%s)", ref.display, why,
+                 extra={"model": ref.display, "state": "Removed", "reason": why})
+        if not deleted:
+            self.events.record(ref, uid, reason="Removed", message=f"removed from this node: {why}")
+
+    # ----------------------------------------------------------------------------- writes
+    def _set(self, ref: ModelRef, spec: ModelSpec, status: Status, *, config: Any = KEEP, progress: Any = KEEP,
+             message: str = "", revision: str = "") -> bool:
+        """Label, then ConfigMap entry; returns True when anything was written (a state change)."""
+        ours = {"node": self.env.node_name, **spec.identity, "storageMode": self.env.storage_kind}
+        if revision:
+            ours["revision"] = revision
+        if status != "Ready" and message:
+            ours["message"] = message[:1000]
+
+        def render(old: str | None) -> str:
+            return render_entry(old, name=ref.name, status=status, config=config, progress=progress,
+                                extra={"modelherd": ours})
+
+        cached = self.cm.current(ref.cm_key)
+        label_changed = self.labels.set(ref.label_key, status)
+        entry_changed = True
+        if cached is not None and render(cached) == cached and not label_changed:
+            entry_changed = False  # the ConfigMap already says exactly this: no request at all
+        else:
+            before = cached
+            stored = self.cm.update(ref.cm_key, render)
+            entry_changed = stored != before
+        self.metrics.set_state(ref.metric_labels(), status)
+        if label_changed or entry_changed:
+            extra = {"model": ref.display, "state": status}
+            if message and status != "Ready":
+                extra["reason"] = message
+            if label_changed or (parse_entry(cached or "") or {}).get("status") != status:
+                log.info("%s: %s%s", ref.display, status, f" ({message})" if message and status != "Ready" else "",
+                         extra=extra)
+        return label_changed or entry_changed
+
+    def _config(self, ref: ModelRef, spec: ModelSpec, manifest: Manifest | None) -> dict[str, Any] | None:
+        assert spec.dest is not None and spec.uri is not None
+        stamp = (manifest.revision + manifest.completed_at) if manifest else "local"
+        key = (ref, str(spec.dest), stamp)
+        if key not in self._config_cache:
+            sha = manifest.revision if (manifest is not None and spec.uri.scheme == "hf") else None
+            try:
+                self._config_cache[key] = parse_model_config(spec.dest, configmap_key=ref.cm_key,
+                                                             dest=str(spec.dest), sha=sha, skip=spec.skip_config)
+            except Exception:  # metadata is best effort; it never fails a Ready model
+                log.warning("%s: reading the model's metadata failed", ref.display, exc_info=True)
+                self._config_cache[key] = None
+        return self._config_cache[key]
+
+    # ----------------------------------------------------------------------------- the pull
+    def _wait_startup_jitter(self, ref: ModelRef) -> None:
+        left = self._jitter_s - (time.monotonic() - self._started)
+        if left > 0:
+            log.info("%s: needs origin work; waiting %.1fs of start-up jitter", ref.display, left)
+            if self.shutdown.wait(left):
+                raise CancelledError("agent shutting down")
+
+    def _hf_token(self, ref: ModelRef, spec: ModelSpec) -> str | None:
+        """The Secret named by ``spec.storage.key`` (model's namespace; a cluster model: the agent's), then
+        ``parameters.token``, then ``HF_TOKEN``."""
+        if spec.secret_name:
+            ns = ref.namespace or self.env.namespace
+            try:
+                secret = request(self.env.api, "GET", f"/api/v1/namespaces/{ns}/secrets/{spec.secret_name}")
+            except ApiError as e:
+                if e.status == 404:
+                    raise ConfigError(f"Secret {ns}/{spec.secret_name} (spec.storage.key) does not exist",
+                                      hint="create it, or fix spec.storage.key") from None
+                if e.status == 403:
+                    raise ConfigError(f"reading Secret {ns}/{spec.secret_name} is forbidden",
+                                      hint="grant the agent get on secrets in that namespace "
+                                           "(chart: rbac.secretNamespaces)") from None
+                raise ConfigError(f"reading Secret {ns}/{spec.secret_name} failed: {e.status}") from None
+            data = secret.get("data") or {}
+            if spec.secret_key not in data:
+                raise ConfigError(f"Secret {ns}/{spec.secret_name} has no key {spec.secret_key!r}",
+                                  hint="set spec.storage.parameters.secretKey, or add the key to the Secret")
+            try:
+                return base64.b64decode(str(data[spec.secret_key])).decode().strip() or None
+            except (ValueError, UnicodeDecodeError):
+                raise ConfigError(f"Secret {ns}/{spec.secret_name} key {spec.secret_key!r} is not text") from None
+        if spec.inline_token:
+            return spec.inline_token
+        token = self.env.settings.hf_token
+        return token.get_secret_value() if token else None
+
+    def _pull(self, ref: ModelRef, spec: ModelSpec, task: Task) -> tuple[Manifest, str]:
+        from ...coordination import PullResult, choose_backend, coordinated_pull
+        from ...storage.sources import open_source
+        from ..commands import engine_options, filter_for_shape, retry_policy
+
+        assert spec.uri is not None and spec.dest is not None
+        settings = self.env.settings
+        token = self._hf_token(ref, spec) if spec.uri.scheme == "hf" else None
+        oci_auth = OCI_AUTH.get(spec.oci_auth, settings.oci_auth) if spec.oci_auth else settings.oci_auth
+        source = open_source(
+            spec.uri, hf_token=token, hf_endpoint=settings.hf_endpoint, oci_auth=oci_auth,
+            oci_config_file=str(settings.oci_config_file), oci_profile=settings.oci_profile,
+            oci_region=spec.oci_region or settings.oci_region, oci_endpoint=settings.oci_endpoint,
+            retry=retry_policy(settings), pool_maxsize=max(32, settings.concurrency * settings.multipart_concurrency))
+        del token
+        shape_settings = self._shape_settings()
+        progress = _ProgressReporter(self, ref, spec, task)
+
+        def listing_fn() -> Listing:
+            listing = source.list_files()
+            if spec.trtllm and self.env.storage_kind == "local":
+                listing = filter_for_shape(listing, "auto", shape_settings)
+            if not listing.files:
+                raise SourceNotFoundError(f"{spec.uri.canonical} has no files to download",
+                                          hint="check the repository, revision or prefix")
+            task.files = len(listing.files)
+            return listing
+
+        backend = choose_backend(settings.coordination, self.env.storage_kind, settings.kubeconfig)
+        results: list[PullResult] = []
+        progress.start()
+        try:
+            manifest = coordinated_pull(
+                backend=backend, uri=spec.uri, source=source, listing_fn=listing_fn, dest=spec.dest,
+                models_root=self.env.models_root, options=engine_options(settings, self.env.storage_kind),
+                node_name=self.env.node_name, namespace=self.env.namespace, kubeconfig=settings.kubeconfig,
+                lease_duration_s=settings.lease_duration_s, renew_period_s=settings.lease_renew_period_s,
+                jitter_s=settings.wait_jitter_s, poll_interval_s=settings.poll_interval_s,
+                cancel=task.cancel, progress=progress, result=results)
+        finally:
+            progress.stop()
+            source.close()
+        role = results[0].role if results else "pulled"
+        return manifest, role
+
+    def _shape_settings(self) -> Settings:
+        node = self.env.get_node() or {}
+        labels = (node.get("metadata") or {}).get("labels") or {}
+        itype = next((str(labels[k]) for k in INSTANCE_TYPE_LABELS if labels.get(k)), "")
+        settings = self.env.settings
+        return settings.model_copy(update={"instance_type": itype or settings.instance_type})
+
+
+class _ProgressReporter:
+    """Feeds the engine's progress into metrics at once and into the ConfigMap entry at most every
+    ``progress_interval_s`` (a thread of its own: the engine's workers never wait for the API server)."""
+
+    def __init__(self, rec: Reconciler, ref: ModelRef, spec: ModelSpec, task: Task) -> None:
+        self.rec, self.ref, self.spec, self.task = rec, ref, spec, task
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"modelherd-progress-{ref.name}", daemon=True)
+        self._written = -1
+        self._last_done, self._last_t = 0, time.monotonic()
+        self._first: int | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._first is None:
+            self._first = done
+        else:
+            delta = done - self.task.done
+            if delta > 0:
+                self.rec.metrics.origin_bytes.labels(**self.ref.metric_labels()).inc(delta)
+                self.rec.metrics.download_bytes.labels(**self.ref.metric_labels()).inc(delta)
+        self.task.done, self.task.total = done, total
+        self.rec.metrics.download_progress.labels(**self.ref.metric_labels()).set(done)
+        self.rec.metrics.download_total.labels(**self.ref.metric_labels()).set(total)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        interval = self.rec.env.settings.progress_interval_s
+        while not self._stop.wait(interval):
+            done, total = self.task.done, self.task.total
+            if done == self._written or total <= 0 or self.task.cancel.is_set():
+                continue
+            now = time.monotonic()
+            speed = max(0.0, (done - self._last_done) / max(now - self._last_t, 1e-6))
+            self._last_done, self._last_t = done, now
+            progress = DownloadProgress(phase="downloading", total_bytes=total, completed_bytes=done,
+                                        total_files=self.task.files, completed_files=0,
+                                        speed_bytes_per_sec=round(speed, 1), last_updated=_now_rfc3339())
+            try:
+                self.rec.cm.update(self.ref.cm_key, lambda old, p=progress: None if old is None else render_entry(
+                    old, name=self.ref.name, status="Updating", config=KEEP, progress=p))
+                self._written = done
+            except ApiError as e:
+                log.debug("progress write for %s failed: %s", self.ref.display, e)
+

@@ -1,0 +1,121 @@
+"""The agent's metrics, on an injected registry: OME's ``model_agent_*`` (names, types, labels and help as
+OME's agent registers them) plus ``modelherd_*`` for what OME has no metric for.
+
+Nothing is registered at import time and no server starts here (see :mod:`modelherd.agent.server`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.utils import INF
+
+OME_LABELS = ("model_type", "namespace", "name")
+STATES = ("Ready", "Updating", "Failed")
+ROLES = ("holder", "follower", "pulled", "ready")
+
+
+def _exp(start: float, factor: float, count: int) -> tuple[float, ...]:
+    """Go's ``prometheus.ExponentialBuckets``."""
+    return (*tuple(start * factor ** i for i in range(count)), INF)
+
+
+class AgentMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        r = registry
+        # ---- OME's model agent (pkg/modelagent/metrics.go)
+        self.downloads_success = Counter("model_agent_downloads_success", "The total number of successful model "
+                                         "downloads", OME_LABELS, registry=r)
+        self.downloads_failed = Counter("model_agent_downloads_failed", "The total number of failed model downloads",
+                                        OME_LABELS, registry=r)
+        self.verifications = Counter("model_agent_verifications", "The total number of model verification attempts",
+                                     (*OME_LABELS, "result"), registry=r)
+        self.md5_failed = Counter("model_agent_md5_checksum_failed", "The total number of MD5 checksum failures",
+                                  OME_LABELS, registry=r)
+        self.rate_limits = Counter("model_agent_rate_limit", "The total number of rate limit (429) responses "
+                                   "encountered", OME_LABELS, registry=r)
+        self.download_bytes = Counter("model_agent_download_bytes", "The total bytes transferred while downloading "
+                                      "models", OME_LABELS, registry=r)
+        self.download_duration = Histogram("model_agent_download_duration_seconds", "The duration of model downloads "
+                                           "in seconds", OME_LABELS, buckets=_exp(0.1, 2, 10), registry=r)
+        self.verification_duration = Histogram("model_agent_verification_duration_seconds", "The duration of model "
+                                               "verifications in seconds", buckets=_exp(0.1, 2, 10), registry=r)
+        self.rate_limit_wait = Histogram("model_agent_rate_limit_wait_seconds", "The duration waited due to rate "
+                                         "limits in seconds", OME_LABELS, buckets=_exp(1, 2, 10), registry=r)
+        # ---- modelherd
+        self.model_state = Gauge("modelherd_model_state", "1 for the state each model is in on this node",
+                                 (*OME_LABELS, "state"), registry=r)
+        self.lease_role = Gauge("modelherd_lease_role", "1 for how this node got the model the last time: holder "
+                                "(downloaded under the Lease), follower (waited, verified), pulled (own download, "
+                                "local storage), ready (already on disk)", (*OME_LABELS, "role"), registry=r)
+        self.origin_bytes = Counter("modelherd_origin_bytes", "Bytes this node fetched from the origin",
+                                    OME_LABELS, registry=r)
+        self.verified_bytes = Counter("modelherd_verified_bytes", "Bytes of models this node verified (published by "
+                                      "itself or by another node)", OME_LABELS, registry=r)
+        self.download_progress = Gauge("modelherd_download_progress_bytes", "Bytes in place of the model being "
+                                       "downloaded by this node", OME_LABELS, registry=r)
+        self.download_total = Gauge("modelherd_download_total_bytes", "Size of the model being downloaded by this "
+                                    "node", OME_LABELS, registry=r)
+        self.failures = Counter("modelherd_model_failures", "Times a model was marked Failed on this node, by reason",
+                                (*OME_LABELS, "reason"), registry=r)
+        self.queue_depth = Gauge("modelherd_queue_depth", "Models waiting in the work queue", registry=r)
+        self.active_workers = Gauge("modelherd_active_workers", "Workers busy with a model", registry=r)
+        self.workers = Gauge("modelherd_workers", "Workers configured (--num-download-worker)", registry=r)
+        self.storage_mode = Gauge("modelherd_storage_mode", "1 for the storage mode of the models root",
+                                  ("mode",), registry=r)
+        self.root_free = Gauge("modelherd_models_root_free_bytes", "Free bytes of the models root filesystem",
+                               registry=r)
+        self.root_used = Gauge("modelherd_models_root_used_bytes", "Used bytes of the models root filesystem",
+                               registry=r)
+        self.root_size = Gauge("modelherd_models_root_size_bytes", "Size of the models root filesystem",
+                               registry=r)
+        self.watch_restarts = Counter("modelherd_watch_restarts", "Watches restarted after an error or 410 Gone",
+                                      ("resource",), registry=r)
+        self.api_requests = Gauge("modelherd_api_requests", "Requests this agent sent to the API server, by verb",
+                                  ("verb",), registry=r)
+        self.synced = Gauge("modelherd_informers_synced", "1 once the initial lists are in", registry=r)
+        self.last_heartbeat = Gauge("modelherd_loop_heartbeat_timestamp_seconds", "Unix time of the last worker "
+                                    "loop and watch heartbeat", registry=r)
+        self.info = Gauge("modelherd_agent_info", "Static facts about this agent", ("node", "version"), registry=r)
+
+    def set_state(self, labels: dict[str, str], state: str | None) -> None:
+        """Exactly one of the states is 1 (none when the model left the node)."""
+        for s in STATES:
+            if state is None:
+                with contextlib.suppress(KeyError):
+                    self.model_state.remove(*labels.values(), s)
+            else:
+                self.model_state.labels(**labels, state=s).set(1 if s == state else 0)
+
+    def set_role(self, labels: dict[str, str], role: str | None) -> None:
+        for r in ROLES:
+            if role is None:
+                with contextlib.suppress(KeyError):
+                    self.lease_role.remove(*labels.values(), r)
+            else:
+                self.lease_role.labels(**labels, role=r).set(1 if r == role else 0)
+
+    def clear_progress(self, labels: dict[str, str]) -> None:
+        for g in (self.download_progress, self.download_total):
+            with contextlib.suppress(KeyError):
+                g.remove(*labels.values())
+
+    def watch_root(self, root: Path) -> None:
+        """Free/total bytes of ``root`` computed at scrape time."""
+
+        def stat(field: Callable[[os.statvfs_result], int]) -> Callable[[], float]:
+            def read() -> float:
+                try:
+                    return float(field(os.statvfs(root)))
+                except OSError:
+                    return float("nan")
+            return read
+
+        self.root_free.set_function(stat(lambda s: s.f_bavail * s.f_frsize))
+        self.root_size.set_function(stat(lambda s: s.f_blocks * s.f_frsize))
+        self.root_used.set_function(stat(lambda s: (s.f_blocks - s.f_bfree) * s.f_frsize))
