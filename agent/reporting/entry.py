@@ -190,8 +190,8 @@ def _reject_constant(name: str) -> Any:
 
 
 def render_entry(previous: str | None, *, name: str, status: EntryStatus,
-                 config: dict[str, Any] | None | _Keep = KEEP,
-                 progress: DownloadProgress | None | _Keep = KEEP,
+                 config: dict[str, Any] | _Keep | None = KEEP,
+                 progress: DownloadProgress | _Keep | None = KEEP,
                  extra: Mapping[str, Any] | None = None) -> str:
     """The new value of one ConfigMap key, merged over ``previous`` (its current value; ``None`` or invalid → fresh).
 
