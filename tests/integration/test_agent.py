@@ -37,7 +37,12 @@ TOKEN = "hf_AgentSecretTokenNeverLogged0123456789"
 def model_src(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     folder = tmp_path_factory.mktemp("src") / "tiny-llama"
     files = make_sharded_model(folder, n_shards=8, shard_bytes=256 * KiB)
-    return folder, sum(p.stat().st_size for p in files)
+    # a config OME's Llama loader accepts, so the entry carries the model's metadata
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 8,
+        "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 128, "max_position_embeddings": 4096,
+        "torch_dtype": "bfloat16", "transformers_version": "4.43.0"}))
+    return folder, sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 @pytest.fixture
