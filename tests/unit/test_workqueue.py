@@ -192,15 +192,17 @@ def test_an_earlier_add_after_wakes_a_getter_sleeping_for_a_later_one() -> None:
     done = threading.Event()
 
     def worker() -> None:
-        got.append(q.get(timeout=GENEROUS))
+        got.append(q.get(timeout=30.0))  # a getter not woken would sleep all of this
         done.set()
 
     thread = threading.Thread(target=worker)
     thread.start()
     time.sleep(0.05)  # let it sleep toward the 60 s instant (the assertion holds either way)
     q.add_after("sooner", 0.02)
-    assert done.wait(GENEROUS)
+    woken = done.wait(2.0)
+    q.shutdown()
     thread.join(GENEROUS)
+    assert woken, "the getter slept past the new, earlier due instant"
     assert got == ["sooner"]
 
 
