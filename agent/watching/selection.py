@@ -321,9 +321,9 @@ def evaluate(storage: Mapping[str, Any] | None, node: Mapping[str, Any]) -> Sele
     selector = storage.get("nodeSelector")
     has_selector = selector is not None and selector != {}
     if has_selector:
-        failure = _node_selector_failure(selector, labels)
-        if failure:
-            return Selection(False, failure)
+        selector_failure = _node_selector_failure(selector, labels)
+        if selector_failure:
+            return Selection(False, selector_failure)
     matched_selector = "nodeSelector matches" if has_selector else ""
 
     affinity = storage.get("nodeAffinity")
