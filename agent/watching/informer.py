@@ -47,7 +47,6 @@ from typing import Any, Literal
 
 import urllib3.exceptions
 from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 from modelherd.storage.errors import ConfigError
 
 __all__ = ["RESTART_REASONS", "EventType", "Handler", "Informer"]
@@ -324,15 +323,18 @@ class Informer:
             raise _Stopped
         self.requests += 1
         try:
-            req = self._api.param_serialize(
+            # The client's own serialisation adds the bearer token (refreshed if its config refreshes it) and
+            # its pool carries the TLS settings; the request goes straight to that pool with retries=False,
+            # because urllib3's default Retry(3) would hide up to three more attempts from ``requests`` and
+            # from our backoff.
+            _method, url, headers, _body, _post = self._api.param_serialize(
                 "GET", self.path, query_params=query, header_params={"Accept": "application/json"},
                 auth_settings=["BearerToken"])
-            rest = self._api.call_api(*req, _request_timeout=(_CONNECT_TIMEOUT_S, read_timeout_s))
-        except ApiException as e:  # TLS errors come wrapped with status 0
-            raise _Failure("connection", f"{type(e).__name__} {e.status}") from None
-        except (urllib3.exceptions.HTTPError, OSError) as e:
+            resp: urllib3.BaseHTTPResponse = self._api.rest_client.pool_manager.request(
+                "GET", url, headers=headers, preload_content=False, retries=False,
+                timeout=urllib3.Timeout(connect=_CONNECT_TIMEOUT_S, read=read_timeout_s))
+        except (urllib3.exceptions.HTTPError, OSError) as e:  # refused, reset, TLS, timeouts
             raise _Failure("connection", type(e).__name__) from None
-        resp: urllib3.BaseHTTPResponse = rest.response
         if resp.status != 200:
             self._fail_status(resp)
         with self._resp_lock:
