@@ -20,8 +20,10 @@ this node's ConfigMap). It behaves like client-go's reflector feeding a plain st
 
 Invariants:
 - Requests go through :meth:`Informer._open` only; each increments :attr:`Informer.requests` (what the idle
-  budget counts at the API server). There is no polling: when idle, an informer makes one request per watch
-  timeout.
+  budget counts at the API server). The client serialises them (URL, bearer token, TLS via its pool) and they
+  are sent with ``retries=False``, so one attempt is one request; the streamed newline-delimited JSON is parsed
+  here (not ``kubernetes.watch.Watch``, which builds model objects and hides 410). There is no polling: when
+  idle, an informer makes one request per watch timeout.
 - The store is changed before the handler hears of the change, so ``get()``/``list()`` inside a handler
   already reflect the event. Objects are raw JSON dicts (camelCase, as the API server sends them), shared
   between the store and the handler: **treat them as read-only**.
