@@ -79,8 +79,9 @@ class NodeAgent:
         timeout = settings.watch_timeout_s
 
         def informer(path: str, name: str, handler: Any, **kw: Any) -> Informer:
-            return Informer(api, path, handler=handler, name=name, watch_timeout_s=timeout,
-                            on_restart=lambda why, name=name: self._watch_restarted(name, why), **kw)
+            def restarted(why: str) -> None:
+                self._watch_restarted(name, why)
+            return Informer(api, path, handler=handler, name=name, watch_timeout_s=timeout, on_restart=restarted, **kw)
 
         self.models = {
             kind: informer(f"/apis/{GROUP}/{VERSION}/{plural}", plural, self._model_handler(kind))

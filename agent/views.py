@@ -123,7 +123,8 @@ def cluster_status(api: Any, *, namespace: str) -> list[dict[str, Any]]:
             status = str(entry.get("status") or "")
             if status in ("Ready", "Updating", "Failed"):
                 row[status].append(node)
-            ours = entry.get("modelherd") if isinstance(entry.get("modelherd"), dict) else {}
+            mine = entry.get("modelherd")
+            ours: dict[str, Any] = mine if isinstance(mine, dict) else {}
             row["storageUri"] = row["storageUri"] or str(ours.get("storageUri") or "")
             row["path"] = row["path"] or str(ours.get("path") or "")
     try:

@@ -189,7 +189,8 @@ class Fleet:
     def wait_ready(self, agent: Agent, timeout: float = 60.0) -> None:
         def ready() -> bool:
             if agent.proc.poll() is not None:
-                raise AssertionError(f"agent {agent.node} exited {agent.proc.returncode}: {agent.log.read_text()[-3000:]}")
+                raise AssertionError(f"agent {agent.node} exited {agent.proc.returncode}: "
+                                     f"{agent.log.read_text()[-3000:]}")
             try:
                 return agent.get("/readyz")[0] == 200
             except OSError:

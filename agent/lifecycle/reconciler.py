@@ -176,7 +176,10 @@ class Reconciler:
         with self._lock:
             self._tasks[ref] = task
         try:
-            self._set(ref, spec, "Updating", progress=None, message="downloading")
+            if self.labels.current(ref.label_key) != "Failed":
+                self._set(ref, spec, "Updating", progress=None, message="downloading")
+            # a retry after a failure stays Failed until bytes move (the progress reporter flips it to
+            # Updating), so an origin that keeps answering 404 does not make the label flap
             manifest, role = self._pull(ref, spec, task)
         except CancelledError:
             log.info("%s: download stopped (%s)", ref.display, task.why or "cancelled")
@@ -348,13 +351,14 @@ class Reconciler:
         del token
         shape_settings = self._shape_settings()
         progress = _ProgressReporter(self, ref, spec, task)
+        canonical = spec.uri.canonical
 
         def listing_fn() -> Listing:
             listing = source.list_files()
             if spec.trtllm and self.env.storage_kind == "local":
                 listing = filter_for_shape(listing, "auto", shape_settings)
             if not listing.files:
-                raise SourceNotFoundError(f"{spec.uri.canonical} has no files to download",
+                raise SourceNotFoundError(f"{canonical} has no files to download",
                                           hint="check the repository, revision or prefix")
             task.files = len(listing.files)
             return listing
@@ -427,9 +431,14 @@ class _ProgressReporter:
             progress = DownloadProgress(phase="downloading", total_bytes=total, completed_bytes=done,
                                         total_files=self.task.files, completed_files=0,
                                         speed_bytes_per_sec=round(speed, 1), last_updated=_now_rfc3339())
+            def render(old: str | None, p: DownloadProgress = progress) -> str | None:
+                if old is None:  # the entry is gone (deleted meanwhile): progress never re-creates it
+                    return None
+                return render_entry(old, name=self.ref.name, status="Updating", config=KEEP, progress=p)
+
             try:
-                self.rec.cm.update(self.ref.cm_key, lambda old, p=progress: None if old is None else render_entry(
-                    old, name=self.ref.name, status="Updating", config=KEEP, progress=p))
+                self.rec.labels.set(self.ref.label_key, "Updating")
+                self.rec.cm.update(self.ref.cm_key, render)
                 self._written = done
             except ApiError as e:
                 log.debug("progress write for %s failed: %s", self.ref.display, e)

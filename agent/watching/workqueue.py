@@ -4,7 +4,7 @@ Invariants, all kept under one lock:
 
 - A key is *waiting* (in the FIFO, counted by ``len``), *processing* (handed out by ``get`` and not yet
   ``done``), *delayed* (due at a future instant), or absent. A key waits at most once: ``add`` of a waiting
-  key is a no-op.
+  key is a no-op. Internally, a key is waiting exactly when it is dirty and not processing.
 - A key is never handed to two workers at once: ``add`` of a processing key only marks it *dirty*, and
   ``done`` re-queues a dirty key once, however many times it was added meanwhile.
 - Producers never block on workers: ``add``, ``add_after`` and ``add_rate_limited`` take the lock only
@@ -164,7 +164,7 @@ class WorkQueue(Generic[K]):
             if key not in self._processing:
                 raise ValueError(f"done({key!r}): the key is not being processed")
             self._processing.remove(key)
-            if key in self._dirty and not self._shut:
+            if key in self._dirty:  # dirty and not processing means waiting, shut down or not
                 self._queue.append(key)
                 self._cond.notify()
 

@@ -36,7 +36,7 @@ TOKEN = "hf_AgentSecretTokenNeverLogged0123456789"
 @pytest.fixture(scope="module")
 def model_src(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     folder = tmp_path_factory.mktemp("src") / "tiny-llama"
-    files = make_sharded_model(folder, n_shards=8, shard_bytes=256 * KiB)
+    make_sharded_model(folder, n_shards=8, shard_bytes=256 * KiB)
     # a config OME's Llama loader accepts, so the entry carries the model's metadata
     (folder / "config.json").write_text(json.dumps({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 8,

@@ -6,7 +6,15 @@ where one place explains it, the term/expression it points at.
 
 from __future__ import annotations
 
+import json
+import os
+import random
+import shutil
+import subprocess
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -223,3 +231,87 @@ def test_selection_does_not_modify_its_inputs() -> None:
 def test_a_node_with_non_mapping_labels_is_a_type_error() -> None:
     with pytest.raises(TypeError, match="labels"):
         evaluate({}, {"metadata": {"name": "n", "labels": ["gpu=h200"]}})
+
+
+# -- the kube-scheduler's own code as the oracle ---------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+ORACLE = REPO / "tests" / "oracles" / "selection" / "main.go"
+GO_MODULE = REPO / "e2e" / "controlplane"  # its go.mod already pins k8s.io/api and k8s.io/component-helpers
+
+KEYS = ["gpu", "zone", "cores", "nvidia.com/gpu", "bad key", "Example.com/x", "a/b/c", ""]
+VALUES = ["a", "b", "h200", "16", "8", "0", "abc", "-1", "", "a b", "9223372036854775808"]
+OPERATORS = ["In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt", "Bogus", "in", ""]
+NAMES = ["node-a", "node-b", ""]
+
+
+def _random_case(rng: random.Random) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A well-typed (storage, node) pair from a small vocabulary, so that keys and values collide often."""
+    labels = {k: rng.choice(VALUES) for k in rng.sample(KEYS[:4], rng.randint(0, 4))}
+    node = {"metadata": {"name": rng.choice(NAMES), "labels": labels}}
+    storage: dict[str, Any] = {}
+    if rng.random() < 0.3:
+        storage["nodeSelector"] = {k: rng.choice(VALUES[:5]) for k in rng.sample(KEYS[:4], rng.randint(0, 2))}
+    if rng.random() < 0.9:
+        terms = []
+        for _ in range(rng.choice([0, 1, 1, 2, 3])):
+            t: dict[str, Any] = {}
+            if rng.random() < 0.9:
+                t["matchExpressions"] = [
+                    {"key": rng.choice(KEYS), "operator": rng.choice(OPERATORS),
+                     "values": rng.sample(VALUES, rng.choice([0, 1, 1, 1, 2, 3]))}
+                    for _ in range(rng.randint(0, 3))
+                ]
+            if rng.random() < 0.3:
+                t["matchFields"] = [
+                    {"key": "metadata.name", "operator": rng.choice(["In", "NotIn", "In", "Exists"]),
+                     "values": rng.sample(NAMES[:2], rng.choice([0, 1, 1, 2]))}
+                    for _ in range(rng.randint(0, 2))
+                ]
+            terms.append(t)
+        storage["nodeAffinity"] = {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}
+    return storage, node
+
+
+@pytest.fixture(scope="module")
+def scheduler(tmp_path_factory: pytest.TempPathFactory) -> Callable[[list[str]], list[str]]:
+    go = shutil.which("go") or ("/usr/local/go/bin/go" if Path("/usr/local/go/bin/go").exists() else None)
+    if go is None:
+        pytest.skip("go is not installed: the scheduler oracle cannot be built")
+    work = tmp_path_factory.mktemp("scheduler-oracle")
+    mod = (GO_MODULE / "go.mod").read_text().splitlines()
+    (work / "go.mod").write_text("\n".join(["module oracle", *mod[1:]]) + "\n")
+    shutil.copy(GO_MODULE / "go.sum", work / "go.sum")
+    shutil.copy(ORACLE, work / "main.go")
+    binary = work / "oracle"
+    env = {**os.environ, "GOFLAGS": "-mod=mod", "CGO_ENABLED": "0"}
+    built = subprocess.run([go, "build", "-o", str(binary), "."], cwd=work, env=env, capture_output=True,
+                           text=True, timeout=900)
+    assert built.returncode == 0, built.stderr[-3000:]
+
+    def run(lines: list[str]) -> list[str]:
+        done = subprocess.run([str(binary)], input="\n".join(lines) + "\n", capture_output=True, text=True,
+                              check=True, timeout=120)
+        return done.stdout.splitlines()
+
+    return run
+
+
+@pytest.mark.slow
+def test_selection_agrees_with_the_kube_scheduler(scheduler: Callable[[list[str]], list[str]]) -> None:
+    rng = random.Random(20240901)
+    cases = [_random_case(rng) for _ in range(20_000)]
+    verdicts = scheduler([json.dumps({"storage": s, "node": n}) for s, n in cases])
+    assert len(verdicts) == len(cases)
+    seen: Counter[str] = Counter()
+    for (storage, node_obj), verdict in zip(cases, verdicts, strict=True):
+        assert verdict != "BADJSON", storage
+        got = evaluate(storage, node_obj)
+        seen[verdict] += 1
+        context = f"{verdict}: {json.dumps(storage)} on {json.dumps(node_obj)} -> {got.reason}"
+        assert got.selected is (verdict == "MATCH"), context
+        if verdict == "ERROR":
+            assert "invalid" in got.reason, context
+        if verdict == "NOMATCH":
+            assert "invalid" not in got.reason, context
+    assert min(seen.values()) > 1000, seen  # the generator reaches every verdict

@@ -332,3 +332,14 @@ def test_producers_do_not_wait_for_blocked_workers() -> None:
 def test_bad_backoff_settings_are_rejected(base: float, cap: float, jitter: float) -> None:
     with pytest.raises(ValueError):
         WorkQueue(backoff_base_s=base, backoff_max_s=cap, jitter=jitter)
+
+
+def test_remove_after_a_dirty_key_finishes_past_shutdown_does_not_raise() -> None:
+    q: WorkQueue[str] = WorkQueue()
+    q.add("a")
+    assert q.get(timeout=0) == "a"
+    q.add("a")  # dirty
+    q.shutdown()
+    q.done("a")
+    q.remove("a")
+    assert q.get(timeout=0) is None
