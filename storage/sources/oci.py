@@ -18,6 +18,7 @@ import hashlib
 import http.client
 import logging
 import os
+import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -241,7 +242,8 @@ class OCISource:
 
     def __init__(self, uri: ModelURI, *, auth: str = "auto", config_file: str = "~/.oci/config",
                  profile: str = "DEFAULT", region: str = "", endpoint: str = "", retry: RetryPolicy = DEFAULT_RETRY,
-                 pool_maxsize: int = 32, environ: Mapping[str, str] | None = None) -> None:
+                 pool_maxsize: int = 32, environ: Mapping[str, str] | None = None,
+                 cancel: threading.Event | None = None) -> None:
         if uri.scheme != "oci":
             raise ConfigError(f"OCISource needs an oci:// URI, got {uri.raw!r}")
         self.uri = uri.canonical
@@ -250,6 +252,7 @@ class OCISource:
         #: the folder listed: the prefix is always a folder, so ``o/llama`` never matches ``llama2/...``
         self.folder = f"{prefix}/" if prefix else ""
         self._retry = retry
+        self._cancel = cancel
         self._pool_maxsize = pool_maxsize
         self._etags: dict[str, str] = {}
         self._client = make_client(auth=auth, config_file=config_file, profile=profile,
@@ -263,7 +266,7 @@ class OCISource:
             except Exception as e:
                 raise map_error(e, what) from None
 
-        return call_with_retry(once, self._retry, what=what)
+        return call_with_retry(once, self._retry, cancel=self._cancel, what=what)
 
     def _where(self, name: str = "") -> str:
         return f"oci://n/{self._ns}/b/{self._bucket}/o/{name}"
