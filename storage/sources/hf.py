@@ -8,19 +8,26 @@ list the tree of that exact commit (``GET /api/models/{repo}/tree/{sha}?recursiv
 (``sha``; each file's ``path``/``size``/``oid``/``lfs``), so the 10,000-line ``huggingface_hub.hf_api`` module
 is never imported: that is about a tenth of a second of every ``modelherd pull``'s start-up. Bodies are
 fetched with ranged GETs through one shared ``urllib3.PoolManager`` from the resolve URL of that commit
-(``hf_hub_url``), following the Hub's redirect to its CDN. The engine owns retries (the listing runs inside
-our ``RetryPolicy``); neither HTTP client retries on its own.
+(``hf_hub_url``), following the Hub's redirect to its CDN. The engine owns retries (each listing request runs
+inside our ``RetryPolicy``, its back-offs end at once on the source's ``cancel`` Event); neither HTTP client
+retries on its own.
 
 Invariants:
 * every listed name passed :func:`~modelherd.storage.paths.safe_relpath`; the listing names one commit;
 * ``open`` yields exactly the bytes ``[start, end)`` or raises a typed ``SourceError``; a short body is
   a ``TransientSourceError``, never a silent EOF;
-* the token is sent only to the endpoint host (urllib3 drops ``Authorization`` on a cross-host
-  redirect) and never appears in a message, log line or repr.
+* the token is sent only to the endpoint's origin (scheme, host, port): a tree ``Link`` to another origin is
+  followed without it, and both HTTP clients drop ``Authorization`` on a cross-origin redirect; it never
+  appears in a message, log line or repr;
+* tree pages are parsed while they stream in (``ijson``) and filtered by the patterns entry by entry, so a
+  listing holds only the files it keeps, however many entries the Hub sends; no page URL is fetched twice
+  (a ``Link`` loop is refused at once);
+* a redirect or ``Link`` to a non-HTTP URL (``file://``, ``ftp://``) is a ``SourceError`` at once, never retried.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import ssl
@@ -73,7 +80,7 @@ CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 60.0
 API_TIMEOUT_S = 30.0
 MAX_REDIRECTS = 5
-MAX_TREE_PAGES = 10_000  # 10 million entries at the Hub's 1000 per page; a Link loop ends here
+MAX_TREE_PAGES = 10_000  # 10 million entries at the Hub's 1000 per page; a Link that never repeats ends here
 _SKIP_CHUNK = 1024 * 1024
 DEFAULT_RETRY = RetryPolicy()
 
@@ -260,7 +267,7 @@ class HFSource:
         seen: set[str] = set()
         for _ in range(MAX_TREE_PAGES):
             seen.add(url)
-            page, link = self._call(lambda url=url: self._tree_page(url, repo_id, commit),  # type: ignore[misc]
+            page, link = self._call(functools.partial(self._tree_page, url, repo_id, commit),
                                     f"listing {self.uri}")
             kept.extend(page)
             del page
