@@ -28,6 +28,8 @@ from modelherd.storage.uri import parse_uri
 from tests import support
 from tests.hub_fixtures import HUB_TOKEN, LFS_MIN_SIZE
 from tests.hubserver import HubServer
+from tests.integration import test_coordinated_pull as coordinated
+from tests.k8s_fixtures import KubeCluster
 from tests.oci_fixtures import OCIUserConfig
 from tests.ociserver import Faults, OCIObjectServer
 from tests.rangeserver import RangeServer, RangeSource, make_model
@@ -138,6 +140,38 @@ def test_sigterm_ends_a_pull_sleeping_on_retry_after_and_releases_its_lease(
     assert "Traceback" not in err
     if coordination == "file":
         assert _lease_holders(root) == [""], "a cancelled holder must release its lease"
+
+
+@pytest.mark.k8s
+@pytest.mark.multiprocess
+@pytest.mark.timeout(300)
+def test_sigterm_releases_a_kubernetes_lease_held_while_sleeping_on_retry_after(
+        hub_server: HubServer, small_model: Path, tmp_path: Path, kube_cluster: KubeCluster,
+        kube_namespace: str) -> None:
+    hub_server.add_repo(coordinated.REPO, small_model, lfs_min_size=LFS_MIN_SIZE)
+    hub_server.fail("model_info", 429, times=None, retry_after="999999999")
+    root = tmp_path / "models"
+    root.mkdir()
+    herd = coordinated.Herd("kubernetes", root, hub_server, kube_namespace, kube_cluster.kubeconfig,
+                            duration_s=15, renew_s=2)
+    try:
+        proc = herd.start("node-a")
+        herd.wait_for(lambda r: r.holder == "node-a", timeout=120)
+        deadline = time.monotonic() + 60
+        while hub_server.requests["model_info"] < 1:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        took = time.monotonic() - t0
+        assert proc.returncode == 130, herd.logs["node-a"].read_text()
+        assert took < 2.0, f"SIGTERM took {took:.2f}s to end the pull"
+        record = herd.lease().observe()
+        assert record is not None and not record.held, "a cancelled holder must release its Lease"
+    finally:
+        herd.kill_all()
 
 
 # -- pagination --------------------------------------------------------------------------------------------
