@@ -52,6 +52,7 @@ class Faults:
     truncate_at: float = 0.5
     corrupt: int = 0  # the next N bodies have their first byte flipped (same length)
     rate_bps: int | None = None  # every body is served at about this many bytes per second
+    redirect_to: str | None = None  # every GET/HEAD answers 302 with this Location (any URL, any scheme)
 
 
 @dataclass
@@ -393,6 +394,11 @@ def _make_handler(server: OCIObjectServer) -> type[BaseHTTPRequestHandler]:
                 self._error(404, "ObjectNotFound", f"The object '{name}' was not found in the bucket")
                 return
             if self._status_fault(name):
+                return
+            with server._lock:
+                location = server.faults[name].redirect_to if name in server.faults else None
+            if location is not None:
+                self._send(302, b"", {"location": location})
                 return
             if (im := self.headers.get("if-match")) and im != obj.etag:
                 self._error(412, "IfMatchFailed", "The If-Match header did not match the object's ETag")

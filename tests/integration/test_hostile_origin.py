@@ -246,6 +246,21 @@ def test_an_api_redirect_to_a_non_http_scheme_fails_at_once(hub_server: HubServe
     assert hub_server.requests["model_info"] == 1
 
 
+@pytest.mark.parametrize("location", ["file:///etc/passwd", "ftp://127.0.0.1/x"])
+def test_an_oci_redirect_to_a_non_http_scheme_fails_at_once(oci_server: OCIObjectServer,
+                                                            oci_user_config: OCIUserConfig, location: str) -> None:
+    oci_server.put_object("testns", "models", "llama/a.bin", b"weights")
+    src = OCISource(parse_uri("oci://n/testns/b/models/o/llama/"), auth="user",
+                    config_file=str(oci_user_config.path), profile=oci_user_config.profile,
+                    endpoint=oci_server.url, retry=FAST)
+    f = src.list_files().files[0]
+    oci_server.inject("llama/a.bin", Faults(redirect_to=location))
+    with pytest.raises(SourceError) as ei:
+        src.open(f)
+    assert not isinstance(ei.value, TransientSourceError), ei.value
+    assert oci_server.requests["get"] == 1
+
+
 # -- huge listings -----------------------------------------------------------------------------------------
 @pytest.mark.timeout(120)
 def test_a_huge_listing_is_filtered_while_it_streams_in_bounded_memory(hub_server: HubServer) -> None:
