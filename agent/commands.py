@@ -59,11 +59,12 @@ def retry_policy(settings: Settings) -> RetryPolicy:
     from ..storage.retry import RetryPolicy
 
     return RetryPolicy(retries=settings.download_retry, backoff_s=settings.retry_backoff_s,
-                       backoff_max_s=settings.retry_backoff_max_s)
+                       backoff_max_s=settings.retry_backoff_max_s, retry_after_max_s=settings.retry_after_max_s)
 
 
 def make_source(uri: ModelURI, settings: Settings, *, allow: list[str] | None = None,
-                ignore: list[str] | None = None) -> Source:
+                ignore: list[str] | None = None, cancel: threading.Event | None = None) -> Source:
+    """The source of ``uri``; ``cancel`` ends its own back-offs (the listing's) at once."""
     from ..storage.sources import open_source
 
     return open_source(
@@ -79,6 +80,7 @@ def make_source(uri: ModelURI, settings: Settings, *, allow: list[str] | None = 
         oci_endpoint=settings.oci_endpoint,
         retry=retry_policy(settings),
         pool_maxsize=max(32, settings.concurrency * settings.multipart_concurrency),
+        cancel=cancel,
     )
 
 
@@ -163,7 +165,7 @@ def cmd_pull(args: argparse.Namespace, settings: Settings, cancel: threading.Eve
         log.info("%s is already Ready at %s (completion manifest + quick verification)", uri.canonical, dest)
         _print_ready(uri, ready, dest, settings, started, "ready")
         return 0
-    source = make_source(uri, settings, allow=args.allow, ignore=args.ignore)
+    source = make_source(uri, settings, allow=args.allow, ignore=args.ignore, cancel=cancel)
     progress = _Progress(enabled=not args.no_progress and sys.stderr.isatty(), desc=uri.canonical)
     try:
         def listing_fn() -> Listing:

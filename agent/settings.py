@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     download_retry: int = Field(default=5, ge=0, le=100, description="retries per request")
     retry_backoff_s: float = Field(default=0.5, gt=0)
     retry_backoff_max_s: float = Field(default=60.0, gt=0)
+    retry_after_max_s: float = Field(
+        default=300.0, gt=0, description="longest wait a server's Retry-After can ask for; longer asks are capped")
     fsync: bool = Field(default=True, description="fsync every file before publishing (durable publish)")
     direct_io: Literal["auto", "on", "off"] = Field(
         default="auto", description="write with O_DIRECT: auto = on node-local filesystems, off on shared ones")

@@ -12,9 +12,13 @@ Two ``ThreadingHTTPServer`` instances on 127.0.0.1 (HTTP/1.1, keep-alive):
   ``Range`` support (206 + ``Content-Range``). It needs no token. It can be replaced by an external
   static server (nginx) with ``redirect_base=``; that server must serve ``{root}/{repo}/{path}``.
 
-Tests register repos from local folders (``add_repo``) or raw names (``add_files``, for malicious
-tree entries), program faults (``fail``, ``truncate``, ``corrupt``, ``throttle``) and read counters
-(``requests``, ``bytes_served``, ``request_log``). ``GET /_stats`` on the API host returns the
+Tests register repos from local folders (``add_repo``), raw names (``add_files``, for malicious
+tree entries) or a generated tree of any size (``add_generated``: 10^6 entries streamed as they are made,
+never held), program faults (``fail`` with any ``Retry-After`` string, ``truncate``, ``corrupt``, ``throttle``,
+``redirect`` to any URL or scheme, ``link`` to replace a tree page's ``Link`` header: a loop, another origin)
+and read counters (``requests``, ``bytes_served``, ``request_log``). Counters never lag the client: a request
+is logged before its status line is sent and body bytes are counted before they are written, so a client
+that has read a whole answer always finds it counted. ``GET /_stats`` on the API host returns the
 counters as JSON, for tests that run the server as a separate process::
 
     python -m tests.hubserver --repo org/model=/path/to/folder --print-port
@@ -36,7 +40,7 @@ import threading
 import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -98,6 +102,7 @@ class HubRepo:
     gated: bool = False
     refs: dict[str, str] = field(default_factory=dict)  # branch/tag -> commit sha
     commits: dict[str, dict[str, HubFile]] = field(default_factory=dict)
+    generated: GeneratedTree | None = None
 
     def resolve(self, rev: str) -> str | None:
         if rev in self.refs:
@@ -107,12 +112,31 @@ class HubRepo:
         return None
 
 
+@dataclass(frozen=True)
+class GeneratedTree:
+    """A tree of ``count`` file entries made one at a time (``names(i)``), never held as a whole.
+
+    Entry ``i`` is ``names(i)``, a non-LFS file of ``i % 1000`` bytes whose oid is the sha1 of its name; the tree
+    is one page (no ``Link``) sent with chunked transfer encoding as it is generated.
+    """
+
+    commit: str
+    count: int
+    names: Callable[[int], str]
+
+    def entries(self) -> Iterator[dict[str, Any]]:
+        for i in range(self.count):
+            name = self.names(i)
+            yield {"type": "file", "oid": hashlib.sha1(name.encode(), usedforsecurity=False).hexdigest(),
+                   "size": i % 1000, "path": name}
+
+
 @dataclass
 class Fault:
     """A programmed misbehaviour for requests to ``endpoint`` whose path contains ``path``."""
 
     endpoint: Endpoint
-    kind: Literal["status", "truncate", "corrupt", "throttle"]
+    kind: Literal["status", "truncate", "corrupt", "throttle", "redirect", "link"]
     times: int | None  # None: forever
     path: str | None = None
     status: int = 500
@@ -120,6 +144,8 @@ class Fault:
     keep_bytes: int = 0  # truncate: bytes actually sent before closing
     flip_at: int = 0  # corrupt: offset (within the body sent) of the byte to flip
     bytes_per_s: float = 0.0  # throttle
+    location: str = ""  # redirect: the Location sent with the 302
+    link: str = ""  # link: the whole Link header of a tree page ("" sends none)
 
     def matches(self, endpoint: str, path: str) -> bool:
         return (self.endpoint in ("any", endpoint)) and (self.path is None or self.path in path)
@@ -285,6 +311,29 @@ class HubServer:
         """Send matching bodies at about ``bytes_per_s``."""
         return self._add(Fault(endpoint, "throttle", times, path, bytes_per_s=bytes_per_s))
 
+    def redirect(self, endpoint: Endpoint, location: str, *, times: int | None = 1, path: str | None = None) -> Fault:
+        """Answer the next ``times`` matching requests with ``302 Location: location`` (any URL, any scheme)."""
+        return self._add(Fault(endpoint, "redirect", times, path, location=location))
+
+    def link(self, value: str, *, times: int | None = 1, path: str | None = None) -> Fault:
+        """Send ``Link: value`` with the next ``times`` tree pages instead of the real one (``""``: none).
+
+        ``{endpoint}`` in ``value`` becomes the API host's URL, e.g. ``'<{endpoint}/api/...>; rel="next"'``.
+        """
+        return self._add(Fault("tree", "link", times, path, link=value))
+
+    def add_generated(self, repo_id: str, count: int, names: Callable[[int], str] = lambda i: f"f{i:07d}.bin",
+                      *, token: str | None = None) -> str:
+        """Register ``repo_id`` (revision ``main``) as a generated tree of ``count`` files; returns its commit."""
+        sha = hashlib.sha1(f"{repo_id}\0generated\0{count}".encode(), usedforsecurity=False).hexdigest()
+        with self._lock:
+            repo = self.repos.setdefault(repo_id, HubRepo(repo_id))
+            repo.token = token if token is not None else repo.token
+            repo.generated = GeneratedTree(sha, count, names)
+            repo.commits[sha] = {}
+            repo.refs["main"] = sha
+        return sha
+
     def clear_faults(self) -> None:
         with self._lock:
             self._faults.clear()
@@ -360,6 +409,7 @@ class _Handler(BaseHTTPRequestHandler):
     _status = 0
     _logged = False
     _endpoint = ""
+    _link: str | None = None  # a programmed Link header for this request's tree page
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet
         pass
@@ -405,7 +455,10 @@ class _Handler(BaseHTTPRequestHandler):
                 if f.kind == "status":
                     hdrs = {"Retry-After": f.retry_after} if f.retry_after is not None else {}
                     raise _Reply(f.status, message=f"injected {f.status}", headers=hdrs)
-            body_faults = [f for f in faults if f.kind != "status"]
+                if f.kind == "redirect":
+                    raise _Reply(302, message="injected redirect", headers={"Location": f.location})
+            self._link = next((f.link for f in faults if f.kind == "link"), None)
+            body_faults = [f for f in faults if f.kind in ("truncate", "corrupt", "throttle")]
             if self.server.role == "cdn":
                 self._cdn(segments, query, head=head, faults=body_faults)
             elif segments[:2] == ["api", "models"]:
@@ -488,7 +541,10 @@ class _Handler(BaseHTTPRequestHandler):
         raise _Reply(404, message="unknown API route")
 
     def _tree(self, repo: HubRepo, rev: str, sub: str, query: dict[str, list[str]], *, head: bool) -> None:
-        _, files = self._commit_files(repo, rev)
+        sha, files = self._commit_files(repo, rev)
+        if repo.generated is not None and sha == repo.generated.commit:
+            self._generated_tree(repo.generated, head=head)
+            return
         recursive = query.get("recursive", ["false"])[0].lower() == "true"
         prefix = sub.strip("/") + "/" if sub.strip("/") else ""
         if prefix and not any(n.startswith(prefix) for n in files):
@@ -521,7 +577,38 @@ class _Handler(BaseHTTPRequestHandler):
             q["cursor"] = str(cursor + self.hub.page_size)
             nxt = f"{self.hub.endpoint}{urllib.parse.urlsplit(self.path).path}?{urllib.parse.urlencode(q)}"
             extra["Link"] = f'<{nxt}>; rel="next"'
+        if self._link is not None:
+            extra.pop("Link", None)
+            if self._link:
+                extra["Link"] = self._link.replace("{endpoint}", self.hub.endpoint)
         self._json(200, page, head=head, extra=extra)
+
+    def _generated_tree(self, tree: GeneratedTree, *, head: bool) -> None:
+        """The whole generated tree as one JSON array, made and sent in chunks (chunked transfer encoding)."""
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        if self._link:
+            self.send_header("Link", self._link.replace("{endpoint}", self.hub.endpoint))
+        self.end_headers()
+        if head:
+            return
+
+        def send(data: bytes) -> None:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+        buf: list[str] = ["["]
+        size = 1
+        for i, entry in enumerate(tree.entries()):
+            text = ("," if i else "") + json.dumps(entry)
+            buf.append(text)
+            size += len(text)
+            if size >= CHUNK:
+                send("".join(buf).encode())
+                buf, size = [], 0
+        buf.append("]")
+        send("".join(buf).encode())
+        self.wfile.write(b"0\r\n\r\n")
 
     # -- resolve -----------------------------------------------------------------------------
     def _resolve(self, segments: list[str], *, head: bool, faults: list[Fault]) -> None:
@@ -600,9 +687,14 @@ class _Handler(BaseHTTPRequestHandler):
                     b = bytearray(part)
                     b[flip - sent] ^= 0x01
                     part = bytes(b)
-                self.wfile.write(part)
-                sent += len(part)
+                # counted before it is sent: a client that has read the whole body always finds it counted
                 self.hub._count_body(f.path, len(part))
+                try:
+                    self.wfile.write(part)
+                except OSError:
+                    self.hub._count_body(f.path, -len(part))  # it never left
+                    raise
+                sent += len(part)
                 if rate:
                     ahead = sent / rate - (time.monotonic() - t0)
                     if ahead > 0:

@@ -45,13 +45,14 @@ class Faults:
 
     status_401: int = 0  # the next N requests answer 401 NotAuthenticated (a rejected signature)
     status_429: int = 0  # the next N requests answer 429
-    retry_after: float | None = None  # ... with this Retry-After (seconds), if set
+    retry_after: float | str | None = None  # ... with this Retry-After (seconds, or any string sent verbatim)
     status_5xx: int = 0  # the next N requests answer ``code_5xx``
     code_5xx: int = 503
     truncate: int = 0  # the next N bodies stop after ``truncate_at`` of their length, then the connection closes
     truncate_at: float = 0.5
     corrupt: int = 0  # the next N bodies have their first byte flipped (same length)
     rate_bps: int | None = None  # every body is served at about this many bytes per second
+    redirect_to: str | None = None  # every GET/HEAD answers 302 with this Location (any URL, any scheme)
 
 
 @dataclass
@@ -278,7 +279,7 @@ def _make_handler(server: OCIObjectServer) -> type[BaseHTTPRequestHandler]:
                 self._error(401, "NotAuthenticated", "The required information to complete authentication was "
                                                      "not provided or was incorrect.")
             elif kind == "429":
-                hdrs = {"retry-after": f"{arg:g}"} if arg is not None else {}
+                hdrs = {"retry-after": arg if isinstance(arg, str) else f"{arg:g}"} if arg is not None else {}
                 self._error(429, "TooManyRequests", "Too many requests", hdrs)
             else:
                 self._error(int(arg), "InternalServerError" if arg == 500 else "ServiceUnavailable", "injected")
@@ -394,6 +395,11 @@ def _make_handler(server: OCIObjectServer) -> type[BaseHTTPRequestHandler]:
                 return
             if self._status_fault(name):
                 return
+            with server._lock:
+                location = server.faults[name].redirect_to if name in server.faults else None
+            if location is not None:
+                self._send(302, b"", {"location": location})
+                return
             if (im := self.headers.get("if-match")) and im != obj.etag:
                 self._error(412, "IfMatchFailed", "The If-Match header did not match the object's ETag")
                 return
@@ -429,12 +435,14 @@ def _make_handler(server: OCIObjectServer) -> type[BaseHTTPRequestHandler]:
                     break
                 if corrupt and sent == 0:
                     chunk = bytes([chunk[0] ^ 0xFF]) + chunk[1:]
+                # counted before it is sent: a client that has read the whole body always finds it counted
+                server.served(len(chunk))
                 try:
                     self.wfile.write(chunk)
                 except (BrokenPipeError, ConnectionResetError):
+                    server.served(-len(chunk))  # it never left
                     self.close_connection = True
                     return
-                server.served(len(chunk))
                 pos += len(chunk)
                 sent += len(chunk)
                 if rate:

@@ -131,13 +131,16 @@ class RangeServer:
                     break
                 if fault.corrupt and sent == 0:
                     data = bytes([data[0] ^ 0xFF]) + data[1:]
+                # counted before it is sent: a client that has read the whole body always finds it counted
+                with self._lock:
+                    self.bytes_sent += len(data)
                 try:
                     h.wfile.write(data)
                 except OSError:
+                    with self._lock:
+                        self.bytes_sent -= len(data)  # it never left
                     return
                 sent += len(data)
-                with self._lock:
-                    self.bytes_sent += len(data)
                 if self.rate:
                     ahead = sent / self.rate - (time.monotonic() - began)
                     if ahead > 0:

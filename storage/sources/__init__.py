@@ -6,6 +6,7 @@ Invariant: the returned object implements :class:`modelherd.storage.types.Source
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 from ..errors import BadURIError
@@ -30,19 +31,24 @@ def open_source(
     oci_endpoint: str = "",
     retry: RetryPolicy = DEFAULT_RETRY,
     pool_maxsize: int = 32,
+    cancel: threading.Event | None = None,
 ) -> Source:
-    """The source for ``uri``: ``HFSource``, ``OCISource`` or ``LocalSource``; each gets only its options."""
+    """The source for ``uri``: ``HFSource``, ``OCISource`` or ``LocalSource``; each gets only its options.
+
+    ``cancel`` (the pull's cancel Event) ends every back-off of the source's own retries (the listing's) at once.
+    """
     if uri.scheme == "hf":
         from .hf import HFSource
 
         hf: Source = HFSource(uri, token=hf_token, endpoint=hf_endpoint, allow_patterns=allow_patterns,
-                              ignore_patterns=ignore_patterns, retry=retry, pool_maxsize=pool_maxsize)
+                              ignore_patterns=ignore_patterns, retry=retry, pool_maxsize=pool_maxsize,
+                              cancel=cancel)
         return hf
     if uri.scheme == "oci":
         from .oci import OCISource
 
         return OCISource(uri, auth=oci_auth, config_file=oci_config_file, profile=oci_profile, region=oci_region,
-                         endpoint=oci_endpoint, retry=retry, pool_maxsize=pool_maxsize)
+                         endpoint=oci_endpoint, retry=retry, pool_maxsize=pool_maxsize, cancel=cancel)
     if uri.scheme == "local":
         from .local import LocalSource
 

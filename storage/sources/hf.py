@@ -8,28 +8,37 @@ list the tree of that exact commit (``GET /api/models/{repo}/tree/{sha}?recursiv
 (``sha``; each file's ``path``/``size``/``oid``/``lfs``), so the 10,000-line ``huggingface_hub.hf_api`` module
 is never imported: that is about a tenth of a second of every ``modelherd pull``'s start-up. Bodies are
 fetched with ranged GETs through one shared ``urllib3.PoolManager`` from the resolve URL of that commit
-(``hf_hub_url``), following the Hub's redirect to its CDN. The engine owns retries (the listing runs inside
-our ``RetryPolicy``); neither HTTP client retries on its own.
+(``hf_hub_url``), following the Hub's redirect to its CDN. The engine owns retries (each listing request runs
+inside our ``RetryPolicy``, its back-offs end at once on the source's ``cancel`` Event); neither HTTP client
+retries on its own.
 
 Invariants:
 * every listed name passed :func:`~modelherd.storage.paths.safe_relpath`; the listing names one commit;
 * ``open`` yields exactly the bytes ``[start, end)`` or raises a typed ``SourceError``; a short body is
   a ``TransientSourceError``, never a silent EOF;
-* the token is sent only to the endpoint host (urllib3 drops ``Authorization`` on a cross-host
-  redirect) and never appears in a message, log line or repr.
+* the token is sent only to the endpoint's origin (scheme, host, port): a tree ``Link`` to another origin is
+  followed without it, and both HTTP clients drop ``Authorization`` on a cross-origin redirect; it never
+  appears in a message, log line or repr;
+* tree pages are parsed while they stream in (``ijson``) and filtered by the patterns entry by entry, so a
+  listing holds only the files it keeps, however many entries the Hub sends; no page URL is fetched twice
+  (a ``Link`` loop is refused at once);
+* a redirect or ``Link`` to a non-HTTP URL (``file://``, ``ftp://``) is a ``SourceError`` at once, never retried.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import ssl
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TypeVar
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import quote, urldefrag, urljoin, urlsplit
 
 import httpx2
+import ijson
 import urllib3
 from huggingface_hub.errors import (
     GatedRepoError,
@@ -50,6 +59,7 @@ from urllib3.exceptions import HTTPError as Urllib3HTTPError
 
 from ..errors import (
     AuthError,
+    ModelherdError,
     RateLimitedError,
     SourceError,
     SourceNotFoundError,
@@ -70,7 +80,7 @@ CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 60.0
 API_TIMEOUT_S = 30.0
 MAX_REDIRECTS = 5
-MAX_TREE_PAGES = 10_000  # 10 million entries at the Hub's 1000 per page; a Link loop ends here
+MAX_TREE_PAGES = 10_000  # 10 million entries at the Hub's 1000 per page; a Link that never repeats ends here
 _SKIP_CHUNK = 1024 * 1024
 DEFAULT_RETRY = RetryPolicy()
 
@@ -94,6 +104,17 @@ def _field(entry: dict[str, Any], key: str, kind: type[T]) -> T:
         raise SourceError(f"the Hub's tree entry {entry.get('path')!r} has no valid {key!r}",
                           hint="the endpoint does not answer like the Hub API")
     return value
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """``(scheme, host, port)`` of ``url``, the default port filled in: what "the same origin" compares."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1  # unreadable: never equal to a real origin
+    return scheme, (parts.hostname or "").lower(), port if port is not None else {"http": 80, "https": 443}.get(scheme)
 
 
 def _redact(text: str, token: str | None) -> str:
@@ -163,6 +184,7 @@ class HFSource:
         ignore_patterns: Sequence[str] | None = None,
         retry: RetryPolicy = DEFAULT_RETRY,
         pool_maxsize: int = 32,
+        cancel: threading.Event | None = None,
     ) -> None:
         if uri.scheme != "hf":
             raise ValueError(f"HFSource needs an hf:// URI, got {uri.canonical}")
@@ -170,7 +192,8 @@ class HFSource:
         self._model_uri = uri
         self._token = token or None
         self._endpoint = endpoint.rstrip("/")
-        self._endpoint_netloc = urlsplit(self._endpoint).netloc
+        self._endpoint_origin = _origin(self._endpoint)
+        self._cancel = cancel
         self._allow = list(allow_patterns) if allow_patterns is not None else None
         self._ignore = list(ignore_patterns) if ignore_patterns is not None else None
         self._retry = retry
@@ -179,6 +202,7 @@ class HFSource:
         # token=False: never fall back to a token saved on disk or in the environment.
         self._api_headers = build_hf_headers(token=self._token if self._token else False,
                                              library_name="modelherd", library_version=ua.partition("/")[2])
+        self._anon_api_headers = {k: v for k, v in self._api_headers.items() if k.lower() != "authorization"}
         tls: dict[str, Any] = {}
         if self._endpoint.startswith("https:"):
             # one TLS context (CA bundle parsed once) for every connection, not one per connection
@@ -197,74 +221,145 @@ class HFSource:
 
     # -- listing -----------------------------------------------------------------------------
     def list_files(self) -> Listing:
-        """The files of the commit the revision names now, filtered by the patterns, with checksums."""
-        return call_with_retry(self._list_once, self._retry, what=f"listing {self.uri}")
+        """The files of the commit the revision names now, filtered by the patterns, with checksums.
 
-    def _list_once(self) -> Listing:
+        Each API request is retried on its own (a 429 on page 900 does not list pages 1-899 again); every
+        back-off ends at once when the source's ``cancel`` Event is set.
+        """
         repo_id = self._model_uri.repo_id
         revision = self._model_uri.revision or "main"
-        try:
-            if _COMMIT_RE.match(revision):
-                commit = revision
-            else:
-                info = self._api_get(f"{self._endpoint}/api/models/{repo_id}/revision/{quote(revision, safe='')}")
-                body = info.json()
-                sha = body.get("sha") if isinstance(body, dict) else None
-                if not isinstance(sha, str) or not _COMMIT_RE.match(sha):
-                    raise SourceError(f"the Hub did not resolve {self.uri} to a commit",
-                                      hint="retry later or pin a commit sha: hf://ORG/MODEL@SHA")
-                commit = sha
-            entries = list(self._tree(f"{self._endpoint}/api/models/{repo_id}/tree/{commit}"))
-        except Exception as exc:
-            raise self._map_hf(exc, f"listing {self.uri}") from None
-        files: list[RemoteFile] = []
-        for entry in entries:
-            if entry.get("type") != "file":
-                continue  # directories: their files are listed too (recursive)
-            path = safe_relpath(_field(entry, "path", str), what="Hub tree path")
-            lfs = entry.get("lfs")
-            if lfs is not None:
-                if not isinstance(lfs, dict):
-                    raise SourceError(f"listing {self.uri}: malformed lfs entry for {path!r}",
-                                      hint="the endpoint does not answer like the Hub API")
-                checksums = {"sha256": _field(lfs, "oid", str)}
-                size = _field(lfs, "size", int)
-            else:
-                checksums = {"git-sha1": _field(entry, "oid", str)}
-                size = _field(entry, "size", int)
-            locator = hf_hub_url(repo_id, path, revision=commit, endpoint=self._endpoint)
-            files.append(RemoteFile(path=path, size=size, checksums=checksums, locator=locator))
-        kept = list(filter_repo_objects(files, allow_patterns=self._allow, ignore_patterns=self._ignore,
-                                        key=lambda f: f.path))
+        what = f"listing {self.uri}"
+        commit = revision if _COMMIT_RE.match(revision) else self._call(lambda: self._resolve(repo_id, revision), what)
+        first = f"{self._endpoint}/api/models/{repo_id}/tree/{commit}?recursive=true&expand=false"
+        kept = self._tree(first, repo_id, commit)
         kept.sort(key=lambda f: f.path)
         return Listing(uri=self.uri, revision=commit, files=tuple(kept))
 
-    def _api_get(self, url: str, params: dict[str, str] | None = None) -> httpx2.Response:
-        """One Hub API GET through ``huggingface_hub``'s session; HTTP errors raise its typed errors."""
-        r = get_session().get(url, headers=self._api_headers, params=params, timeout=API_TIMEOUT_S)
-        hf_raise_for_status(r)
-        return r
+    def _call(self, fn: Callable[[], T], what: str) -> T:
+        """``fn`` under our retry policy; its exceptions as typed errors."""
+        def once() -> T:
+            try:
+                return fn()
+            except Exception as exc:
+                raise self._map_hf(exc, what) from None
 
-    def _tree(self, url: str) -> Iterator[dict[str, Any]]:
-        """Every entry of a recursive tree listing, following ``Link: rel="next"`` pages."""
-        params: dict[str, str] | None = {"recursive": "true", "expand": "false"}
+        return call_with_retry(once, self._retry, cancel=self._cancel, what=what)
+
+    def _resolve(self, repo_id: str, revision: str) -> str:
+        url = f"{self._endpoint}/api/models/{repo_id}/revision/{quote(revision, safe='')}"
+        r = get_session().get(url, headers=self._api_headers, timeout=API_TIMEOUT_S)
+        hf_raise_for_status(r)
+        body = r.json()
+        sha = body.get("sha") if isinstance(body, dict) else None
+        if not isinstance(sha, str) or not _COMMIT_RE.match(sha):
+            raise SourceError(f"the Hub did not resolve {self.uri} to a commit",
+                              hint="retry later or pin a commit sha: hf://ORG/MODEL@SHA")
+        return sha
+
+    def _tree(self, url: str, repo_id: str, commit: str) -> list[RemoteFile]:
+        """The wanted files of a recursive tree listing, following ``Link: rel="next"`` pages.
+
+        Invariants: no page URL is requested twice (a ``Link`` back to a page already read is a loop, refused at
+        once); a ``Link`` to another origin (scheme, host, port) than the endpoint gets no token; a ``Link`` to a
+        non-HTTP scheme is refused; only the entries the patterns keep are ever held.
+        """
+        kept: list[RemoteFile] = []
+        seen: set[str] = set()
         for _ in range(MAX_TREE_PAGES):
-            r = self._api_get(url, params)
-            page = r.json()
-            if not isinstance(page, list) or not all(isinstance(e, dict) for e in page):
-                raise SourceError(f"listing {self.uri}: the tree page is not a list of entries",
-                                  hint="the endpoint does not answer like the Hub API")
-            yield from page
-            link = r.links.get("next", {}).get("url")
+            seen.add(url)
+            page, link = self._call(functools.partial(self._tree_page, url, repo_id, commit),
+                                    f"listing {self.uri}")
+            kept.extend(page)
+            del page
             if not link:
-                return
-            url, params = urljoin(url, link), None  # the next link holds its own query
+                return kept
+            nxt = urldefrag(urljoin(url, link)).url  # the next link holds its own query
+            if urlsplit(nxt).scheme.lower() not in ("http", "https"):
+                raise SourceError(f"listing {self.uri}: the next tree page is at a non-HTTP URL "
+                                  f"({urlsplit(nxt).scheme}:)", hint="the endpoint does not answer like the Hub API")
+            if nxt in seen:
+                raise SourceError(f"listing {self.uri}: the tree pagination loops back to a page already read "
+                                  f"(after {len(seen)} pages)", hint="the endpoint paginates in a loop")
+            url = nxt
         raise SourceError(f"listing {self.uri}: more than {MAX_TREE_PAGES} tree pages",
-                          hint="the endpoint paginates in a loop")
+                          hint="the endpoint paginates without end")
+
+    def _tree_page(self, url: str, repo_id: str, commit: str) -> tuple[list[RemoteFile], str | None]:
+        """One tree page, parsed while it streams in: the files the patterns keep, and the next page's link.
+
+        Memory: the parser holds one entry at a time; entries the patterns drop are gone as soon as they are read.
+        """
+        headers = self._api_headers if _origin(url) == self._endpoint_origin else self._anon_api_headers
+        with get_session().stream("GET", url, headers=headers, timeout=API_TIMEOUT_S) as r:
+            if r.status_code >= 300:
+                r.read()
+                hf_raise_for_status(r)
+                raise SourceError(f"listing {self.uri}: unexpected HTTP status {r.status_code}")
+            link: str | None = r.links.get("next", {}).get("url")
+            files = self._page_files(r.iter_bytes(), repo_id, commit)
+            wanted = filter_repo_objects(files, allow_patterns=self._allow, ignore_patterns=self._ignore,
+                                         key=lambda fe: fe[0])
+            return [self._remote_file(path, entry, repo_id, commit) for path, entry in wanted], link
+
+    def _page_files(self, chunks: Iterator[bytes], repo_id: str,
+                    commit: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """``(safe path, entry)`` of each file entry of one JSON array of tree entries, as the bytes arrive."""
+        entries = ijson.sendable_list()
+        parser = ijson.items_coro(entries, "item", use_float=True)
+        started = False
+        try:
+            for chunk in chunks:
+                if not started:
+                    head = chunk.lstrip()
+                    if not head:
+                        continue
+                    if not head.startswith(b"["):
+                        raise self._not_entries()
+                    started = True
+                parser.send(chunk)
+                yield from self._files_of(entries)
+            parser.close()
+        except ijson.IncompleteJSONError:
+            raise TransientSourceError(f"listing {self.uri}: a tree page ended early", hint=TRANSIENT_HINT) from None
+        except ijson.JSONError:
+            raise SourceError(f"listing {self.uri}: a tree page is not valid JSON",
+                              hint="the endpoint does not answer like the Hub API") from None
+        if not started:
+            raise self._not_entries()
+        yield from self._files_of(entries)
+
+    def _files_of(self, entries: list[Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Drain ``entries`` (parsed so far), yielding the file entries with their checked paths."""
+        batch = entries[:]
+        del entries[:]
+        for entry in batch:
+            if not isinstance(entry, dict):
+                raise self._not_entries()
+            if entry.get("type") != "file":
+                continue  # directories: their files are listed too (recursive)
+            yield safe_relpath(_field(entry, "path", str), what="Hub tree path"), entry
+
+    def _not_entries(self) -> SourceError:
+        return SourceError(f"listing {self.uri}: the tree page is not a list of entries",
+                           hint="the endpoint does not answer like the Hub API")
+
+    def _remote_file(self, path: str, entry: dict[str, Any], repo_id: str, commit: str) -> RemoteFile:
+        lfs = entry.get("lfs")
+        if lfs is not None:
+            if not isinstance(lfs, dict):
+                raise SourceError(f"listing {self.uri}: malformed lfs entry for {path!r}",
+                                  hint="the endpoint does not answer like the Hub API")
+            checksums = {"sha256": _field(lfs, "oid", str)}
+            size = _field(lfs, "size", int)
+        else:
+            checksums = {"git-sha1": _field(entry, "oid", str)}
+            size = _field(entry, "size", int)
+        locator = hf_hub_url(repo_id, path, revision=commit, endpoint=self._endpoint)
+        return RemoteFile(path=path, size=size, checksums=checksums, locator=locator)
 
     def _map_hf(self, exc: Exception, what: str) -> Exception:
         """A ``huggingface_hub``/httpx error as a typed error; the message never holds the token."""
-        if isinstance(exc, SourceError):
+        if isinstance(exc, ModelherdError):
             return exc
         detail = _redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, self._token)
         if isinstance(exc, HfHubHTTPError):
@@ -277,6 +372,9 @@ class HFSource:
                 return SourceNotFoundError(f"{what}: not found ({detail})", hint=NOT_FOUND_HINT)
             return self._map_status(status, exc.response.headers.get("Retry-After") if exc.response else None,
                                     what)
+        if isinstance(exc, httpx2.UnsupportedProtocol):
+            return SourceError(f"{what}: redirected to a non-HTTP URL ({detail})",
+                               hint="the endpoint or a proxy redirects to a location that is not http(s)")
         if isinstance(exc, OfflineModeIsEnabled):
             return SourceError(f"{what}: huggingface_hub offline mode is on", hint="unset HF_HUB_OFFLINE")
         if isinstance(exc, (httpx2.TransportError, OSError)):
@@ -352,6 +450,10 @@ class HFSource:
         def mapper(exc: Exception) -> Exception:
             if isinstance(exc, SourceError):
                 return exc
+            if isinstance(exc, urllib3.exceptions.LocationValueError):
+                # a redirect to file://, ftp://, a URL without a host...: no retry can make that work
+                return SourceError(f"{what}: redirected to an unusable URL ({exc})",
+                                   hint="the origin or a proxy redirects to a location that is not http(s)")
             if isinstance(exc, urllib3.exceptions.MaxRetryError) and \
                     isinstance(exc.reason, urllib3.exceptions.ResponseError):
                 return SourceError(f"{what}: too many redirects", hint="the endpoint redirects in a loop")

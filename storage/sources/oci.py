@@ -5,7 +5,9 @@ Invariants:
   folder prefix; two objects that normalise to the same path, or a file that is also a folder, are refused;
 - :meth:`OCISource.open` yields exactly the bytes ``[start, end)`` of the object version that was listed
   (``If-Match`` on the listed ETag) or raises a typed :class:`SourceError`;
-- the SDK's own retries and circuit breaker are off; :func:`call_with_retry` is the one retry loop;
+- the SDK's own retries and circuit breaker are off; :func:`call_with_retry` is the one retry loop, its
+  back-offs ended at once by the source's ``cancel`` Event; a redirect to a non-HTTP URL is a ``SourceError``,
+  never retried;
 - credentials (key file contents, fingerprints, tokens) never reach a message: errors carry the HTTP
   status, the service code, the service message and the ``opc-request-id`` only.
 """
@@ -18,6 +20,7 @@ import hashlib
 import http.client
 import logging
 import os
+import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -115,6 +118,17 @@ def checksums_from_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+_URL_ERRORS = (oci_requests.exceptions.InvalidSchema, oci_requests.exceptions.MissingSchema,
+               oci_requests.exceptions.InvalidURL)
+
+
+def _unusable_url(exc: BaseException) -> bool:
+    """``exc`` is, or wraps (the SDK re-raises as ``oci.exceptions.RequestException(e)``), a URL no client can
+    fetch: a redirect to ``file://``, ``ftp://``, or a URL without a host."""
+    inner = exc.args[0] if isinstance(exc, oci.exceptions.RequestException) and exc.args else exc
+    return isinstance(inner, _URL_ERRORS) or isinstance(exc.__context__, _URL_ERRORS)
+
+
 def map_error(exc: BaseException, what: str) -> SourceError:
     """Translate an SDK/transport failure into our typed errors, without secrets."""
     if isinstance(exc, SourceError):
@@ -140,6 +154,10 @@ def map_error(exc: BaseException, what: str) -> SourceError:
     if isinstance(exc, oci.exceptions.ClientError | oci.exceptions.ConfigFileNotFound):
         return AuthError(f"{what}: OCI client configuration: {type(exc).__name__}",
                          hint="check the OCI config file, profile and key")
+    if _unusable_url(exc):
+        # a redirect to file://, ftp://, a URL without a host: no retry can make that work
+        return SourceError(f"{what}: redirected to an unusable URL ({type(exc).__name__})",
+                           hint="the endpoint or a proxy redirects to a location that is not http(s)")
     if isinstance(exc, oci_requests.RequestException | oci.exceptions.RequestException | oci.exceptions.ConnectTimeout
                   | urllib3.exceptions.HTTPError | http.client.HTTPException | OSError):
         return TransientSourceError(f"{what}: connection failed: {type(exc).__name__}",
@@ -241,7 +259,8 @@ class OCISource:
 
     def __init__(self, uri: ModelURI, *, auth: str = "auto", config_file: str = "~/.oci/config",
                  profile: str = "DEFAULT", region: str = "", endpoint: str = "", retry: RetryPolicy = DEFAULT_RETRY,
-                 pool_maxsize: int = 32, environ: Mapping[str, str] | None = None) -> None:
+                 pool_maxsize: int = 32, environ: Mapping[str, str] | None = None,
+                 cancel: threading.Event | None = None) -> None:
         if uri.scheme != "oci":
             raise ConfigError(f"OCISource needs an oci:// URI, got {uri.raw!r}")
         self.uri = uri.canonical
@@ -250,6 +269,7 @@ class OCISource:
         #: the folder listed: the prefix is always a folder, so ``o/llama`` never matches ``llama2/...``
         self.folder = f"{prefix}/" if prefix else ""
         self._retry = retry
+        self._cancel = cancel
         self._pool_maxsize = pool_maxsize
         self._etags: dict[str, str] = {}
         self._client = make_client(auth=auth, config_file=config_file, profile=profile,
@@ -263,7 +283,7 @@ class OCISource:
             except Exception as e:
                 raise map_error(e, what) from None
 
-        return call_with_retry(once, self._retry, what=what)
+        return call_with_retry(once, self._retry, cancel=self._cancel, what=what)
 
     def _where(self, name: str = "") -> str:
         return f"oci://n/{self._ns}/b/{self._bucket}/o/{name}"
