@@ -57,7 +57,7 @@ from ..errors import (
 )
 from ..paths import safe_relpath
 from ..retry import RetryPolicy, call_with_retry, parse_retry_after
-from ..types import Listing, RemoteFile
+from ..types import Listing, RemoteFile, Selection
 from ..uri import ModelURI
 from .body import fully_read, readinto_direct
 
@@ -237,7 +237,8 @@ class HFSource:
         kept = list(filter_repo_objects(files, allow_patterns=self._allow, ignore_patterns=self._ignore,
                                         key=lambda f: f.path))
         kept.sort(key=lambda f: f.path)
-        return Listing(uri=self.uri, revision=commit, files=tuple(kept))
+        return Listing(uri=self.uri, revision=commit, files=tuple(kept),
+                       selection=Selection.of(self._allow, self._ignore))
 
     def _api_get(self, url: str, params: dict[str, str] | None = None) -> httpx2.Response:
         """One Hub API GET through ``huggingface_hub``'s session; HTTP errors raise its typed errors."""
