@@ -111,7 +111,7 @@ class EngineOptions:
     direct_io: DirectMode = "auto"
     record_sha256: bool = True
     cancel_grace_s: float = 1.0
-    max_files: int = 100_000  # a listing with more entries is refused as malformed before anything is planned
+    max_files: int = 20_000  # a listing with more entries is refused as malformed before anything is planned
 
     def __post_init__(self) -> None:
         for name in ("concurrency", "multipart_concurrency", "multipart_threshold", "part_size", "chunk_size",
