@@ -27,7 +27,7 @@ from modelherd.storage.types import RemoteFile, Selection
 from modelherd.storage.verify import verify_quick
 
 from tests.hubserver import HubFile, HubServer
-from tests.integration.test_cli import pull_hf
+from tests.integration.test_cli import pull_hf, run_cli
 from tests.modelgen import make_sharded_model
 from tests.rangeserver import RangeServer, RangeSource, make_model
 
@@ -211,6 +211,27 @@ def test_the_file_selection_is_part_of_the_model_identity(hub_repo: tuple[HubSer
 
     unfiltered = _ready_line(pull_hf(hub, "acme/tiny", root))
     assert unfiltered["how"] != "ready"
+
+
+def test_the_cli_without_coordination_repairs_a_damaged_model_instead_of_answering_ready(
+        hub_repo: tuple[HubServer, Path], tmp_path: Path) -> None:
+    hub, src = hub_repo
+    root = tmp_path / "models"
+    _ready_line(pull_hf(hub, "acme/tiny", root, "--coordination", "none"))
+    shard = "model-00001-of-00002.safetensors"
+    _overwrite_header_byte(root / "acme/tiny" / shard)
+    hub.reset_counters()
+    again = _ready_line(pull_hf(hub, "acme/tiny", root, "--coordination", "none"))
+    assert again["how"] == "pulled"
+    assert hub.stats()["bytes_served"] == (src / shard).stat().st_size
+    assert verify_quick(root / "acme/tiny", require_manifest=True) == []
+
+
+def test_file_filters_for_a_source_that_cannot_apply_them_are_refused(tmp_path: Path) -> None:
+    r = run_cli("pull", "oci://n/ns/b/bucket/o/org/m", "--models-root", str(tmp_path / "models"), "--no-progress",
+                "--allow", "*.json")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "hf:// models only" in r.stderr
 
 
 def test_an_empty_listing_without_filters_is_a_source_error(server: RangeServer, models_root: Path) -> None:
