@@ -18,7 +18,7 @@ from ..storage.errors import ConfigError, VerificationError
 from ..storage.manifest import Manifest
 from ..storage.paths import ensure_inside_root
 from ..storage.ready import published_model
-from ..storage.types import Listing, Source
+from ..storage.types import ALL_FILES, Listing, Selection, Source
 from ..storage.uri import ModelURI, parse_uri
 from . import startup
 from .settings import Settings
@@ -159,8 +159,9 @@ def cmd_pull(args: argparse.Namespace, settings: Settings, cancel: threading.Eve
     storage_kind = fsdetect.resolve_storage_mode(settings.storage_mode, fs)
     log.info("models root %s: %s storage (%s)", root, storage_kind, fs.evidence)
 
+    selection = requested_selection(uri, args.allow, args.ignore)
     started = time.monotonic()
-    ready = published_model(dest, uri.canonical, uri.revision)
+    ready = published_model(dest, uri.canonical, uri.revision, selection)
     if ready is not None:
         log.info("%s is already Ready at %s (completion manifest + quick verification)", uri.canonical, dest)
         _print_ready(uri, ready, dest, settings, started, "ready")
@@ -170,12 +171,24 @@ def cmd_pull(args: argparse.Namespace, settings: Settings, cancel: threading.Eve
     try:
         def listing_fn() -> Listing:
             return filter_for_shape(source.list_files(), args.gpu_shape, settings)
-        manifest, extra = _pull(uri, source, listing_fn, dest, root, storage_kind, settings, cancel, progress)
+        manifest, extra = _pull(uri, source, listing_fn, dest, root, storage_kind, settings, cancel, progress,
+                                selection)
     finally:
         progress.close()
         source.close()
     _print_ready(uri, manifest, dest, settings, started, str(extra.pop("role", "pulled")), **extra)
     return 0
+
+
+def requested_selection(uri: ModelURI, allow: list[str] | None, ignore: list[str] | None) -> Selection:
+    """The file selection of ``--allow``/``--ignore``; only Hugging Face sources apply one (a filter the source
+    would silently ignore could never match the published model's identity, so it is refused)."""
+    if allow is None and ignore is None:
+        return ALL_FILES
+    if uri.scheme != "hf":
+        raise ConfigError(f"--allow/--ignore select files of hf:// models only, not of {uri.scheme}://",
+                          hint="drop --allow/--ignore, or point the URI at the prefix you need")
+    return Selection.of(allow, ignore)
 
 
 def _print_ready(uri: ModelURI, manifest: Manifest, dest: Path, settings: Settings, started: float,
@@ -189,7 +202,7 @@ def _print_ready(uri: ModelURI, manifest: Manifest, dest: Path, settings: Settin
 
 def _pull(uri: ModelURI, source: Source, listing_fn: Callable[[], Listing], dest: Path, root: Path,
           storage_kind: str, settings: Settings, cancel: threading.Event,
-          progress: Callable[[int, int], None]) -> tuple[Manifest, dict[str, object]]:
+          progress: Callable[[int, int], None], selection: Selection = ALL_FILES) -> tuple[Manifest, dict[str, object]]:
     """Download (or wait for) the model; returns the manifest and what to report about how."""
     from ..coordination import PullResult, choose_backend, coordinated_pull
     from ..storage import engine
@@ -208,7 +221,7 @@ def _pull(uri: ModelURI, source: Source, listing_fn: Callable[[], Listing], dest
         namespace=settings.effective_namespace(), kubeconfig=settings.kubeconfig,
         lease_duration_s=settings.lease_duration_s, renew_period_s=settings.lease_renew_period_s,
         jitter_s=settings.wait_jitter_s, poll_interval_s=settings.poll_interval_s,
-        cancel=cancel, progress=progress, result=results,
+        cancel=cancel, progress=progress, result=results, selection=selection,
     )
     extra: dict[str, object] = {"coordination": backend}
     if results:

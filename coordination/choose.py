@@ -11,7 +11,7 @@ from typing import Literal
 from ..storage import engine
 from ..storage.errors import ConfigError
 from ..storage.manifest import Manifest
-from ..storage.types import Listing, Source
+from ..storage.types import ALL_FILES, Listing, Selection, Source
 from ..storage.uri import ModelURI
 from .backend import LeaseBackend, RequestCounter
 from .coordinator import LeaseTiming, PullResult, identity_for, run_coordinated
@@ -91,11 +91,13 @@ def coordinated_pull(
     cancel: threading.Event | None = None,
     progress: Callable[[int, int], None] | None = None,
     result: list[PullResult] | None = None,
+    selection: Selection = ALL_FILES,
 ) -> Manifest:
     """Put ``uri`` at ``dest`` with at most one download per shared models root; return the manifest.
 
     ``backend="none"`` is a plain engine pull by this node. ``result``, when given, receives the
-    :class:`PullResult` (role, epoch, lease request count) for callers that report it.
+    :class:`PullResult` (role, epoch, lease request count) for callers that report it. ``selection`` is the
+    file selection the source applies (``--allow``/``--ignore``), part of the model's identity.
     """
     if backend == "none":
         manifest: Manifest = engine.pull(source, listing_fn(), dest, models_root=models_root, options=options,
@@ -107,7 +109,8 @@ def coordinated_pull(
                        poll_interval_s=poll_interval_s, jitter_s=jitter_s)
     try:
         outcome = run_coordinated(lease, source=source, listing_fn=listing_fn, dest=dest, models_root=models_root,
-                                  node=node_name, options=options, timing=timing, cancel=cancel, progress=progress)
+                                  node=node_name, options=options, timing=timing, cancel=cancel, progress=progress,
+                                  selection=selection)
     finally:
         lease.close()
     log.info("%s at %s: %s (epoch %s, %d lease requests)", uri.canonical, dest, outcome.role, outcome.epoch,

@@ -2,7 +2,7 @@
 
 State machine (one model, one node)::
 
-    fast path: dest has a completion manifest for this source and passes verify_quick -> Ready (no lease)
+    fast path: dest has a completion manifest for this source and selection, and no damage -> Ready (no lease)
     loop:
       observe the lease
       follow: while someone holds it and we have not seen it unchanged for leaseDuration -> wait for a change
@@ -11,6 +11,7 @@ State machine (one model, one node)::
       acquire: create (none yet) or replace exactly the record we observed (released or expired); one wins
       hold: adopt the previous holder's staging, download into our own staging (writer=node, epoch=transitions)
             while a renewer thread renews every renew period; a missed deadline or a 409 stops the download
+            (``engine.stage``: a damaged published copy of the same listing is repaired, its good files kept)
             renew (phase Verifying) -> publish at once -> release with phase Complete -> Ready
 
 Invariants:
@@ -35,12 +36,11 @@ from typing import Literal
 
 from ..storage import engine
 from ..storage.errors import CancelledError, ModelherdError
-from ..storage.hashing import checkable
-from ..storage.manifest import Manifest, ManifestFile
+from ..storage.manifest import Manifest
 from ..storage.paths import ensure_inside_root
 from ..storage.ready import published_model
 from ..storage.staging import remove_tree
-from ..storage.types import Listing, Source
+from ..storage.types import ALL_FILES, Listing, Selection, Source
 from .backend import LeaseBackend, LeaseRecord, LeaseStatus, Observation, Phase
 from .errors import CoordinationError, HolderFailedError, LeaseLostError, LeaseUnavailableError
 from .identity import ModelIdentity
@@ -174,8 +174,10 @@ class Coordinator:
 
     def __init__(self, lease: LeaseBackend, *, source: Source, listing_fn: Callable[[], Listing], dest: Path,
                  models_root: Path, node: str, options: engine.EngineOptions, timing: LeaseTiming,
-                 cancel: threading.Event | None = None, progress: Progress | None = None) -> None:
+                 cancel: threading.Event | None = None, progress: Progress | None = None,
+                 selection: Selection = ALL_FILES) -> None:
         timing.check()
+        self.selection = selection
         self.lease, self.source, self.listing_fn = lease, source, listing_fn
         self.models_root = Path(models_root)
         self.dest = ensure_inside_root(self.models_root, Path(dest))
@@ -190,7 +192,7 @@ class Coordinator:
             raise CancelledError("pull cancelled", hint="run the pull again")
 
     def _ready(self) -> Manifest | None:
-        return published_model(self.dest, self.identity.source_uri, self.identity.revision)
+        return published_model(self.dest, self.identity.source_uri, self.identity.revision, self.selection)
 
     def run(self) -> PullResult:
         manifest = self._ready()
@@ -329,8 +331,8 @@ class Coordinator:
                 self._adopt_previous(previous, staging)
                 listing = self.listing_fn()
                 self.progress(0, listing.total_bytes)
-                digests = engine.fetch_into(self.source, listing, staging, options=self.options,
-                                            cancel=stop_writing, progress=self.progress)
+                staged = engine.stage(self.source, listing, staging, dest=self.dest, writer=self.node,
+                                      options=self.options, cancel=stop_writing, progress=self.progress)
         except BaseException as e:
             held, _ = renewer.finish()
             if self._lost(renewer):
@@ -351,11 +353,10 @@ class Coordinator:
         if manifest is not None:
             self._release(held, self._status(Phase.COMPLETE, tag))
             return PullResult(manifest, "holder", epoch, took_over, self.lease.counter.total)
-        manifest = _manifest_for(listing, digests, self.node)
-        held = self._renew_then_publish(held, staging, manifest, tag)
+        held = self._renew_then_publish(held, staging, staged, tag)
         self._release(held, self._status(Phase.COMPLETE, tag))
         log.info("published %s at %s (epoch %d)", listing.uri, self.dest, epoch)
-        return PullResult(manifest, "holder", epoch, took_over, self.lease.counter.total)
+        return PullResult(staged, "holder", epoch, took_over, self.lease.counter.total)
 
     @staticmethod
     def _lost(renewer: _Renewer) -> bool:
@@ -389,21 +390,16 @@ class Coordinator:
             log.warning("releasing lease %s failed (%s); it expires by itself", self.lease.name, e.message)
 
 
-def _manifest_for(listing: Listing, digests: dict[str, dict[str, str]], writer: str) -> Manifest:
-    files = tuple(
-        ManifestFile(path=rf.path, size=rf.size,
-                     checksums={**{a: v.lower() for a, v in rf.checksums.items() if a in checkable(rf.checksums)},
-                                **digests.get(rf.path, {})})
-        for rf in listing.files)
-    return Manifest(source_uri=listing.uri, revision=listing.revision, files=files, writer=writer)
-
-
 def run_coordinated(lease: LeaseBackend, *, source: Source, listing_fn: Callable[[], Listing], dest: Path,
                     models_root: Path, node: str, options: engine.EngineOptions, timing: LeaseTiming,
-                    cancel: threading.Event | None = None, progress: Progress | None = None) -> PullResult:
-    """Run the state machine with an already opened backend (tests and benchmarks use this directly)."""
+                    cancel: threading.Event | None = None, progress: Progress | None = None,
+                    selection: Selection = ALL_FILES) -> PullResult:
+    """Run the state machine with an already opened backend (tests and benchmarks use this directly).
+
+    ``selection`` is the file selection asked for (the source's ``--allow``/``--ignore``): a published copy of
+    another selection is not this model."""
     return Coordinator(lease, source=source, listing_fn=listing_fn, dest=dest, models_root=models_root, node=node,
-                       options=options, timing=timing, cancel=cancel, progress=progress).run()
+                       options=options, timing=timing, cancel=cancel, progress=progress, selection=selection).run()
 
 
 def identity_for(source_uri: str, revision: str | None, dest: Path, models_root: Path) -> ModelIdentity:

@@ -11,15 +11,27 @@ Invariants:
 - A crash, a lost connection or a source error leaves staging resumable: written segments carry checkpoints
   (digests of the in-order hash for one-stream files, CRC-32 per segment for split files) that are checked
   against the disk before they are trusted again.
+- Planning is bounded before it allocates: a listing is checked (sizes at most ``MAX_FILE_SIZE``, at most
+  ``max_files`` entries, at least one file) and the free space is checked before any file is planned; a file
+  has at most ``MAX_PARTS_PER_FILE`` parts whatever its size. A set cancel Event stops planning between files.
+- "Ready" is one rule for every caller (:func:`pull`, the coordinator, the CLI's fast path): the manifest is of
+  this listing (source, revision, selection, files) and :func:`~.ready.damage` finds nothing. A published copy
+  that shows damage is repaired: its undamaged files are hard-linked into staging (reflink or copy where links
+  fail), re-verified against their checksums, only the rest is fetched, and the whole is published atomically.
+  A file fetched into staging is always a new inode, so nothing is ever written into a published file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
+import fcntl
 import http.client
 import logging
 import os
+import shutil
+import stat
 import threading
 import time
 import zlib
@@ -37,8 +49,10 @@ from .errors import (
     CancelledError,
     ConfigError,
     InsufficientSpaceError,
+    MalformedListingError,
     ModelherdError,
     RateLimitedError,
+    SourceError,
     TransientSourceError,
     UnsafePathError,
     VerificationError,
@@ -46,7 +60,8 @@ from .errors import (
 from .hashcursor import HashCursor
 from .hashing import MultiHasher, checkable, hash_file
 from .manifest import Manifest, ManifestFile, read_manifest, write_manifest
-from .paths import contained, ensure_inside_root
+from .paths import contained, ensure_inside_root, safe_relpath
+from .ready import damage
 from .retry import RetryPolicy, call_with_retry
 from .staging import (
     RESERVED_PREFIX,
@@ -60,12 +75,17 @@ from .staging import (
     staging_dir_for,
 )
 from .types import ByteStream, Listing, RemoteFile, Source
+from .verify import verify_quick
 
-__all__ = ["EngineOptions", "adopt_staging", "fetch_into", "manifest_matches", "publish", "pull",
-           "staging_dir_for"]
+__all__ = ["EngineOptions", "adopt_staging", "check_listing", "fetch_into", "manifest_matches", "publish", "pull",
+           "stage", "staging_dir_for"]
 
 log = logging.getLogger(__name__)
 MiB = 1024 * 1024
+# No real file comes near a pebibyte; a larger listed size is a malformed (or hostile) listing.
+MAX_FILE_SIZE = 2**50
+# Parts only spread one file over several streams; more than this many would only cost memory.
+MAX_PARTS_PER_FILE = 1024
 Progress = Callable[[int, int], None]
 
 
@@ -91,10 +111,11 @@ class EngineOptions:
     direct_io: DirectMode = "auto"
     record_sha256: bool = True
     cancel_grace_s: float = 1.0
+    max_files: int = 20_000  # a listing with more entries is refused as malformed before anything is planned
 
     def __post_init__(self) -> None:
         for name in ("concurrency", "multipart_concurrency", "multipart_threshold", "part_size", "chunk_size",
-                     "checkpoint_size"):
+                     "checkpoint_size", "max_files"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"engine option {name} must be at least 1, got {getattr(self, name)}",
                                   hint="fix the download settings")
@@ -139,9 +160,11 @@ def _splittable(rf: RemoteFile, options: EngineOptions) -> bool:
 
 
 def _layout(rf: RemoteFile, options: EngineOptions, split: bool = True) -> FileState:
+    """The fresh layout of ``rf``: one part, or ``part_size`` parts, never more than ``MAX_PARTS_PER_FILE``
+    (larger files get larger parts), so its size in memory does not grow with the file's."""
     expect = {a: rf.checksums[a].lower() for a in checkable(rf.checksums)[:1]}
     multipart = split and _splittable(rf, options)
-    part_size = options.part_size if multipart else max(rf.size, 1)
+    part_size = max(options.part_size, -(-rf.size // MAX_PARTS_PER_FILE)) if multipart else max(rf.size, 1)
     n_parts = -(-rf.size // part_size) if rf.size else 0
     return FileState(path=rf.path, size=rf.size, expect=expect, part_size=part_size,
                      segment_size=options.checkpoint_size, parts=[[] for _ in range(n_parts)])
@@ -211,13 +234,15 @@ def _plan(staging: Path, rf: RemoteFile, options: EngineOptions, buf: memoryview
         algos.append("sha256")
     job = _Job(rf, target, algos, fresh, _parts(fresh))
     try:
-        on_disk = os.stat(target).st_size
+        st = os.stat(target)
     except FileNotFoundError:
         return job
     saved = load_state(staging, rf.path)
-    if on_disk != rf.size:
+    if st.st_size != rf.size:
         return job
     if saved is not None and saved.layout_matches(fresh):
+        if not saved.done and st.st_nlink > 1:
+            return job  # shares its inode with another name (a published file?): never resume into it
         if saved.done:
             check = fresh.expect or {a: saved.digests[a] for a in saved.digests}
             if check and hash_file(str(target), list(check), rf.size) == check:
@@ -330,8 +355,13 @@ class _Run:
         """Fetch the missing parts of ``job`` and verify it; a mismatch is returned, not raised."""
         rf = job.rf
         job.target.parent.mkdir(parents=True, exist_ok=True)
-        flags = os.O_RDWR | os.O_CREAT | (0 if any(p.resume > p.start for p in job.parts) else os.O_TRUNC)
+        resuming = any(p.resume > p.start for p in job.parts)
+        flags = os.O_RDWR | os.O_CREAT | (0 if resuming else os.O_TRUNC)
         try:
+            if not resuming:
+                # a new inode: the name may be a hard link to a published file (a repair), never truncate that
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(job.target)
             fd = os.open(job.target, flags, 0o644)
         except OSError as e:
             raise self._write_error(e, job) from None
@@ -530,9 +560,29 @@ def _close_quietly(stream: ByteStream) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- fetch_into
-def _check_listing(staging: Path, listing: Listing) -> None:
+def check_listing(listing: Listing, options: EngineOptions | None = None) -> None:
+    """Refuse a listing no real model has, before anything is planned, allocated or requested.
+
+    At least one file (none: :class:`ConfigError` when a selection left everything out, exit 2, since the
+    patterns are the user's; else :class:`SourceError`, exit 3), at most ``options.max_files`` entries, sizes
+    in ``[0, MAX_FILE_SIZE]`` (else :class:`MalformedListingError`), safe, unique names outside the reserved
+    prefix (else :class:`UnsafePathError`).
+    """
+    options = options or EngineOptions()
+    if not listing.files:
+        where = f"{listing.uri} (revision {listing.revision})"
+        if listing.selection.filtered:
+            raise ConfigError(f"{listing.selection.describe()} selects no file of {where}",
+                              hint="fix the --allow/--ignore patterns (quote them, e.g. --allow '*.json'); "
+                                   "nothing was published")
+        raise SourceError(f"{where} lists no file", hint="check the model URI and revision; nothing was published")
+    if len(listing.files) > options.max_files:
+        raise MalformedListingError(f"{listing.uri} lists {len(listing.files)} files, more than the "
+                                    f"{options.max_files} a model may have",
+                                    hint="select the files you need with --allow/--ignore, or check the source")
     seen: set[str] = set()
     for rf in listing.files:
+        safe_relpath(rf.path, what="file name")
         if rf.path.split("/", 1)[0].startswith(RESERVED_PREFIX):
             raise UnsafePathError(f"file name {rf.path!r} uses the reserved prefix {RESERVED_PREFIX!r}",
                                   hint="the source lists a file modelherd keeps for itself")
@@ -540,8 +590,16 @@ def _check_listing(staging: Path, listing: Listing) -> None:
             raise UnsafePathError(f"file name {rf.path!r} is listed twice", hint="the source is malformed")
         if rf.size < 0:
             raise UnsafePathError(f"file {rf.path!r} has a negative size", hint="the source is malformed")
+        if rf.size > MAX_FILE_SIZE:
+            raise MalformedListingError(f"file {rf.path!r} claims {rf.size} bytes, more than any real file "
+                                        f"({MAX_FILE_SIZE} bytes = 1 PiB)",
+                                        hint="the source's listing is malformed; nothing was downloaded")
         seen.add(rf.path)
-        contained(staging, rf.path, what="file name")
+
+
+def _check_cancel(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise CancelledError("pull cancelled", hint="staging is removed; run the pull again to restart")
 
 
 def fetch_into(
@@ -556,22 +614,30 @@ def fetch_into(
     """Download every file of ``listing`` into ``staging/<path>``, verified; return the digests per path.
 
     Keeps files (and checkpointed segments) already in ``staging`` that check out, so a rerun resumes.
-    Raises typed errors; when ``cancel`` is set it stops within about ``cancel_grace_s`` and raises
-    :class:`CancelledError`. Staging is never cleaned here: :func:`pull` decides.
+    Raises typed errors; when ``cancel`` is set it stops within about ``cancel_grace_s`` (between two files
+    while planning) and raises :class:`CancelledError`. The listing (:func:`check_listing`) and the free space
+    are checked before any file is planned. Staging is never cleaned here: :func:`pull` decides.
     """
     options = options or EngineOptions()
     staging = Path(staging)
+    check_listing(listing, options)
+    _check_cancel(cancel)
     staging.mkdir(parents=True, exist_ok=True)
-    _check_listing(staging, listing)
     started = time.monotonic()
+
+    missing = 0
+    for rf in listing.files:
+        target = contained(staging, rf.path, what="file name")
+        missing += max(0, rf.size - min(capacity.allocated_bytes(target), rf.size))
+    capacity.ensure_free_space(staging, missing)
 
     scratch = memoryview(bytearray(options.chunk_size))
     split = sum(1 for rf in listing.files if _splittable(rf, options)) < options.concurrency
-    jobs = [_plan(staging, rf, options, scratch, split) for rf in listing.files]
+    jobs: list[_Job] = []
+    for rf in listing.files:
+        _check_cancel(cancel)
+        jobs.append(_plan(staging, rf, options, scratch, split))
     del scratch
-    missing = sum(max(0, j.rf.size - min(capacity.allocated_bytes(j.target), j.rf.size))
-                  for j in jobs if not j.kept)
-    capacity.ensure_free_space(staging, missing)
     present = sum(j.present for j in jobs)
     log.info("pulling %s: %d files, %.1f MiB (%.1f MiB already in staging) into %s", listing.uri,
              len(jobs), listing.total_bytes / MiB, present / MiB, staging)
@@ -694,9 +760,11 @@ def publish(staging: Path, dest: Path, manifest: Manifest) -> None:
 
 # --------------------------------------------------------------------------------------------------- pull
 def manifest_matches(manifest: Manifest, listing: Listing, model_dir: Path | None = None) -> bool:
-    """``manifest`` describes exactly ``listing`` (uri, revision, paths, sizes, checksums); with ``model_dir``,
-    every file is also still there with its size."""
+    """``manifest`` describes exactly ``listing`` (uri, revision, selection, paths, sizes, checksums) and lists at
+    least one file; with ``model_dir``, every file is also still there with its size."""
     if manifest.source_uri != listing.uri or manifest.revision != listing.revision:
+        return False
+    if manifest.selection != listing.selection or not manifest.files:
         return False
     have = {f.path: f for f in manifest.files}
     if set(have) != {f.path for f in listing.files}:
@@ -715,6 +783,105 @@ def manifest_matches(manifest: Manifest, listing: Listing, model_dir: Path | Non
             except OSError:
                 return False
     return True
+
+
+def _read_manifest_quietly(model_dir: Path) -> Manifest | None:
+    try:
+        return read_manifest(model_dir)
+    except (VerificationError, OSError):
+        return None
+
+
+_FICLONE = 0x40049409  # ioctl(dest_fd, FICLONE, src_fd): share the extents (btrfs, XFS, bcachefs)
+
+
+def _link_or_copy(src: Path, dst: Path) -> str:
+    """Make ``dst`` hold ``src``'s bytes as cheaply as the filesystem allows: a hard link (the same inode, no
+    bytes written), else a reflink, else a copy. Returns which it was."""
+    try:
+        os.link(src, dst, follow_symlinks=False)
+        return "link"
+    except OSError as e:
+        log.debug("hard link %s -> %s failed (%s); trying a reflink", src, dst, e.strerror)
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        try:
+            fcntl.ioctl(fout.fileno(), _FICLONE, fin.fileno())
+            return "reflink"
+        except OSError:
+            shutil.copyfileobj(fin, fout, 4 * MiB)
+            return "copy"
+
+
+def _seed_from_published(listing: Listing, staging: Path, dest: Path, cancel: threading.Event | None) -> int:
+    """Repair support: bring the undamaged files of the published copy at ``dest`` into ``staging``.
+
+    Only when ``dest``'s manifest is of exactly this ``listing``; files named by :func:`~.ready.damage` are
+    left out (they are fetched again). Files already in staging win (a resumed repair). Their resume state
+    is dropped: :func:`fetch_into` re-verifies a seeded file against its checksum before keeping it, and
+    rewrites only new inodes, so the published files are never written. Returns how many files were seeded.
+    """
+    published = _read_manifest_quietly(dest)
+    if published is None or not manifest_matches(published, listing):
+        return 0
+    bad = {p.path for p in damage(dest, published)}
+    if not bad:
+        return 0
+    log.warning("%s at %s does not verify (%s): repairing it, fetching only %d damaged file(s)", listing.uri,
+                dest, sorted(bad)[0], len(bad & {rf.path for rf in listing.files}))
+    staging.mkdir(parents=True, exist_ok=True)
+    seeded: dict[str, int] = {}
+    for rf in listing.files:
+        _check_cancel(cancel)
+        if rf.path in bad:
+            continue
+        try:
+            src, dst = contained(dest, rf.path, what="file name"), contained(staging, rf.path, what="file name")
+            st = os.lstat(src)
+            if not stat.S_ISREG(st.st_mode) or st.st_size != rf.size or os.path.lexists(dst):
+                continue
+            drop_state(staging, rf.path)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            how = _link_or_copy(src, dst)
+        except (OSError, UnsafePathError) as e:
+            if capacity.is_no_space(e):
+                raise
+            log.debug("not seeding %s from the published copy: %s", rf.path, e)
+            continue
+        seeded[how] = seeded.get(how, 0) + 1
+    log.info("repair of %s: seeded %s from the published copy", dest,
+             ", ".join(f"{n} by {how}" for how, n in seeded.items()) or "nothing")
+    return sum(seeded.values())
+
+
+def stage(source: Source, listing: Listing, staging: Path, *, dest: Path, writer: str,
+          options: EngineOptions | None = None, cancel: threading.Event | None = None,
+          progress: Progress | None = None) -> Manifest:
+    """Make ``staging`` a complete, verified copy of ``listing`` and return the manifest to publish it with.
+
+    A published copy of this very listing at ``dest`` that shows damage seeds staging with its undamaged files
+    (repair: only the damaged ones are fetched). The manifest records the listing's selection and the
+    quick-verification problems of the staged copy, which are the origin's own (every byte was checked against
+    the listing); :func:`~.ready.damage` later counts only what differs from them. Nothing outside ``staging``
+    is written.
+    """
+    options = options or EngineOptions()
+    check_listing(listing, options)
+    _check_cancel(cancel)
+    _seed_from_published(listing, Path(staging), Path(dest), cancel)
+    digests = fetch_into(source, listing, staging, options=options, cancel=cancel, progress=progress)
+    # the resume state is not part of the model (publish removes it); nor are its files' findings
+    origin = tuple((p.path, p.message) for p in verify_quick(staging)
+                   if p.path.split("/", 1)[0] != STATE_DIRNAME)
+    if origin:
+        log.warning("%s as the origin serves it does not pass quick verification (%s); publishing it as it is",
+                    listing.uri, f"{origin[0][0]}: {origin[0][1]}")
+    return Manifest(
+        source_uri=listing.uri, revision=listing.revision, writer=writer, selection=listing.selection,
+        origin_problems=origin,
+        files=tuple(ManifestFile(path=rf.path, size=rf.size,
+                                 checksums={**{a: v.lower() for a, v in rf.checksums.items()
+                                               if a in checkable(rf.checksums)}, **digests[rf.path]})
+                    for rf in listing.files))
 
 
 _CLEAN_ON = (CancelledError, VerificationError, InsufficientSpaceError, UnsafePathError, ConfigError)
@@ -738,10 +905,11 @@ def pull(source: Source, *args: Path | Listing, models_root: Path, writer: str, 
     """Put the model of ``source`` at ``dest`` (inside ``models_root``) and return its manifest.
 
     Called as ``pull(source, dest, ...)`` (the listing is fetched, or passed as ``listing=``) or
-    ``pull(source, listing, dest, ...)``. A ``dest`` whose manifest already matches the listing is returned as
-    is, without fetching a byte. Otherwise fetches into ``staging_dir_for(models_root, dest, writer, epoch)``
-    and publishes. On a source error staging is kept (a rerun resumes); on cancel, verification failure,
-    lack of space or unsafe names it is removed.
+    ``pull(source, listing, dest, ...)``. A ``dest`` whose manifest matches the listing and that shows no
+    :func:`~.ready.damage` is Ready: returned as is, without fetching a byte. One that matches but is damaged is
+    repaired (:func:`stage` fetches only the damaged files). Otherwise fetches into
+    ``staging_dir_for(models_root, dest, writer, epoch)`` and publishes. On a source error staging is kept (a
+    rerun resumes); on cancel, verification failure, lack of space, unsafe names or bad usage it is removed.
     """
     if len(args) == 2 and isinstance(args[0], Listing):
         listing, dest_arg = args[0], args[1]
@@ -756,24 +924,17 @@ def pull(source: Source, *args: Path | Listing, models_root: Path, writer: str, 
     dest = ensure_inside_root(models_root, Path(dest_arg))
     if listing is None:
         listing = source.list_files()
-    try:
-        existing = read_manifest(dest)
-    except VerificationError:
-        existing = None
-    if existing is not None and manifest_matches(existing, listing, dest):
+    check_listing(listing, options)
+    existing = _read_manifest_quietly(dest)
+    if existing is not None and manifest_matches(existing, listing) and not damage(dest, existing):
         log.info("%s is already complete at %s (revision %s)", listing.uri, dest, listing.revision)
         if progress is not None:
             progress(listing.total_bytes, listing.total_bytes)
         return existing
     staging = staging_dir_for(models_root, dest, writer, epoch)
     try:
-        digests = fetch_into(source, listing, staging, options=options, cancel=cancel, progress=progress)
-        manifest = Manifest(
-            source_uri=listing.uri, revision=listing.revision, writer=writer,
-            files=tuple(ManifestFile(path=rf.path, size=rf.size,
-                                     checksums={**{a: v.lower() for a, v in rf.checksums.items()
-                                                   if a in checkable(rf.checksums)}, **digests[rf.path]})
-                        for rf in listing.files))
+        manifest = stage(source, listing, staging, dest=dest, writer=writer, options=options, cancel=cancel,
+                         progress=progress)
         publish(staging, dest, manifest)
     except _CLEAN_ON:
         remove_tree(staging)
@@ -784,4 +945,3 @@ def pull(source: Source, *args: Path | Listing, models_root: Path, writer: str, 
             raise capacity.no_space_error(e, staging) from None
         raise
     return manifest
-

@@ -56,6 +56,10 @@ class TransientSourceError(SourceError):
     """A retryable failure (5xx, reset connection, short body)."""
 
 
+class MalformedListingError(SourceError):
+    """The source's listing cannot describe a real model: a size no file can have, too many entries."""
+
+
 class UnsafePathError(ModelherdError):
     """An untrusted name (index entry, object name, tree path) would leave the model folder."""
 

@@ -2,6 +2,10 @@
 
 Invariant: a folder that holds ``.modelherd-manifest.json`` was published by the engine after every
 file listed in it was verified; the manifest is written atomically (temp file + rename + fsync).
+It records the model's identity (source, revision, the file ``selection``) and the quick-verification
+problems the origin's own bytes have (``origin_problems``: what the copy looked like when published, so
+that only problems that appeared since count as damage). Manifests written before those two fields read
+as "all files" and "no problems".
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 
 from .errors import VerificationError
 from .paths import safe_relpath
+from .types import ALL_FILES, Selection
 
 MANIFEST_NAME = ".modelherd-manifest.json"
 FORMAT_VERSION = 1
@@ -37,6 +42,9 @@ class Manifest:
     writer: str
     completed_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     version: int = FORMAT_VERSION
+    selection: Selection = ALL_FILES
+    # (path, message) of each quick-verification problem of the model exactly as the origin serves it
+    origin_problems: tuple[tuple[str, str], ...] = ()
 
     @property
     def total_bytes(self) -> int:
@@ -45,6 +53,8 @@ class Manifest:
     def to_json(self) -> str:
         d: dict[str, Any] = asdict(self)
         d["files"] = [asdict(f) for f in self.files]
+        d["selection"] = self.selection.to_json()
+        d["origin_problems"] = [list(p) for p in self.origin_problems]
         return json.dumps(d, indent=1, sort_keys=True)
 
     @classmethod
@@ -58,7 +68,9 @@ class Manifest:
             )
             return cls(source_uri=str(d["source_uri"]), revision=str(d["revision"]), files=files,
                        writer=str(d["writer"]), completed_at=str(d["completed_at"]),
-                       version=int(d.get("version", FORMAT_VERSION)))
+                       version=int(d.get("version", FORMAT_VERSION)),
+                       selection=Selection.from_json(d.get("selection")),
+                       origin_problems=tuple((str(p), str(m)) for p, m in d.get("origin_problems", [])))
         except (KeyError, TypeError, ValueError) as e:
             raise VerificationError(f"malformed completion manifest: {e}",
                                     hint="delete the model folder and pull again") from e

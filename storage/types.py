@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -24,12 +25,71 @@ class RemoteFile:
 
 
 @dataclass(frozen=True)
+class Selection:
+    """Which files of a source's listing were asked for: ``--allow``/``--ignore`` glob patterns.
+
+    Part of a model's identity: the same repository with other patterns is another model at the same
+    destination. Normal form (built by :meth:`of`): patterns sorted and unique; ``allow=None`` selects every
+    file (``()`` selects none); ``ignore=None`` drops nothing (an empty ignore list is the same thing).
+    """
+
+    allow: tuple[str, ...] | None = None
+    ignore: tuple[str, ...] | None = None
+
+    @classmethod
+    def of(cls, allow: Iterable[str] | None = None, ignore: Iterable[str] | None = None) -> Selection:
+        """The normal form of these patterns, so that equal selections compare equal."""
+        ignored = tuple(sorted(set(ignore))) if ignore is not None else ()
+        return cls(allow=tuple(sorted(set(allow))) if allow is not None else None, ignore=ignored or None)
+
+    @property
+    def filtered(self) -> bool:
+        """Some file of the listing may have been left out."""
+        return self.allow is not None or self.ignore is not None
+
+    def describe(self) -> str:
+        """The patterns as the CLI takes them, e.g. ``--allow '*.json' --ignore 'x/*'``; ``all files`` if none."""
+        words = [f"--allow {p!r}" for p in self.allow or ()] + [f"--ignore {p!r}" for p in self.ignore or ()]
+        if self.allow == ():
+            words.insert(0, "an empty --allow")
+        return " ".join(words) or "all files"
+
+    def to_json(self) -> dict[str, list[str] | None]:
+        return {"allow": None if self.allow is None else list(self.allow),
+                "ignore": None if self.ignore is None else list(self.ignore)}
+
+    @classmethod
+    def from_json(cls, d: Any) -> Selection:
+        """Inverse of :meth:`to_json`; ``None`` (a manifest written before selections were recorded) is all files.
+
+        Raises ``TypeError``/``ValueError`` on anything else than that shape.
+        """
+        if d is None:
+            return cls()
+        if not isinstance(d, dict):
+            raise TypeError("selection must be an object")
+
+        def patterns(v: Any) -> list[str] | None:
+            if v is None:
+                return None
+            if not isinstance(v, list) or not all(isinstance(p, str) for p in v):
+                raise TypeError("selection patterns must be a list of strings")
+            return v
+
+        return cls.of(patterns(d.get("allow")), patterns(d.get("ignore")))
+
+
+ALL_FILES = Selection()  # no --allow, no --ignore
+
+
+@dataclass(frozen=True)
 class Listing:
-    """The exact set of files at a resolved revision."""
+    """The exact set of files at a resolved revision, and the selection that produced it from the source."""
 
     uri: str
     revision: str
     files: tuple[RemoteFile, ...]
+    selection: Selection = ALL_FILES
 
     @property
     def total_bytes(self) -> int:

@@ -67,7 +67,7 @@ from ..errors import (
 )
 from ..paths import safe_relpath
 from ..retry import RetryPolicy, call_with_retry, parse_retry_after
-from ..types import Listing, RemoteFile
+from ..types import Listing, RemoteFile, Selection
 from ..uri import ModelURI
 from .body import fully_read, readinto_direct
 
@@ -233,7 +233,8 @@ class HFSource:
         first = f"{self._endpoint}/api/models/{repo_id}/tree/{commit}?recursive=true&expand=false"
         kept = self._tree(first, repo_id, commit)
         kept.sort(key=lambda f: f.path)
-        return Listing(uri=self.uri, revision=commit, files=tuple(kept))
+        return Listing(uri=self.uri, revision=commit, files=tuple(kept),
+                       selection=Selection.of(self._allow, self._ignore))
 
     def _call(self, fn: Callable[[], T], what: str) -> T:
         """``fn`` under our retry policy; its exceptions as typed errors."""
