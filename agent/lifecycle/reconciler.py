@@ -347,7 +347,8 @@ class Reconciler:
             spec.uri, hf_token=token, hf_endpoint=settings.hf_endpoint, oci_auth=oci_auth,
             oci_config_file=str(settings.oci_config_file), oci_profile=settings.oci_profile,
             oci_region=spec.oci_region or settings.oci_region, oci_endpoint=settings.oci_endpoint,
-            retry=retry_policy(settings), pool_maxsize=max(32, settings.concurrency * settings.multipart_concurrency))
+            retry=retry_policy(settings), pool_maxsize=max(32, settings.concurrency * settings.multipart_concurrency),
+            cancel=task.cancel)
         del token
         shape_settings = self._shape_settings()
         progress = _ProgressReporter(self, ref, spec, task)
