@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import stat
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +109,15 @@ def _walk(model_dir: Path) -> tuple[list[Path], list[Problem]]:
     return files, problems
 
 
+def _is(p: Path, kind: Callable[[int], bool]) -> bool:
+    """``Path.is_file``/``is_dir`` that is False for every stat error (a name too long, EACCES, ...) where
+    pathlib raises for all but a few."""
+    try:
+        return kind(os.stat(p).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
 def _check_manifest(model_dir: Path, manifest: Manifest, on_disk: set[str], *, allow_extra: bool) -> list[Problem]:
     problems: list[Problem] = []
     listed: set[str] = set()
@@ -127,8 +136,9 @@ def _check_manifest(model_dir: Path, manifest: Manifest, on_disk: set[str], *, a
         except OSError as e:
             problems.append(Problem(entry.path, f"cannot stat: {e.strerror}"))
             continue
-        if not p.is_file():
-            problems.append(Problem(entry.path, "listed in the manifest but not a regular file"))
+        if not stat.S_ISREG(st.st_mode):
+            problems.append(Problem(entry.path, f"listed in the manifest but is a {file_kind(st.st_mode)}, "
+                                                "not a regular file"))
         elif st.st_size != entry.size:
             problems.append(Problem(entry.path, f"size {st.st_size} != {entry.size} in the manifest"))
     if not allow_extra:
@@ -287,7 +297,7 @@ def _check_index(model_dir: Path, index: Path, tensors_of: dict[Path, set[str] |
         except ModelherdError as e:
             problems.append(Problem(rel, e.message))
             continue
-        if not p.is_file():
+        if not _is(p, stat.S_ISREG):
             problems.append(Problem(rel, f"lists shard {show(shard)}, which is missing (or not a regular file)"))
             continue
         names = tensors_of.get(p)
@@ -316,14 +326,14 @@ def _check_diffusers(model_dir: Path, index: Path) -> list[Problem]:
         except ModelherdError as e:
             problems.append(Problem(rel, e.message))
             continue
-        if not p.is_dir():
+        if not _is(p, stat.S_ISDIR):
             problems.append(Problem(rel, f"component {show(comp)} ({show(spec[1])}) has no folder"))
     return problems
 
 
 def _quick(model_dir: Path, *, require_manifest: bool, allow_extra: bool) -> tuple[list[Problem], Manifest | None]:
     model_dir = Path(model_dir)
-    if not model_dir.is_dir():
+    if not _is(model_dir, stat.S_ISDIR):
         return [Problem(".", f"{model_dir} is not a directory")], None
     files, problems = _walk(model_dir)
     rels = {_rel(model_dir, p) for p in files}
