@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Never
 from ..storage import fsdetect
 from ..storage.errors import ConfigError, VerificationError
 from ..storage.manifest import Manifest
-from ..storage.paths import ensure_inside_root
+from ..storage.paths import ensure_inside_root, quote_name
 from ..storage.ready import published_model
 from ..storage.types import ALL_FILES, Listing, Selection, Source
 from ..storage.uri import ModelURI, parse_uri
@@ -231,12 +231,13 @@ def _pull(uri: ModelURI, source: Source, listing_fn: Callable[[], Listing], dest
 
 
 def _report(problems: list[verify.Problem], model_dir: Path) -> int:
+    """One line per problem on stdout (names quoted when not plain: a file name cannot forge a line)."""
     for p in problems:
-        print(f"{p.path}: {p.message}")
+        print(p)
     if problems:
-        print(f"modelherd: {model_dir}: {len(problems)} problem(s)", file=sys.stderr)
+        print(f"modelherd: {quote_name(str(model_dir))}: {len(problems)} problem(s)", file=sys.stderr)
         return VerificationError.exit_code
-    print(f"{model_dir}: OK")
+    print(f"{quote_name(str(model_dir))}: OK")
     return 0
 
 

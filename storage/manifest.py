@@ -19,12 +19,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import VerificationError
+from .errors import UnsafePathError, VerificationError
 from .paths import safe_relpath
 from .types import ALL_FILES, Selection
+from .untrusted import UntrustedInputError, load_json, read_limited, show
 
 MANIFEST_NAME = ".modelherd-manifest.json"
 FORMAT_VERSION = 1
+# ~100 bytes a file plus checksums: room for a million files; a bigger "manifest" is not one of ours.
+MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -58,32 +61,69 @@ class Manifest:
         return json.dumps(d, indent=1, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> Manifest:
+    def from_json(cls, text: str | bytes) -> Manifest:
+        """Parse a manifest; anything malformed or hostile raises :class:`VerificationError`, nothing else."""
         try:
-            d = json.loads(text)
+            d = load_json(text, max_bytes=MAX_MANIFEST_BYTES)
+            if not isinstance(d, dict) or not isinstance(d.get("files"), list):
+                raise ValueError("not an object with a 'files' list")
             files = tuple(
-                ManifestFile(path=safe_relpath(f["path"], what="manifest entry"), size=int(f["size"]),
-                             checksums={str(k): str(v) for k, v in dict(f.get("checksums", {})).items()})
+                ManifestFile(path=safe_relpath(f["path"], what="manifest entry"), size=_count(f["size"], "size"),
+                             checksums=_checksums(f.get("checksums", {})))
                 for f in d["files"]
             )
-            return cls(source_uri=str(d["source_uri"]), revision=str(d["revision"]), files=files,
-                       writer=str(d["writer"]), completed_at=str(d["completed_at"]),
-                       version=int(d.get("version", FORMAT_VERSION)),
+            return cls(source_uri=_string(d["source_uri"]), revision=_string(d["revision"]), files=files,
+                       writer=_string(d["writer"]), completed_at=_string(d["completed_at"]),
+                       version=_count(d.get("version", FORMAT_VERSION), "version"),
                        selection=Selection.from_json(d.get("selection")),
-                       origin_problems=tuple((str(p), str(m)) for p, m in d.get("origin_problems", [])))
-        except (KeyError, TypeError, ValueError) as e:
-            raise VerificationError(f"malformed completion manifest: {e}",
-                                    hint="delete the model folder and pull again") from e
+                       origin_problems=tuple((_string(p), _string(m)) for p, m in d.get("origin_problems", [])))
+        except KeyError as e:
+            raise VerificationError(f"malformed completion manifest: no field {e}", hint=_HINT) from None
+        except UntrustedInputError as e:
+            raise VerificationError(f"malformed completion manifest: it {e}", hint=_HINT) from None
+        except (TypeError, ValueError, AttributeError) as e:
+            raise VerificationError(f"malformed completion manifest: {e}", hint=_HINT) from None
+        except UnsafePathError as e:
+            raise VerificationError(f"malformed completion manifest: {e.message}", hint=_HINT) from None
+
+
+_HINT = "delete the model folder and pull again"
+
+
+def _string(v: object) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"expected a string, got {show(v)}")
+    return v
+
+
+def _count(v: object, what: str) -> int:
+    """A JSON integer in ``[0, 2**63)`` (``true`` is not one, nor ``1.0``)."""
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**63:
+        raise ValueError(f"{what} must be an integer in [0, 2**63), got {show(v)}")
+    return v
+
+
+def _checksums(v: object) -> dict[str, str]:
+    if not isinstance(v, dict) or not all(isinstance(x, str) for kv in v.items() for x in kv):
+        raise ValueError(f"checksums must map algorithm names to digests, got {show(v)}")
+    return dict(v)
 
 
 def read_manifest(model_dir: Path) -> Manifest | None:
-    """The manifest of ``model_dir``, ``None`` when there is none; malformed → ``VerificationError``."""
+    """The manifest of ``model_dir``, ``None`` when there is none; anything else that is not a readable,
+    well-formed manifest (malformed, hostile, oversized, unreadable, a FIFO or folder) raises
+    :class:`VerificationError` — never another exception, never a blocking open."""
     p = Path(model_dir) / MANIFEST_NAME
     try:
-        text = p.read_text()
+        raw = read_limited(p, max_bytes=MAX_MANIFEST_BYTES)
     except FileNotFoundError:
         return None
-    return Manifest.from_json(text)
+    except UntrustedInputError as e:
+        raise VerificationError(f"completion manifest {e}", hint=_HINT) from None
+    except OSError as e:
+        raise VerificationError(f"cannot read the completion manifest: {e.strerror or e}",
+                                hint="check the folder's permissions, or delete it and pull again") from None
+    return Manifest.from_json(raw)
 
 
 def write_manifest(model_dir: Path, manifest: Manifest) -> Path:

@@ -9,28 +9,63 @@ through :func:`safe_relpath` before they touch the filesystem, and the resolved 
 from __future__ import annotations
 
 import os
+import unicodedata
 from pathlib import Path, PurePosixPath
 
 from .errors import UnsafePathError
+from .untrusted import show
 
 STAGING_DIRNAME = ".modelherd-staging"
+
+
+def _control_chars(name: str) -> list[str]:
+    """The control characters (Unicode category Cc: C0, DEL, C1) in ``name``, escaped."""
+    return [repr(c)[1:-1] for c in name if unicodedata.category(c) == "Cc"]
 
 
 def safe_relpath(name: str, *, what: str = "name") -> str:
     """Return ``name`` as a normalised relative POSIX path, or raise :class:`UnsafePathError`.
 
-    Rejects empty names, absolute paths, drive letters, backslashes, NUL, ``.``/``..`` segments.
+    Rejects non-strings, empty names, absolute paths, backslashes, control characters (NUL, newlines,
+    ANSI escapes, C1: a name must not be able to forge a line of output), ``.``/``..`` segments.
+    ``:`` is an ordinary character on POSIX (``a:b.txt``, ``C:x`` are relative names).
     """
-    if not name or "\x00" in name or "\\" in name:
-        raise UnsafePathError(f"unsafe {what} {name!r}: empty, NUL or backslash", hint="the source is malformed")
-    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
-        raise UnsafePathError(f"unsafe {what} {name!r}: absolute paths are not allowed",
+    if not isinstance(name, str):
+        raise UnsafePathError(f"unsafe {what} {show(name)}: not a string", hint="the source is malformed")
+    if not name or "\\" in name:
+        raise UnsafePathError(f"unsafe {what} {show(name)}: empty or backslash", hint="the source is malformed")
+    if bad := _control_chars(name):
+        raise UnsafePathError(f"unsafe {what} {show(name)}: control character {bad[0]}",
+                              hint="the source names a file with a control character; rename it there")
+    if name.startswith("/"):
+        raise UnsafePathError(f"unsafe {what} {show(name)}: absolute paths are not allowed",
                               hint="the source names a file outside the model folder")
     parts = [p for p in name.split("/") if p != ""]
     if not parts or any(p in (".", "..") for p in parts):
-        raise UnsafePathError(f"unsafe {what} {name!r}: '.' and '..' segments are not allowed",
+        raise UnsafePathError(f"unsafe {what} {show(name)}: '.' and '..' segments are not allowed",
                               hint="the source names a file outside the model folder")
     return str(PurePosixPath(*parts))
+
+
+def printable(text: str) -> str:
+    """``text`` with every non-printable character (control characters, ANSI escapes, line breaks, bidi
+    overrides, lone surrogates from undecodable file names) replaced by its Python escape; text that is
+    all printable comes back unchanged. What is printed on one line stays one line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def quote_name(name: str) -> str:
+    """A file name for output: as-is when plain, else Python-quoted (unambiguous, one printable line).
+
+    Plain: printable, no backslash or quote, no ``": "``, no leading or trailing space — so a name can
+    neither break a line nor pass for the separator between a name and its message.
+    """
+    if (name.isprintable() and not any(c in name for c in "\\'\"") and ": " not in name
+            and name == name.strip()):
+        return name
+    return repr(name)  # repr escapes every non-printable character
 
 
 def contained(base: Path, rel: str, *, what: str = "name") -> Path:

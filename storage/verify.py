@@ -6,17 +6,20 @@ Invariants:
 - nothing here writes, and nothing is read outside ``model_dir`` (every name taken from a manifest, an
   index or a ``model_index.json`` goes through :func:`~.paths.contained` first; symlinks leaving the
   folder are reported, never followed);
-- bad or hostile content is reported as a :class:`Problem`, never raised; only :func:`verify_or_raise`
-  raises, with a :class:`~.errors.VerificationError`.
+- bad or hostile content is reported as a :class:`Problem`, never raised, and never hangs: JSON is parsed
+  by :func:`~.untrusted.load_json` (bounded size, depth, integers), only regular files are opened
+  (:func:`~.untrusted.open_regular`; a FIFO, socket or device is reported from its ``stat``), sizes are
+  computed with exact integers; only :func:`verify_or_raise` raises, with a
+  :class:`~.errors.VerificationError`;
+- a :class:`Problem` prints as one line whatever the names in it (:func:`~.paths.quote_name`).
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
+import stat
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,18 +28,25 @@ from typing import Any
 from .errors import ModelherdError, VerificationError
 from .hashing import checkable, hash_file
 from .manifest import MANIFEST_NAME, Manifest, read_manifest
-from .paths import contained
+from .paths import contained, printable, quote_name
+from .untrusted import UntrustedInputError, file_kind, load_json, open_regular, read_json_file, show
 
 # safetensors refuses headers above 100 MB; so do we (a corrupt length must not make us read gigabytes).
 MAX_HEADER = 100_000_000
-# Bits per element; sub-byte dtypes (F4, F6) pack elements, so bytes = ceil(bits * numel / 8).
+# A shard index or model_index.json: ~100 bytes a tensor; this is room for over half a million.
+MAX_INDEX_BYTES = 64 * 1024 * 1024
+# Bits per element of every dtype the safetensors format accepts (its Rust ``Dtype`` enum, as listed by the
+# installed safetensors; tests/unit/test_verify_hostile.py checks this table against it, names and sizes).
+# Sub-byte dtypes (F4, F6) pack elements: a tensor's bits must fill whole bytes, bytes = numel * bits / 8.
 DTYPE_BITS = {
-    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8,
+    "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,
     "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
     "I32": 32, "U32": 32, "F32": 32,
-    "I64": 64, "U64": 64, "F64": 64, "C64": 64,
-    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+    "C64": 64, "F64": 64, "I64": 64, "U64": 64,
 }
+# safetensors reads shapes, offsets and byte counts as usize: 64 bits.
+U64_MAX = 2**64 - 1
 INDEX_SUFFIX = ".safetensors.index.json"
 
 
@@ -48,7 +58,8 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.path}: {self.message}"
+        """One printable line: the path quoted when it is not plain, control characters escaped."""
+        return f"{quote_name(self.path)}: {printable(self.message)}"
 
 
 def _rel(base: Path, p: Path) -> str:
@@ -58,25 +69,53 @@ def _rel(base: Path, p: Path) -> str:
         return str(p)
 
 
+def _inside(real_base: Path, p: Path) -> bool:
+    target = Path(os.path.realpath(p))
+    return target == real_base or real_base in target.parents
+
+
 def _walk(model_dir: Path) -> tuple[list[Path], list[Problem]]:
-    """Regular files under ``model_dir`` (symlinks not followed) and problems for links leaving it."""
+    """Regular files under ``model_dir`` (symlinks to regular files inside it included, not followed when
+    walking) and problems for links leaving it, dangling links, and anything that is neither a regular
+    file nor a folder (FIFO, socket, device: reported from ``stat``, never opened)."""
     files: list[Path] = []
     problems: list[Problem] = []
     real_base = Path(os.path.realpath(model_dir))
     for root, dirs, names in os.walk(model_dir, followlinks=False):
         rootp = Path(root)
-        for name in [*dirs, *names]:
+        for name in dirs:  # symlinks to folders are listed here; os.walk does not descend into them
             p = rootp / name
-            if p.is_symlink():
-                target = Path(os.path.realpath(p))
-                if target != real_base and real_base not in target.parents:
-                    problems.append(Problem(_rel(model_dir, p), f"symlink points outside the model folder ({target})"))
-                    continue
-                if name in names and target.is_file():
-                    files.append(p)
-            elif name in names:
+            if p.is_symlink() and not _inside(real_base, p):
+                problems.append(Problem(_rel(model_dir, p), f"symlink points outside the model folder "
+                                                            f"({os.path.realpath(p)})"))
+        for name in names:
+            p = rootp / name
+            link = p.is_symlink()
+            if link and not _inside(real_base, p):
+                problems.append(Problem(_rel(model_dir, p), f"symlink points outside the model folder "
+                                                            f"({os.path.realpath(p)})"))
+                continue
+            try:
+                mode = os.stat(p).st_mode
+            except OSError as e:
+                if link:
+                    problems.append(Problem(_rel(model_dir, p), f"dangling symlink ({e.strerror})"))
+                continue  # vanished while we walked
+            if stat.S_ISREG(mode):
                 files.append(p)
+            elif not stat.S_ISDIR(mode):
+                problems.append(Problem(_rel(model_dir, p), f"is a {file_kind(mode)}, not a regular file "
+                                                            "(not opened)"))
     return files, problems
+
+
+def _is(p: Path, kind: Callable[[int], bool]) -> bool:
+    """``Path.is_file``/``is_dir`` that is False for every stat error (a name too long, EACCES, ...) where
+    pathlib raises for all but a few."""
+    try:
+        return kind(os.stat(p).st_mode)
+    except (OSError, ValueError):
+        return False
 
 
 def _check_manifest(model_dir: Path, manifest: Manifest, on_disk: set[str], *, allow_extra: bool) -> list[Problem]:
@@ -97,8 +136,9 @@ def _check_manifest(model_dir: Path, manifest: Manifest, on_disk: set[str], *, a
         except OSError as e:
             problems.append(Problem(entry.path, f"cannot stat: {e.strerror}"))
             continue
-        if not p.is_file():
-            problems.append(Problem(entry.path, "listed in the manifest but not a regular file"))
+        if not stat.S_ISREG(st.st_mode):
+            problems.append(Problem(entry.path, f"listed in the manifest but is a {file_kind(st.st_mode)}, "
+                                                "not a regular file"))
         elif st.st_size != entry.size:
             problems.append(Problem(entry.path, f"size {st.st_size} != {entry.size} in the manifest"))
     if not allow_extra:
@@ -109,9 +149,10 @@ def _check_manifest(model_dir: Path, manifest: Manifest, on_disk: set[str], *, a
 def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
     """Parse a safetensors header: ``(header dict, data start offset)``. Reads only the header bytes.
 
-    Raises ``ValueError`` with a readable reason on any malformation.
+    Raises ``ValueError`` with a readable reason on any malformation (``OSError`` if unreadable); never
+    opens anything but a regular file.
     """
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         head = f.read(8)
         if len(head) < 8:
             raise ValueError("shorter than the 8-byte header length")
@@ -122,9 +163,9 @@ def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
     if len(raw) < n:
         raise ValueError(f"truncated inside the header ({len(raw)} of {n} bytes)")
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"header is not JSON: {e}") from None
+        header = load_json(raw, max_bytes=MAX_HEADER)
+    except UntrustedInputError as e:
+        raise ValueError(f"header {e}") from None
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
     return header, 8 + n
@@ -135,12 +176,65 @@ def check_safetensors(path: Path) -> list[str]:
     return _inspect_safetensors(path)[0]
 
 
+def _is_u64(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= U64_MAX
+
+
+def _utf8(text: str) -> bool:
+    """JSON lets ``\\ud800`` through Python's parser; safetensors (serde) refuses lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def tensor_nbytes(dtype: str, shape: list[int]) -> int | str:
+    """Exact bytes of a ``dtype`` x ``shape`` tensor, or why there is no such size (as safetensors says:
+    a product beyond 64 bits, or sub-byte elements that do not end on a byte boundary)."""
+    numel = 1
+    for d in shape:  # in order, like safetensors' checked_mul fold: [2**63, 2**63, 0] overflows
+        numel *= d
+        if numel > U64_MAX:
+            return f"{dtype} x {show(shape)} overflows 64 bits"
+    bits = numel * DTYPE_BITS[dtype]
+    if bits > U64_MAX:
+        return f"{dtype} x {show(shape)} overflows 64 bits"
+    if bits % 8:
+        return f"{dtype} x {show(shape)} is {bits} bits, which does not end on a byte boundary"
+    return bits // 8
+
+
+def _tensor_reason(name: str, info: object) -> tuple[str | None, tuple[int, int] | None]:
+    """``(reason, (begin, end))`` for one header entry: a reason when it is malformed, the span it claims
+    when its offsets are well-formed (even if its size is wrong, so the tiling is still checked)."""
+    if not _utf8(name):
+        return f"tensor {show(name)}: name is not valid Unicode", None
+    if not isinstance(info, dict):
+        return f"tensor {show(name)}: entry is not an object", None
+    dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+        return f"tensor {show(name)}: unknown dtype {show(dtype)}", None
+    if not (isinstance(shape, list) and all(_is_u64(d) for d in shape)):
+        return f"tensor {show(name)}: bad shape {show(shape)}", None
+    if not (isinstance(offs, list) and len(offs) == 2 and all(_is_u64(o) for o in offs) and offs[0] <= offs[1]):
+        return f"tensor {show(name)}: bad data_offsets {show(offs)}", None
+    span = (offs[0], offs[1])
+    want = tensor_nbytes(dtype, shape)
+    if isinstance(want, str):
+        return f"tensor {show(name)}: {want}", span
+    if offs[1] - offs[0] != want:
+        return f"tensor {show(name)}: {offs[1] - offs[0]} bytes but {dtype} x {show(shape)} needs {want}", span
+    return None, span
+
+
 def _inspect_safetensors(path: Path) -> tuple[list[str], set[str]]:
     """``(reasons, tensor names)`` for a safetensors file.
 
-    Checks: header parses; each tensor has a known dtype, an integer shape and ``data_offsets`` whose length
-    equals dtype x shape; tensors tile the data region without gaps or overlaps; the data region ends exactly
-    at the end of the file (so truncation and trailing bytes are caught without reading any weights).
+    Checks: header parses; ``__metadata__`` (if any) maps strings to strings; each tensor has a known dtype,
+    an integer shape and ``data_offsets`` whose length equals dtype x shape (exact integers, 64-bit like
+    safetensors); tensors tile the data region without gaps or overlaps; the data region ends exactly at
+    the end of the file (so truncation and trailing bytes are caught without reading any weights).
     """
     try:
         header, start = safetensors_header(path)
@@ -151,30 +245,20 @@ def _inspect_safetensors(path: Path) -> tuple[list[str], set[str]]:
     spans: list[tuple[int, int, str]] = []
     for name, info in header.items():
         if name == "__metadata__":
+            if info is not None and not (isinstance(info, dict) and all(
+                    isinstance(v, str) and _utf8(k) and _utf8(v) for k, v in info.items())):
+                reasons.append(f"__metadata__ must map strings to strings, got {show(info)}")
             continue
-        if not isinstance(info, dict):
-            reasons.append(f"tensor {name!r}: entry is not an object")
-            continue
-        dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in DTYPE_BITS:
-            reasons.append(f"tensor {name!r}: unknown dtype {dtype!r}")
-            continue
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-            reasons.append(f"tensor {name!r}: bad shape {shape!r}")
-            continue
-        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)
-                and 0 <= offs[0] <= offs[1]):
-            reasons.append(f"tensor {name!r}: bad data_offsets {offs!r}")
-            continue
-        want = math.ceil(DTYPE_BITS[dtype] * math.prod(shape) / 8)
-        if offs[1] - offs[0] != want:
-            reasons.append(f"tensor {name!r}: {offs[1] - offs[0]} bytes but {dtype} x {shape} needs {want}")
-        spans.append((offs[0], offs[1], name))
+        reason, span = _tensor_reason(name, info)
+        if reason is not None:
+            reasons.append(reason)
+        if span is not None:
+            spans.append((*span, name))
     spans.sort()
     pos = 0
     for b, end, name in spans:
         if b != pos:
-            reasons.append(f"tensor {name!r}: data starts at {b}, expected {pos} (gap or overlap)")
+            reasons.append(f"tensor {show(name)}: data starts at {b}, expected {pos} (gap or overlap)")
         pos = max(pos, end)
     data_len = size - start
     if pos > data_len:
@@ -184,12 +268,21 @@ def _inspect_safetensors(path: Path) -> tuple[list[str], set[str]]:
     return reasons, {n for _, _, n in spans}
 
 
+def _read_index(path: Path, rel: str, what: str) -> tuple[Any, Problem | None]:
+    """The parsed JSON document at ``path``, or a Problem (at ``rel``) saying why it cannot be read."""
+    try:
+        return read_json_file(path, max_bytes=MAX_INDEX_BYTES), None
+    except OSError as e:
+        return None, Problem(rel, f"malformed {what}: cannot read it: {e.strerror or e}")
+    except UntrustedInputError as e:
+        return None, Problem(rel, f"malformed {what}: it {e}")
+
+
 def _check_index(model_dir: Path, index: Path, tensors_of: dict[Path, set[str] | None]) -> list[Problem]:
     rel = _rel(model_dir, index)
-    try:
-        doc = json.loads(index.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return [Problem(rel, f"malformed shard index: {e}")]
+    doc, bad = _read_index(index, rel, "shard index")
+    if bad is not None:
+        return [bad]
     wm = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
         return [Problem(rel, "malformed shard index: 'weight_map' must map tensor names to file names")]
@@ -204,24 +297,23 @@ def _check_index(model_dir: Path, index: Path, tensors_of: dict[Path, set[str] |
         except ModelherdError as e:
             problems.append(Problem(rel, e.message))
             continue
-        if not p.is_file():
-            problems.append(Problem(rel, f"lists shard {shard!r}, which is missing"))
+        if not _is(p, stat.S_ISREG):
+            problems.append(Problem(rel, f"lists shard {show(shard)}, which is missing (or not a regular file)"))
             continue
         names = tensors_of.get(p)
         if names is not None:
             missing = [t for t in tensors if t not in names]
             if missing:
-                problems.append(Problem(rel, f"shard {shard!r} lacks {len(missing)} tensor(s) it should hold, "
-                                             f"e.g. {missing[0]!r}"))
+                problems.append(Problem(rel, f"shard {show(shard)} lacks {len(missing)} tensor(s) it should hold, "
+                                             f"e.g. {show(missing[0])}"))
     return problems
 
 
 def _check_diffusers(model_dir: Path, index: Path) -> list[Problem]:
     rel = _rel(model_dir, index)
-    try:
-        doc = json.loads(index.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return [Problem(rel, f"malformed model_index.json: {e}")]
+    doc, bad = _read_index(index, rel, "model_index.json")
+    if bad is not None:
+        return [bad]
     if not isinstance(doc, dict):
         return [Problem(rel, "malformed model_index.json: not a JSON object")]
     problems: list[Problem] = []
@@ -234,14 +326,14 @@ def _check_diffusers(model_dir: Path, index: Path) -> list[Problem]:
         except ModelherdError as e:
             problems.append(Problem(rel, e.message))
             continue
-        if not p.is_dir():
-            problems.append(Problem(rel, f"component {comp!r} ({spec[1]}) has no folder"))
+        if not _is(p, stat.S_ISDIR):
+            problems.append(Problem(rel, f"component {show(comp)} ({show(spec[1])}) has no folder"))
     return problems
 
 
 def _quick(model_dir: Path, *, require_manifest: bool, allow_extra: bool) -> tuple[list[Problem], Manifest | None]:
     model_dir = Path(model_dir)
-    if not model_dir.is_dir():
+    if not _is(model_dir, stat.S_ISDIR):
         return [Problem(".", f"{model_dir} is not a directory")], None
     files, problems = _walk(model_dir)
     rels = {_rel(model_dir, p) for p in files}

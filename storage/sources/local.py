@@ -2,7 +2,10 @@
 
 Invariants: nothing here writes, renames or deletes (files are opened read-only); every listed path is a
 safe relative path whose real location is inside the folder — a symlink that leads out of it raises
-:class:`UnsafePathError`; modelherd's own files (``.modelherd-*``, manifest temp files) are not listed.
+:class:`UnsafePathError`; modelherd's own files (``.modelherd-*``, manifest temp files) are not listed;
+only regular files are ever opened — a FIFO, socket or device in the folder raises :class:`SourceError`
+when listing (from its ``stat``), and one swapped in later is refused by :meth:`LocalSource.open` without
+blocking.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ from typing import BinaryIO
 
 from ..errors import ConfigError, SourceError, SourceNotFoundError, UnsafePathError, VerificationError
 from ..manifest import MANIFEST_NAME, read_manifest
-from ..paths import contained, safe_relpath
+from ..paths import contained, quote_name, safe_relpath
 from ..types import Listing, RemoteFile
+from ..untrusted import NotRegularFileError, file_kind, open_regular
 from ..uri import ModelURI
 
 INTERNAL_PREFIX = ".modelherd-"
@@ -63,7 +67,8 @@ class LocalSource:
         self._real_root = Path(os.path.realpath(self.root))
 
     def _walk(self) -> list[tuple[str, int]]:
-        """(relative path, size) of every regular file, following symlinks only while they stay inside."""
+        """(relative path, size) of every regular file, following symlinks only while they stay inside;
+        anything else that is not a folder (FIFO, socket, device) raises :class:`SourceError`."""
         out: list[tuple[str, int]] = []
         seen_dirs: set[tuple[int, int]] = set()
         stack: list[tuple[Path, tuple[str, ...]]] = [(self.root, ())]
@@ -94,6 +99,10 @@ class LocalSource:
                     stack.append((Path(e.path), rel_parts))
                 elif stat.S_ISREG(est.st_mode):
                     out.append((rel, est.st_size))
+                else:
+                    raise SourceError(f"{quote_name(rel)} is a {file_kind(est.st_mode)}, not a regular file",
+                                      hint="a model folder holds only files and folders; remove it or put the "
+                                           "real file in its place")
         return sorted(out)
 
     def list_files(self) -> Listing:
@@ -125,9 +134,11 @@ class LocalSource:
             raise ValueError(f"bad range [{start}, {stop}) for {file.path} of {file.size} bytes")
         path = contained(self.root, file.locator or file.path, what="file name")
         try:
-            f = open(path, "rb")  # noqa: SIM115 - closed by _FileBody.close
+            f = open_regular(path)
         except FileNotFoundError:
             raise SourceNotFoundError(f"{path} does not exist", hint="the folder changed; list it again") from None
+        except NotRegularFileError as e:
+            raise SourceError(f"{path} {e}", hint="the folder changed; list it again") from None
         except OSError as e:
             raise SourceError(f"cannot read {path}: {e.strerror}") from None
         f.seek(start)

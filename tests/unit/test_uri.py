@@ -108,7 +108,9 @@ def test_non_string_input_is_a_bad_uri_error() -> None:
 @pytest.mark.parametrize(
     ("name", "want"),
     [("a", "a"), ("a/b/c.safetensors", "a/b/c.safetensors"), ("a//b/", "a/b"), ("..a/b..", "..a/b.."),
-     (".hidden/x", ".hidden/x"), ("a/...", "a/...")],
+     (".hidden/x", ".hidden/x"), ("a/...", "a/..."),
+     # ':' is an ordinary POSIX character, not a drive letter: these are relative names on Linux
+     ("a:b.txt", "a:b.txt"), ("C:evil", "C:evil"), ("c:/windows", "c:/windows"), ("ünï/cödé 😀", "ünï/cödé 😀")],
 )
 def test_safe_relpath_normalises_relative_names(name: str, want: str) -> None:
     assert safe_relpath(name) == want
@@ -116,8 +118,10 @@ def test_safe_relpath_normalises_relative_names(name: str, want: str) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["", "..", "../evil", "a/../../evil", "a/..", "./a", "a/./b", ".", "/abs", "//abs", "/", "C:evil",
-     "c:/windows", "a\\..\\evil", "dir\\file", "a\x00b"],
+    ["", "..", "../evil", "a/../../evil", "a/..", "./a", "a/./b", ".", "/abs", "//abs", "/",
+     "a\\..\\evil", "dir\\file", "a\x00b",
+     # control characters: a name must not forge a line of output or drive the terminal
+     "a\nb", "x.safetensors\r", "\x1b[31mred", "tab\tname", "del\x7f", "c1\x85nel", "c1\x9b31m"],
 )
 def test_safe_relpath_refuses_names_that_could_leave_the_folder(name: str) -> None:
     with pytest.raises(UnsafePathError) as ei:

@@ -141,10 +141,15 @@ def test_non_json_and_huge_header_length_are_reported(tmp_path: Path) -> None:
     assert "implausible" in "\n".join(check_safetensors(p))
 
 
-def test_sub_byte_dtype_size_rounds_up(tmp_path: Path) -> None:
+def test_sub_byte_dtype_must_fill_whole_bytes_like_safetensors_says(tmp_path: Path) -> None:
     p = tmp_path / "x.safetensors"
-    _write_raw(p, {"t": {"dtype": "F4", "shape": [3], "data_offsets": [0, 2]}}, b"\0\0")
+    _write_raw(p, {"t": {"dtype": "F4", "shape": [4], "data_offsets": [0, 2]}}, b"\0\0")
     assert check_safetensors(p) == []
+    _write_raw(p, {"t": {"dtype": "F6_E2M3", "shape": [4], "data_offsets": [0, 3]}}, b"\0" * 3)
+    assert check_safetensors(p) == []
+    # 3 x 4 bits = 12 bits: safetensors refuses a tensor that does not end on a byte boundary
+    _write_raw(p, {"t": {"dtype": "F4", "shape": [3], "data_offsets": [0, 2]}}, b"\0\0")
+    assert "byte boundary" in "\n".join(check_safetensors(p))
 
 
 def test_index_naming_a_missing_shard_is_a_problem(tmp_path: Path) -> None:
