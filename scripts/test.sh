@@ -6,12 +6,32 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PY="${PYTHON:-python3}"
-step() { printf '\n=== %s\n' "$*" >&2; }
+T0=$(date +%s)
+PHASE_T=$T0
+step() {
+  local now; now=$(date +%s)
+  [ -z "${PHASE:-}" ] || printf '=== %s took %ss\n' "$PHASE" "$(( now - PHASE_T ))" >&2
+  PHASE="$*"; PHASE_T=$now
+  printf '\n=== %s (t=%ss)\n' "$*" "$(( now - T0 ))" >&2
+}
 
 step "python venv + modelherd[dev]"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -U pip
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+
+step "Debian packages the tests use (promtool/prometheus)"
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  else
+    echo "promtool/prometheus missing: install Debian's 'prometheus' package (needs root and apt-get)" >&2
+    exit 1
+  fi
+fi
+promtool --version 2>&1 | head -1 >&2
 
 step "control plane for integration tests (kube-apiserver + etcd from Go modules; cached)"
 if ! command -v go >/dev/null 2>&1 && [ -x /usr/local/go/bin/go ]; then export PATH="/usr/local/go/bin:$PATH"; fi
@@ -25,4 +45,10 @@ step "mypy"
 bash scripts/typecheck.sh
 
 step "pytest"
-exec .venv/bin/python -m pytest "$@"
+set +e
+.venv/bin/python -m pytest "$@"
+rc=$?
+set -e
+step "done"
+echo "total: $(( $(date +%s) - T0 ))s" >&2
+exit $rc
