@@ -24,8 +24,12 @@ step "Debian packages the tests use (promtool/prometheus)"
 if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive
+    # never let the package start its daemon (it would listen on every interface): policy-rc.d says no
+    created_policy=0
+    if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; created_policy=1; fi
     apt-get update -qq >/dev/null
     apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    [ "$created_policy" = 0 ] || rm -f /usr/sbin/policy-rc.d
   else
     echo "promtool/prometheus missing: install Debian's 'prometheus' package (needs root and apt-get)" >&2
     exit 1
