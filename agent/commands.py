@@ -296,9 +296,9 @@ def _node_name_for_agent(args: argparse.Namespace) -> str:
 
 
 def _kube_api(settings: Settings) -> object:
-    from ..coordination.kube import api_client
+    from .kubeclient import load
 
-    return api_client(settings.kubeconfig)
+    return load(settings.kubeconfig)
 
 
 def cmd_agent(args: argparse.Namespace, settings: Settings, cancel: threading.Event) -> int:

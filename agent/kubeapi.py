@@ -15,6 +15,8 @@ from typing import Any
 
 import urllib3
 
+from .kubeclient import transport
+
 JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
@@ -57,27 +59,29 @@ REQUESTS = _Counts()
 
 def request(api: Any, method: str, path: str, *, query: Sequence[tuple[str, str]] | None = None,
             body: Any = None, content_type: str = JSON, timeout_s: float = 15.0) -> Any:
-    """One request; the decoded JSON answer, or :class:`ApiError` (status 0 when the server is unreachable)."""
+    """One request; the decoded JSON answer, or :class:`ApiError` (status 0 when the server is unreachable).
+
+    ``api`` is a :class:`~modelherd.agent.kubeclient.KubeClient` or a ``kubernetes.client.ApiClient``. One attempt
+    is one request (no hidden urllib3 retries); callers decide what to retry.
+    """
+    client = transport(api)
     headers = {"Accept": JSON}
+    data: bytes | None = None
     if body is not None:
         headers["Content-Type"] = content_type
+        data = json.dumps(body).encode()
+    url, headers = client.prepare(path, query, headers)
     REQUESTS.add(method.lower())
     try:
-        m, url, hdrs, data, _ = api.param_serialize(method=method, resource_path=path, query_params=list(query or []),
-                                                    header_params=headers, body=body, auth_settings=["BearerToken"])
-        resp = api.call_api(m, url, header_params=hdrs, body=data, _request_timeout=timeout_s)
-        raw = resp.read()
-        status = int(resp.status)
+        resp = client.pool.request(method, url, body=data, headers=headers, retries=False,
+                                   timeout=urllib3.Timeout(connect=min(5.0, timeout_s), read=timeout_s))
     except (urllib3.exceptions.HTTPError, OSError) as e:
         raise ApiError(0, f"API server unreachable: {type(e).__name__}") from None
-    except Exception as e:  # the client raises its own ApiException for TLS trouble
-        status = int(getattr(e, "status", 0) or 0)
-        raise ApiError(status, f"request failed: {type(e).__name__}: {getattr(e, 'reason', '')}") from None
+    raw, status = resp.data, int(resp.status)
     try:
         decoded = json.loads(raw) if raw else {}
     except ValueError:
         decoded = {}
     if not 200 <= status < 300:
-        raise ApiError(status, str(getattr(resp, "reason", "")),
-                       decoded if isinstance(decoded, Mapping) else None)
+        raise ApiError(status, str(resp.reason or ""), decoded if isinstance(decoded, Mapping) else None)
     return decoded

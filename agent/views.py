@@ -106,7 +106,9 @@ def format_explain(rows: list[dict[str, Any]], node: str) -> str:
 
 def cluster_status(api: Any, *, namespace: str) -> list[dict[str, Any]]:
     """One row per model found in any node's ConfigMap: nodes per state, plus its Lease (holder, progress)."""
-    from ..coordination.kube import list_leases
+    from ..coordination.identity import MANAGED_BY, MANAGED_BY_LABEL
+    from ..coordination.kube import record_from_raw
+    from ..coordination.views import view_of
 
     models: dict[tuple[str, str, str], dict[str, Any]] = {}
     for cm in _items(api, f"/api/v1/namespaces/{namespace}/configmaps", labelSelector=f"{STATUS_LABEL}=true"):
@@ -128,8 +130,10 @@ def cluster_status(api: Any, *, namespace: str) -> list[dict[str, Any]]:
             row["storageUri"] = row["storageUri"] or str(ours.get("storageUri") or "")
             row["path"] = row["path"] or str(ours.get("path") or "")
     try:
-        leases = list_leases(api, namespace)
-    except ModelherdError:
+        raw = _items(api, f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases",
+                     labelSelector=f"{MANAGED_BY_LABEL}={MANAGED_BY}")
+        leases = [view_of(record_from_raw(it)) for it in raw]
+    except (ApiError, ModelherdError):
         leases = []
     for row in models.values():
         for lease in leases:

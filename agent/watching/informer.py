@@ -48,8 +48,9 @@ from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import urllib3.exceptions
-from kubernetes import client
-from modelherd.storage.errors import ConfigError
+
+from ...storage.errors import ConfigError
+from ..kubeclient import KubeClient, transport
 
 __all__ = ["RESTART_REASONS", "EventType", "Handler", "Informer"]
 
@@ -140,7 +141,7 @@ class Informer:
 
     def __init__(
         self,
-        api_client: client.ApiClient,
+        api_client: KubeClient | Any,
         path: str,
         *,
         handler: Handler,
@@ -159,7 +160,7 @@ class Informer:
                               hint="the API server takes whole seconds; use >= 1 (300 in production)")
         if backoff_max_s <= 0:
             raise ConfigError(f"informer {name}: backoff_max_s={backoff_max_s} must be positive")
-        self._api = api_client
+        self._api: KubeClient = transport(api_client)
         self.path = path
         self.name = name
         self._handler = handler
@@ -325,14 +326,11 @@ class Informer:
             raise _Stopped
         self.requests += 1
         try:
-            # The client's own serialisation adds the bearer token (refreshed if its config refreshes it) and
-            # its pool carries the TLS settings; the request goes straight to that pool with retries=False,
-            # because urllib3's default Retry(3) would hide up to three more attempts from ``requests`` and
-            # from our backoff.
-            _method, url, headers, _body, _post = self._api.param_serialize(
-                "GET", self.path, query_params=query, header_params={"Accept": "application/json"},
-                auth_settings=["BearerToken"])
-            resp: urllib3.BaseHTTPResponse = self._api.rest_client.pool_manager.request(
+            # The transport adds the bearer token (re-read when it rotates) and its pool carries the TLS settings;
+            # the request goes straight to that pool with retries=False, because urllib3's default Retry(3) would
+            # hide up to three more attempts from ``requests`` and from our backoff.
+            url, headers = self._api.prepare(self.path, query, {"Accept": "application/json"})
+            resp: urllib3.BaseHTTPResponse = self._api.pool.request(
                 "GET", url, headers=headers, preload_content=False, retries=False,
                 timeout=urllib3.Timeout(connect=_CONNECT_TIMEOUT_S, read=read_timeout_s))
         except (urllib3.exceptions.HTTPError, OSError) as e:  # refused, reset, TLS, timeouts

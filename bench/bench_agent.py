@@ -1,0 +1,236 @@
+"""Issue #9 benchmark: N real ``modelherd agent`` processes (one per simulated node) on one shared folder.
+
+Measured in one run, against the real control plane (e2e/controlplane), the loopback Hub (the same origin for
+the baseline and the agents), and Node objects for every simulated node:
+
+1. Cold: one ClusterBaseModel of ``--model-mib`` (default 2 GiB) selecting every node. Baseline: one plain
+   ``modelherd pull`` of the same model measured in the same run (``--storage-mode shared``, no coordination).
+   - CR created -> last node's label Ready  (target <= 1.1 x baseline + 3 s)
+   - origin bytes / model size              (target 1.00)
+2. Idle: N agents with ``--models`` small models Ready, for ``--idle-seconds`` (default 60):
+   - API requests per agent per minute, counted at the API server (target <= 2)
+   - agent RSS (target <= 120 MiB each), CPU (target <= 1 % of a core each)
+3. Restart: every agent stopped (SIGTERM) and started again with all models Ready:
+   - launch -> every agent has reconciled every model Ready (target <= 10 s)
+   - label flaps seen by sampling every node's labels throughout (target 0), origin requests (target 0)
+
+Usage: python bench/bench_agent.py [--nodes 32] [--model-mib 2048] [--models 20] [--idle-seconds 60]
+Prints each figure and PASS/FAIL; exits 1 when a target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import psutil  # noqa: E402
+from kubernetes import client, config  # noqa: E402
+from modelherd.agent.reporting.keys import node_label_key  # noqa: E402
+
+from bench._harness import cached_model, clean, model_files, run_child, verdict  # noqa: E402
+from tests.agent_fleet import MODELHERD, Fleet, eventually  # noqa: E402
+from tests.hubserver import HubServer  # noqa: E402
+from tests.integration.test_controlplane import install_ome_crds  # noqa: E402
+from tests.k8s_fixtures import KubeCluster  # noqa: E402
+from tests.modelgen import make_sharded_model  # noqa: E402
+
+MiB = 1024 * 1024
+SHARED = ("--storage-mode", "shared", "--coordination", "kubernetes")
+
+
+def control_plane(work: Path) -> KubeCluster:
+    up = subprocess.run([str(REPO / "e2e/controlplane/up"), str(work)], capture_output=True, text=True, timeout=1800,
+                        check=False)
+    if up.returncode != 0:
+        sys.exit(f"control plane failed to start:\n{up.stderr[-3000:]}")
+    return KubeCluster(kubeconfig=work / "kubeconfig", bin_dir=work / "bin", server="", data_dir=work)
+
+
+def server_requests(cluster: KubeCluster) -> float:
+    """``apiserver_request_total`` summed over every resource, verb and code: the server's own count."""
+    text = subprocess.run([str(cluster.bin_dir / "kubectl"), "--kubeconfig", str(cluster.kubeconfig), "get", "--raw",
+                           "/metrics"], capture_output=True, text=True, timeout=60, check=True).stdout
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("apiserver_request_total{"))
+
+
+def labels_by_node(api: Any, tag: str) -> dict[str, dict[str, str]]:
+    raw = json.loads(client.CoreV1Api(api).list_node(label_selector=f"mh-test={tag}", _preload_content=False).data)
+    return {it["metadata"]["name"]: it["metadata"].get("labels") or {} for it in raw["items"]}
+
+
+def ready_count(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return sum(1 for line in text.splitlines()
+               if line.startswith("modelherd_model_state{") and 'state="Ready"' in line and line.endswith(" 1.0"))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nodes", type=int, default=32)
+    ap.add_argument("--model-mib", type=int, default=2048)
+    ap.add_argument("--shards", type=int, default=8)
+    ap.add_argument("--models", type=int, default=20)
+    ap.add_argument("--idle-seconds", type=float, default=60.0)
+    args = ap.parse_args()
+    failures = 0
+
+    with tempfile.TemporaryDirectory(prefix="mh-bench-agent-") as tmp:
+        work = Path(tmp)
+        big = cached_model(args.model_mib // args.shards, args.shards)
+        big_bytes = sum(p.stat().st_size for p in model_files(big))
+        small = work / "small-src"
+        make_sharded_model(small, 4, 256 * 1024)
+        cluster = control_plane(work / "cp")
+        api = config.new_client_from_config(config_file=str(cluster.kubeconfig))
+        install_ome_crds(cluster, api)
+        ns = f"bench-{int(time.time())}"
+        client.CoreV1Api(api).create_namespace({"metadata": {"name": ns}})
+        try:
+            hub = HubServer()  # the same loopback origin for the baseline and the agents
+            hub.start()
+            repo = f"org/{big.name}"
+            hub.add_repo(repo, big)
+            hub.add_repo("org/small", small)
+            fleet = Fleet(api, cluster.kubeconfig, ns, hub.endpoint, work)
+            try:
+                failures += run(args, fleet, hub, cluster, api, work, repo, big_bytes)
+            finally:
+                fleet.cleanup()
+                hub.stop()
+        finally:
+            subprocess.run([str(REPO / "e2e/controlplane/down"), str(work / "cp")], capture_output=True, check=False)
+    print("RESULT:", "PASS" if failures == 0 else f"FAIL ({failures})")
+    return 1 if failures else 0
+
+
+def run(args: argparse.Namespace, fleet: Fleet, hub: HubServer, cluster: KubeCluster, api: Any, work: Path, repo: str,
+        big_bytes: int) -> int:
+    failures = 0
+    # ---- baseline: one plain pull, same model, same machine, same storage mode
+    plain_root = work / "plain"
+    plain_root.mkdir()
+    env = {"HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_TELEMETRY": "1", "PATH": "/usr/bin:/bin"}
+    base = run_child([MODELHERD, "pull", f"hf://{repo}", "--models-root", str(plain_root), "--storage-mode", "shared",
+                      "--coordination", "none", "--no-progress", "--log-level", "WARNING"], env=env, timeout=1800)
+    clean(plain_root)
+    print(f"baseline: one plain modelherd pull of {big_bytes / MiB:.0f} MiB = {base.seconds:.2f} s", flush=True)
+
+    root = work / "shared"
+    root.mkdir()
+    nodes = [fleet.add_node(f"n{i:02d}") for i in range(args.nodes)]
+    t_launch = time.monotonic()
+    for n in nodes:
+        fleet.start(n, root, *SHARED, env={"MODELHERD_LOG_LEVEL": "WARNING"})
+    for n in nodes:
+        fleet.wait_ready(fleet.agents[n], timeout=300)
+    print(f"{args.nodes} agents started and synced in {time.monotonic() - t_launch:.1f} s", flush=True)
+
+    # ---- 1. cold: one big ClusterBaseModel
+    hub.reset_counters()
+    name = f"big-{fleet.tag}"
+    key = node_label_key("ClusterBaseModel", "", name)
+    t0 = time.monotonic()
+    fleet.create_cbm(name, f"hf://{repo}")
+    eventually(lambda: all(v.get(key) == "Ready" for v in labels_by_node(api, fleet.tag).values()), timeout=1800,
+               interval=0.2, what="every node Ready")
+    took = time.monotonic() - t0
+    ratio = hub.stats()["bytes_served"] / big_bytes
+    target = 1.1 * base.seconds + 3.0
+    ok = took <= target
+    failures += not ok
+    print(f"CR -> last of {args.nodes} labels Ready = {took:.2f} s vs plain pull {base.seconds:.2f} s: "
+          f"{took / base.seconds:.2f} x   (target <= 1.1 x + 3 s = {target:.2f} s)  {verdict(ok)}")
+    ok = abs(ratio - 1.0) < 0.005
+    failures += not ok
+    print(f"origin bytes / model size = {ratio:.3f}   (target 1.00)  {verdict(ok)}", flush=True)
+    fleet.delete_model("clusterbasemodels", name)
+    eventually(lambda: all(key not in v for v in labels_by_node(api, fleet.tag).values()), timeout=120,
+               what="big model removed")
+    clean(root / repo)
+
+    # ---- 2. idle with N small models Ready
+    names = [f"s{i:02d}-{fleet.tag}" for i in range(args.models)]
+    for i, n in enumerate(names):
+        fleet.create_cbm(n, "hf://org/small", path=str(root / "small" / f"m{i:02d}"))
+    keys = [node_label_key("ClusterBaseModel", "", n) for n in names]
+    eventually(lambda: all(all(v.get(k) == "Ready" for k in keys) for v in labels_by_node(api, fleet.tag).values()),
+               timeout=600, interval=0.5, what=f"{args.models} models Ready on every node")
+    time.sleep(3.0)  # let the last writes and watch events settle
+    ps = {n: psutil.Process(a.proc.pid) for n, a in fleet.agents.items()}
+    cpu0 = {n: p.cpu_times() for n, p in ps.items()}
+    req0 = server_requests(cluster)
+    t_idle = time.monotonic()
+    time.sleep(args.idle_seconds)
+    elapsed = time.monotonic() - t_idle
+    req1 = server_requests(cluster) - 1  # our own /metrics read
+    cpu = {n: (sum(p.cpu_times()[:2]) - sum(cpu0[n][:2])) / elapsed for n, p in ps.items()}
+    rss = {n: p.memory_info().rss / MiB for n, p in ps.items()}
+    per_agent_min = (req1 - req0) / args.nodes / (elapsed / 60)
+    ok = per_agent_min <= 2.0
+    failures += not ok
+    print(f"idle {elapsed:.0f} s, {args.models} models Ready: API requests per agent per minute = {per_agent_min:.2f} "
+          f"(server-side total {req1 - req0:.0f})   (target <= 2)  {verdict(ok)}")
+    ok = max(rss.values()) <= 120
+    failures += not ok
+    print(f"agent RSS: max {max(rss.values()):.0f} MiB, mean {sum(rss.values()) / len(rss):.0f} MiB   "
+          f"(target <= 120 MiB)  {verdict(ok)}")
+    ok = max(cpu.values()) <= 0.01
+    failures += not ok
+    print(f"agent CPU: max {100 * max(cpu.values()):.2f} %, mean {100 * sum(cpu.values()) / len(cpu):.2f} % of a core"
+          f"   (target <= 1 %)  {verdict(ok)}", flush=True)
+
+    # ---- 3. restart every agent
+    hub.reset_counters()
+    flaps: list[str] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            for node, labels in labels_by_node(api, fleet.tag).items():
+                flaps.extend(f"{node}:{k}={labels.get(k)}" for k in keys if labels.get(k) != "Ready")
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    for n in nodes:
+        fleet.agents[n].proc.terminate()
+    for n in nodes:
+        fleet.agents[n].proc.wait(60)
+    t0 = time.monotonic()
+    for n in nodes:
+        fleet.start(n, root, *SHARED, env={"MODELHERD_LOG_LEVEL": "WARNING"})
+
+    def all_reconciled() -> bool:
+        return all(ready_count(fleet.agents[n].port) >= args.models for n in nodes)
+
+    eventually(all_reconciled, timeout=300, interval=0.2, what="every agent reconciled every model")
+    took = time.monotonic() - t0
+    time.sleep(2.0)
+    stop.set()
+    sampler.join(10)
+    origin = sum(hub.stats()["requests"].values())
+    ok = took <= 10.0
+    failures += not ok
+    print(f"restart: {args.nodes} agents x {args.models} models Ready again in {took:.2f} s after launch   "
+          f"(target <= 10 s)  {verdict(ok)}")
+    ok = not flaps and origin == 0
+    failures += not ok
+    print(f"restart: label flaps {len(flaps)}, origin requests {origin}   (target 0, 0)  {verdict(ok)}", flush=True)
+    return failures
+
+
+if __name__ == "__main__":
+    sys.exit(main())
