@@ -326,3 +326,35 @@ def test_sigterm_exits_zero_within_seconds(fleet: Fleet, tmp_path: Path) -> None
     t0 = time.monotonic()
     assert fleet.stop(node, signal.SIGTERM) == 0
     assert time.monotonic() - t0 < 5
+
+
+def test_explain_and_status_tell_why_a_node_is_not_selected_and_who_is_ready(
+        fleet: Fleet, hub: HubServer, tmp_path: Path) -> None:
+    from tests.agent_fleet import MODELHERD
+
+    root = _shared_root(tmp_path)
+    yes, no = fleet.add_node("ex1", {"gpu": "h200"}), fleet.add_node("ex2", {"gpu": "a100"})
+    agent = fleet.start(yes, root, "--storage-mode", "local", "--coordination", "none")
+    fleet.wait_ready(agent)
+    name = f"explained-{fleet.tag}"
+    fleet.create_cbm(name, f"hf://{REPO}", selector={"gpu": "h200"})
+    eventually(lambda: _label(fleet, yes, node_label_key("ClusterBaseModel", "", name)) == "Ready", timeout=60,
+               what="Ready on the selected node")
+    common = ["--kubeconfig", str(fleet.kubeconfig), "--namespace", fleet.namespace, "-o", "json"]
+
+    def run(*args: str) -> list[dict[str, Any]]:
+        out = subprocess.run([MODELHERD, *args, *common], capture_output=True, text=True, timeout=60,
+                             env={"PATH": "/usr/bin:/bin"})
+        assert out.returncode == 0, out.stderr
+        return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+    rows = {r["name"]: r for r in run("explain", "--node", no, "--models-root-dir", str(root))}
+    row = rows[name]
+    assert row["selected"] is False
+    assert "gpu" in row["reason"] and "a100" in row["reason"]
+    assert row["dest"] == str(root.resolve() / REPO) and row["status"] is None
+    rows = {r["name"]: r for r in run("explain", "--node", yes, "--models-root-dir", str(root))}
+    assert rows[name]["selected"] is True and rows[name]["status"] == "Ready" and rows[name]["label"] == "Ready"
+
+    status = {r["name"]: r for r in run("status")}
+    assert status[name]["Ready"] == [yes] and status[name]["Failed"] == [] and status[name]["Updating"] == []
