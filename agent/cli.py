@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("path", type=Path)
     detect.add_argument("--storage-mode", choices=["auto", "shared", "local"])
     detect.add_argument("--instance-type", help="node instance type (GPU-shape fallback)")
-    detect.add_argument("--instance-type-map", type=Path, help="OME INSTANCE_TYPE_MAP file")
+    detect.add_argument("--instance-type-map", help="OME INSTANCE_TYPE_MAP: a JSON file or the JSON object")
     _add_common(detect)
 
     agent = sub.add_parser("agent", help="run the node agent (a DaemonSet pod per node) until SIGTERM")

@@ -57,7 +57,8 @@ class Settings(BaseSettings):
     poll_interval_s: float = Field(default=10.0, gt=0)
 
     instance_type: str = Field(default="", description="node instance type label, GPU-shape fallback")
-    instance_type_map: Path | None = Field(default=None, validation_alias=AliasChoices(
+    instance_type_map: str | None = Field(default=None, description="a JSON file, or the JSON object itself "
+                                          "(OME's INSTANCE_TYPE_MAP)", validation_alias=AliasChoices(
         "MODELHERD_INSTANCE_TYPE_MAP", "INSTANCE_TYPE_MAP", "instance_type_map"))
 
     hf_token: SecretStr | None = Field(default=None, validation_alias=AliasChoices(

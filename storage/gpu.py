@@ -203,13 +203,21 @@ def shape_from_nvml(nvml: Any) -> GpuShape | None:
 # ---- instance-type map (OME's INSTANCE_TYPE_MAP format: {"BM.GPU.H100.8": "H100", ...}) -------------------
 
 
-def load_instance_type_map(path: Path) -> dict[str, str]:
-    """Read a JSON object mapping instance types to GPU names (OME's ``INSTANCE_TYPE_MAP`` format)."""
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise ConfigError(f"cannot read the instance-type map {path}: {e.strerror}",
-                          hint="mount the ConfigMap or fix the instance type map path") from e
+def load_instance_type_map(path: Path | str) -> dict[str, str]:
+    """Read a JSON object mapping instance types to GPU names (OME's ``INSTANCE_TYPE_MAP`` format).
+
+    ``path`` is a file, or — as OME's chart passes it, from a ConfigMap key into the environment — the JSON
+    object itself (text starting with ``{``).
+    """
+    if str(path).lstrip().startswith("{"):
+        text = str(path)
+        path = "(INSTANCE_TYPE_MAP)"
+    else:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read the instance-type map {path}: {e.strerror}",
+                              hint="mount the ConfigMap or fix the instance type map path") from e
     if not text.strip():
         return {}
     try:

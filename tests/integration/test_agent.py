@@ -358,3 +358,25 @@ def test_explain_and_status_tell_why_a_node_is_not_selected_and_who_is_ready(
 
     status = {r["name"]: r for r in run("status")}
     assert status[name]["Ready"] == [yes] and status[name]["Failed"] == [] and status[name]["Updating"] == []
+
+
+def test_local_tensorrt_llm_model_keeps_only_this_nodes_engines(fleet: Fleet, hub: HubServer, tmp_path: Path) -> None:
+    from tests.modelgen import make_trtllm_model
+
+    src = tmp_path / "trt-src"
+    make_trtllm_model(src, ("H200x8", "H100x8", "A100x4"))
+    hub.add_repo("org/trt", src)
+    node = fleet.add_node("trt", {"node.kubernetes.io/instance-type": "BM.GPU.H200.8"})
+    root = _shared_root(tmp_path)
+    agent = fleet.start(node, root, "--storage-mode", "local", "--coordination", "none",
+                        env={"INSTANCE_TYPE_MAP": '{"BM.GPU.H200.8": "H200"}'})
+    fleet.wait_ready(agent)
+    name = f"trt-{fleet.tag}"
+    fleet.create_cbm(name, "hf://org/trt", model_format="tensorrtllm")
+    eventually(lambda: _label(fleet, node, node_label_key("ClusterBaseModel", "", name)) == "Ready", timeout=60,
+               what="TRT-LLM model Ready")
+    engines = sorted(p.parent.name for p in (root / "org" / "trt" / "engines").glob("*/rank0.engine"))
+    assert engines == ["H200x8"]
+    assert (root / "org" / "trt" / "tokenizer.json").is_file()
+    other_shapes = [p for p in hub.stats()["bytes_served_by_path"] if "H100x8" in p or "A100x4" in p]
+    assert other_shapes == [], "the origin must not send engines of other GPU shapes"

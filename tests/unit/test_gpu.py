@@ -224,3 +224,9 @@ def test_filter_is_identity_for_a_model_without_shape_folders() -> None:
 
 def test_shape_named_folder_without_engines_is_not_a_trtllm_layout() -> None:
     assert not is_trtllm_layout(["benchmarks/H100/results.json", "model.safetensors"])
+
+
+def test_instance_type_map_may_be_the_json_object_itself_as_omes_chart_passes_it() -> None:
+    from modelherd.storage.gpu import load_instance_type_map
+
+    assert load_instance_type_map('{"BM.GPU.H200.8": "H200"}') == {"BM.GPU.H200.8": "H200"}
