@@ -23,12 +23,12 @@ from modelherd.storage.errors import ModelherdError, TransientSourceError, Unsaf
 from modelherd.storage.manifest import MANIFEST_NAME, Manifest, ManifestFile, read_manifest
 from modelherd.storage.paths import staging_root
 from modelherd.storage.retry import RetryPolicy
-from modelherd.storage.staging import STATE_DIRNAME, staging_dir_for
+from modelherd.storage.staging import staging_dir_for
 from modelherd.storage.types import RemoteFile
 from modelherd.storage.verify import verify_deep, verify_quick
 
 from tests.hubserver import HubServer
-from tests.integration.test_cli import pull_hf, run_cli
+from tests.integration.test_cli import pull_hf
 from tests.modelgen import make_sharded_model
 from tests.rangeserver import Fault, RangeServer, RangeSource, make_model
 
@@ -174,7 +174,7 @@ def test_two_pulls_on_one_node_download_once_and_publish_the_verified_bytes(hub_
     try:
         _wait_for_staged_bytes(root)
         second = subprocess.run(args, env=env, text=True, capture_output=True, timeout=120)
-        out, err = first.communicate(timeout=120)
+        _, err = first.communicate(timeout=120)
     finally:
         first.kill()
     assert first.returncode == 0, err
@@ -197,7 +197,7 @@ def test_a_second_pull_told_not_to_wait_fails_clearly_while_the_first_goes_on(mo
         def first() -> None:
             try:
                 engine.pull(RangeSource(srv.url, files), dest, models_root=models_root, writer="node", options=SMALL)
-            except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            except BaseException as e:  # reported by the assertion below
                 errors.append(e)
 
         t = threading.Thread(target=first)
@@ -208,7 +208,7 @@ def test_a_second_pull_told_not_to_wait_fails_clearly_while_the_first_goes_on(mo
             time.sleep(0.01)
         with pytest.raises(ModelherdError) as info:
             engine.pull(RangeSource(srv.url, files), dest, models_root=models_root, writer="node", options=SMALL,
-                        wait=False)  # type: ignore[call-arg]
+                        wait=False)
         t.join(30)
     assert "another pull" in str(info.value) and str(os.getpid()) in str(info.value)
     assert errors == []
@@ -232,7 +232,7 @@ def test_publish_refuses_a_staged_file_rewritten_after_it_was_verified(models_ro
     manifest = Manifest(source_uri=listing.uri, revision=listing.revision, writer="a",
                                files=tuple(ManifestFile(path=rf.path, size=rf.size,
                                                                checksums=digests[rf.path]) for rf in listing.files))
-    with pytest.raises(VerificationError, match="w.bin"):
+    with pytest.raises(VerificationError, match=r"w\.bin"):
         engine.publish(staging, dest, manifest)
     assert not dest.exists()
 
