@@ -606,9 +606,12 @@ def fetch_into(
 ) -> dict[str, dict[str, str]]:
     """Download every file of ``listing`` into ``staging/<path>``, verified; return the digests per path.
 
-    Keeps files (and checkpointed segments) already in ``staging`` that check out, so a rerun resumes.
-    Raises typed errors; when ``cancel`` is set it stops within about ``cancel_grace_s`` and raises
-    :class:`CancelledError`. Staging is never cleaned here: :func:`pull` decides.
+    Keeps files (and checkpointed segments) already in ``staging`` that check out, so a rerun resumes; first
+    removes whatever cannot serve this listing (``tidy_staging``: unlisted files, resume state recorded for
+    another listing). Owns ``staging`` while it runs (re-entrant for a caller that already does; another owner
+    is :class:`~modelherd.storage.errors.StagingBusyError`). Raises typed errors; when ``cancel`` is set it stops
+    within about ``cancel_grace_s`` and raises :class:`CancelledError`. Staging is never cleaned here:
+    :func:`pull` decides.
     """
     options = options or EngineOptions()
     staging = Path(staging)
@@ -619,6 +622,8 @@ def fetch_into(
 def _fetch_owned(source: Source, listing: Listing, staging: Path, options: EngineOptions,
                  cancel: threading.Event | None, progress: Progress | None) -> dict[str, dict[str, str]]:
     try:
+        if staging.is_symlink():  # planted: writes through it would land outside the models root
+            staging.unlink()
         staging.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise fs_error(e, staging, what="staging folder") from None

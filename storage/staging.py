@@ -283,13 +283,15 @@ def _release(path: Path) -> None:
 
 
 def _holder(path: Path) -> str:
+    # under the registry lock: on NFS, closing any fd of a locked file drops this process's (POSIX) lock on it,
+    # so the file is read only while no thread of ours can be taking it
     with _registry_lock:
         if str(path) in _held:
             return f"another thread of this process (pid {os.getpid()})"
-    try:
-        pid, _, host = path.read_text().strip().partition(" ")
-    except OSError:
-        pid, host = "", ""
+        try:
+            pid, _, host = path.read_text().strip().partition(" ")
+        except OSError:
+            pid, host = "", ""
     return f"pid {pid} on {host}" if pid else "another process"
 
 

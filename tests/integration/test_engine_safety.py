@@ -19,11 +19,17 @@ from pathlib import Path
 
 import pytest
 from modelherd.storage import engine
-from modelherd.storage.errors import ModelherdError, TransientSourceError, UnsafePathError, VerificationError
+from modelherd.storage.errors import (
+    CancelledError,
+    ModelherdError,
+    TransientSourceError,
+    UnsafePathError,
+    VerificationError,
+)
 from modelherd.storage.manifest import MANIFEST_NAME, Manifest, ManifestFile, read_manifest
 from modelherd.storage.paths import staging_root
 from modelherd.storage.retry import RetryPolicy
-from modelherd.storage.staging import staging_dir_for
+from modelherd.storage.staging import own_staging, staging_dir_for
 from modelherd.storage.types import RemoteFile
 from modelherd.storage.verify import verify_deep, verify_quick
 
@@ -180,6 +186,7 @@ def test_two_pulls_on_one_node_download_once_and_publish_the_verified_bytes(hub_
     assert first.returncode == 0, err
     assert second.returncode == 0, second.stderr
     assert json.loads(second.stdout.strip().splitlines()[-1])["status"] == "Ready"
+    assert "waiting for the pull" in second.stderr and "pid " in second.stderr, second.stderr
     assert verify_deep(root / "acme" / "tiny", require_manifest=True) == []
     for f in src.rglob("*"):
         if f.is_file():
@@ -214,6 +221,38 @@ def test_a_second_pull_told_not_to_wait_fails_clearly_while_the_first_goes_on(mo
     assert errors == []
     assert verify_deep(dest, require_manifest=True) == []
     assert _staging_is_empty(models_root)
+
+
+def test_a_pull_waiting_for_another_stops_on_cancel_and_leaves_its_staging_alone(models_root: Path,
+                                                                                 tmp_path: Path) -> None:
+    files = make_model(tmp_path / "o", {"w.bin": 1000})
+    dest = models_root / "m"
+    staging = staging_dir_for(models_root, dest, "node", 0)
+    cancel, held, done = threading.Event(), threading.Event(), threading.Event()
+
+    def other_pull() -> None:  # a thread of this process owns the staging folder, as the agent's pulls do
+        with own_staging(staging):
+            staging.mkdir(parents=True)
+            (staging / "partial.bin").write_bytes(b"owned by the other pull")
+            held.set()
+            done.wait(10)
+
+    owner = threading.Thread(target=other_pull)
+    owner.start()
+    try:
+        assert held.wait(5)
+        with RangeServer(tmp_path / "o") as srv:
+            threading.Timer(0.3, cancel.set).start()
+            started = time.monotonic()
+            with pytest.raises(CancelledError, match="waiting for another pull"):
+                engine.pull(RangeSource(srv.url, files), dest, models_root=models_root, writer="node",
+                            options=SMALL, cancel=cancel)
+            assert time.monotonic() - started < 2.0
+            assert [n for n, _ in srv.requests] == []
+        assert (staging / "partial.bin").read_bytes() == b"owned by the other pull"
+    finally:
+        done.set()
+        owner.join()
 
 
 def test_publish_refuses_a_staged_file_rewritten_after_it_was_verified(models_root: Path, tmp_path: Path) -> None:
