@@ -29,7 +29,7 @@ from modelherd.storage.errors import (
 from modelherd.storage.manifest import MANIFEST_NAME, Manifest, ManifestFile, read_manifest
 from modelherd.storage.paths import staging_root
 from modelherd.storage.retry import RetryPolicy
-from modelherd.storage.staging import own_staging, staging_dir_for
+from modelherd.storage.staging import aside_path, own_staging, staging_dir_for
 from modelherd.storage.types import RemoteFile
 from modelherd.storage.verify import verify_deep, verify_quick
 
@@ -353,6 +353,23 @@ def test_an_old_model_left_in_staging_by_a_kill_after_the_swap_is_not_published(
     manifest = read_manifest(dest)
     assert manifest is not None and manifest.revision == "r2"
     assert _staging_is_empty(models_root)
+
+
+def test_a_publish_killed_after_moving_the_old_model_aside_is_undone_by_the_next_pull(models_root: Path,
+                                                                                      tmp_path: Path) -> None:
+    """Without ``RENAME_EXCHANGE`` (NFS) publish moves the old model to ``<staging>.old`` first; a kill right
+    there leaves no model at ``dest``. The next pull puts the old one back before it downloads."""
+    files = make_model(tmp_path / "o", {"w.bin": 60_000, "c.json": 100}, seed=11)
+    dest = models_root / "m"
+    with RangeServer(tmp_path / "o") as srv:
+        engine.pull(RangeSource(srv.url, files, revision="r1"), dest, models_root=models_root, writer="a",
+                    options=SMALL)
+        os.rename(dest, aside_path(staging_dir_for(models_root, dest, "a", 0)))
+        _fail_pull(srv, files, dest, models_root, revision="r2", failing="c.json")
+    manifest = read_manifest(dest)
+    assert manifest is not None and manifest.revision == "r1"
+    assert verify_deep(dest, require_manifest=True) == []
+    assert not aside_path(staging_dir_for(models_root, dest, "a", 0)).exists()
 
 
 # ------------------------------------------------------------------------- item 11: typed errors, no traceback
