@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import copy
 import errno
+import hashlib
 import http.client
+import json
 import logging
 import os
 import threading
@@ -576,9 +578,6 @@ def _check_listing(staging: Path, listing: Listing) -> None:
 
 def _listing_id(listing: Listing) -> str:
     """Identifies what a staging folder is being filled for: source, revision, every path, size and checksum."""
-    import hashlib
-    import json
-
     body = [listing.uri, listing.revision,
             sorted([rf.path, rf.size, sorted((a, v.lower()) for a, v in rf.checksums.items())]
                    for rf in listing.files)]
