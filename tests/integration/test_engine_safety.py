@@ -255,6 +255,43 @@ def test_a_pull_waiting_for_another_stops_on_cancel_and_leaves_its_staging_alone
         owner.join()
 
 
+_CONTEND = """
+import os, sys, threading
+from pathlib import Path
+from modelherd.storage.staging import own_staging
+staging, marker, rounds = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+overlaps = []
+def contend():
+    for _ in range(rounds):
+        with own_staging(staging):
+            try:
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                overlaps.append(1)
+                continue
+            os.close(fd)
+            os.unlink(marker)
+threads = [threading.Thread(target=contend) for _ in range(2)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(len(overlaps))
+"""
+
+
+@pytest.mark.multiprocess
+def test_staging_ownership_excludes_threads_and_processes_while_lock_files_come_and_go(models_root: Path) -> None:
+    """Two processes of two threads each take and give back one staging folder's ownership in a tight loop; the
+    lock file is removed at every release, and still no two owners ever overlap."""
+    staging = staging_dir_for(models_root, models_root / "m", "node", 0)
+    marker = models_root / "owner"
+    procs = [subprocess.Popen([sys.executable, "-c", _CONTEND, str(staging), str(marker), "300"],
+                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert [int(o.strip()) for o in outs] == [0, 0]
+    assert _staging_is_empty(models_root)
+
+
 def test_publish_refuses_a_staged_file_rewritten_after_it_was_verified(models_root: Path, tmp_path: Path) -> None:
     files = make_model(tmp_path / "o", {"w.bin": 300_000, "c.json": 100}, seed=5)
     dest = models_root / "m"
