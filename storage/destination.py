@@ -85,7 +85,8 @@ def check_destination(models_root: Path, dest: Path) -> Path:
     """
     root_given = Path(models_root)
     if not root_given.is_dir():
-        raise ModelsRootError(f"models root {root_given} is not a directory", hint=_ROOT_HINT)
+        what = "is not a directory" if os.path.lexists(root_given) else "does not exist"
+        raise ModelsRootError(f"models root {root_given} {what}", hint=_ROOT_HINT)
     root = Path(os.path.realpath(root_given))
     real = ensure_inside_root(root_given, Path(dest))
     parts = real.relative_to(root).parts

@@ -275,6 +275,8 @@ def _release(path: Path) -> None:
                 mine, current = os.fstat(held.fd), os.stat(path)
                 if (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
                     os.unlink(path)  # while still locked: an acquirer re-checks the inode after locking
+            else:
+                os.unlink(path)  # no flock here: the file only ever served as a probe
         except FileNotFoundError:
             pass
         finally:
