@@ -1,9 +1,9 @@
 """The ``modelherd`` command.
 
 Exit codes (stable, documented in the README):
-  0 success · 1 unexpected error · 2 bad usage, settings or URI · 3 the source refused or failed
-  4 an unsafe path (escaping the model folder) · 5 verification failed · 6 not enough disk space
-  130 cancelled (SIGINT/SIGTERM)
+  0 success · 1 unexpected error · 2 bad usage, settings, URI or models root · 3 the source refused or failed
+  4 an unsafe path or a refused --dest · 5 verification failed · 6 not enough disk space
+  7 another pull owns the staging folder · 130 cancelled (SIGINT/SIGTERM)
 """
 
 from __future__ import annotations

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Never
 
 from ..storage import fsdetect
+from ..storage.destination import check_destination, ensure_writable, prepare_models_root
 from ..storage.errors import ConfigError, VerificationError
 from ..storage.manifest import Manifest
-from ..storage.paths import ensure_inside_root, quote_name
+from ..storage.paths import quote_name
 from ..storage.ready import published_model
 from ..storage.types import ALL_FILES, Listing, Selection, Source
 from ..storage.uri import ModelURI, parse_uri
@@ -148,12 +149,11 @@ def cmd_pull(args: argparse.Namespace, settings: Settings, cancel: threading.Eve
 
         problems = verify.verify_quick(Path(uri.path))
         return _report(problems, Path(uri.path))
-    root = Path(settings.models_root_dir).expanduser().absolute()
-    root.mkdir(parents=True, exist_ok=True)
+    root = prepare_models_root(Path(settings.models_root_dir).expanduser().absolute())
     dest = Path(args.dest) if args.dest else root / uri.default_relpath()
     if not dest.is_absolute():
         dest = root / dest
-    dest = ensure_inside_root(root, dest)
+    dest = check_destination(root, dest)  # the engine checks again before it publishes
 
     fs = fsdetect.detect_filesystem(root)
     storage_kind = fsdetect.resolve_storage_mode(settings.storage_mode, fs)
@@ -166,6 +166,7 @@ def cmd_pull(args: argparse.Namespace, settings: Settings, cancel: threading.Eve
         log.info("%s is already Ready at %s (completion manifest + quick verification)", uri.canonical, dest)
         _print_ready(uri, ready, dest, settings, started, "ready")
         return 0
+    ensure_writable(root)  # a read-only root still serves the models already published in it
     source = make_source(uri, settings, allow=args.allow, ignore=args.ignore, cancel=cancel)
     progress = _Progress(enabled=not args.no_progress and sys.stderr.isatty(), desc=uri.canonical)
     try:

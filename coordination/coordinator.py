@@ -25,6 +25,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
@@ -37,7 +38,6 @@ from typing import Literal
 from ..storage import engine
 from ..storage.errors import CancelledError, ModelherdError
 from ..storage.manifest import Manifest
-from ..storage.paths import ensure_inside_root
 from ..storage.ready import published_model
 from ..storage.staging import remove_tree
 from ..storage.types import ALL_FILES, Listing, Selection, Source
@@ -180,7 +180,7 @@ class Coordinator:
         self.selection = selection
         self.lease, self.source, self.listing_fn = lease, source, listing_fn
         self.models_root = Path(models_root)
-        self.dest = ensure_inside_root(self.models_root, Path(dest))
+        self.dest: Path = engine.check_destination(self.models_root, Path(dest))
         self.node, self.options, self.timing = node, options, timing
         self.cancel = cancel or threading.Event()
         self.progress = _Progress(progress)
@@ -316,6 +316,12 @@ class Coordinator:
 
     def _hold(self, previous: LeaseRecord | None, held: LeaseRecord, acquired_at: float,
               took_over: bool) -> PullResult:
+        """Download and publish as the holder, owning our staging folder (``own_staging``) throughout."""
+        with contextlib.ExitStack() as owned:
+            return self._hold_owned(previous, held, acquired_at, took_over, owned)
+
+    def _hold_owned(self, previous: LeaseRecord | None, held: LeaseRecord, acquired_at: float,
+                    took_over: bool, owned: contextlib.ExitStack) -> PullResult:
         epoch = held.transitions
         staging = self._staging(epoch)
         tag = f"{self.node}/{epoch}"
@@ -326,6 +332,7 @@ class Coordinator:
                            lambda: self._status(Phase.DOWNLOADING, tag), stop_writing, self.cancel)
         renewer.start()
         try:
+            owned.enter_context(engine.own_staging(staging, wait=False))
             manifest = self._ready()  # someone finished between our look and our acquisition
             if manifest is None:
                 self._adopt_previous(previous, staging)

@@ -19,6 +19,11 @@ Invariants:
   that shows damage is repaired: its undamaged files are hard-linked into staging (reflink or copy where links
   fail), re-verified against their checksums, only the rest is fetched, and the whole is published atomically.
   A file fetched into staging is always a new inode, so nothing is ever written into a published file.
+- One owner per staging folder (:func:`~modelherd.storage.staging.own_staging`, held by :func:`pull` from
+  before its fast-path check until staging is published or cleaned), and staging holds only the listing's
+  files (:func:`~modelherd.storage.staging.tidy_staging`). :func:`publish` publishes a file only if it is
+  the very file that was verified (same inode, size, mtime and ctime as when its checksum matched; else it is
+  hashed again) and refuses a staging folder holding anything the manifest does not list.
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ import contextlib
 import copy
 import errno
 import fcntl
+import hashlib
 import http.client
+import json
 import logging
 import os
 import shutil
@@ -44,13 +51,16 @@ from typing import overload
 import urllib3.exceptions
 
 from . import capacity
+from .destination import NAME_MAX, PATH_MAX, check_destination, fs_error
 from .directio import DirectMode, FileWriter, aligned_buffer
 from .errors import (
     CancelledError,
     ConfigError,
+    DestinationError,
     InsufficientSpaceError,
     MalformedListingError,
     ModelherdError,
+    ModelsRootError,
     RateLimitedError,
     SourceError,
     TransientSourceError,
@@ -59,8 +69,8 @@ from .errors import (
 )
 from .hashcursor import HashCursor
 from .hashing import MultiHasher, checkable, hash_file
-from .manifest import Manifest, ManifestFile, read_manifest, write_manifest
-from .paths import contained, ensure_inside_root, safe_relpath
+from .manifest import MANIFEST_NAME, Manifest, ManifestFile, read_manifest, write_manifest
+from .paths import STAGING_DIRNAME, contained, safe_relpath
 from .ready import damage
 from .retry import RetryPolicy, call_with_retry
 from .staging import (
@@ -68,17 +78,21 @@ from .staging import (
     STATE_DIRNAME,
     FileState,
     adopt_staging,
+    aside_path,
     drop_state,
     load_state,
+    own_staging,
     remove_tree,
     save_state,
     staging_dir_for,
+    stat_key,
+    tidy_staging,
 )
 from .types import ByteStream, Listing, RemoteFile, Source
 from .verify import verify_quick
 
-__all__ = ["EngineOptions", "adopt_staging", "check_listing", "fetch_into", "manifest_matches", "publish", "pull",
-           "stage", "staging_dir_for"]
+__all__ = ["EngineOptions", "adopt_staging", "check_destination", "check_listing", "fetch_into", "manifest_matches",
+           "own_staging", "publish", "pull", "stage", "staging_dir_for"]
 
 log = logging.getLogger(__name__)
 MiB = 1024 * 1024
@@ -338,6 +352,7 @@ class _Run:
             problem = self._fetch_file(job)
             if problem is None:
                 log.debug("fetched %s (%d bytes)", job.rf.path, job.rf.size)
+                _record_verified(self.staging, job)
                 return
             log.warning("%s failed verification (%s)%s", job.rf.path, problem,
                         "; fetching it again" if attempt == 1 else "")
@@ -602,6 +617,48 @@ def _check_cancel(cancel: threading.Event | None) -> None:
         raise CancelledError("pull cancelled", hint="staging is removed; run the pull again to restart")
 
 
+def _check_listing(staging: Path, listing: Listing) -> None:
+    """Every listed name can be stored as-is in ``staging``: safe, unreserved, unique, not both a file and a
+    folder, each segment at most ``NAME_MAX`` bytes and the whole path under ``PATH_MAX``."""
+    seen: set[str] = set()
+    for rf in listing.files:
+        seen.add(rf.path)
+        contained(staging, rf.path, what="file name")
+        for part in safe_relpath(rf.path, what="file name").split("/"):
+            if len(os.fsencode(part)) > NAME_MAX:
+                raise UnsafePathError(f"file name {rf.path[:80]!r}... has a part longer than {NAME_MAX} bytes, more "
+                                      "than a filesystem can hold", hint="exclude it with --ignore")
+        if len(os.fsencode(str(staging / rf.path))) >= PATH_MAX:
+            raise UnsafePathError(f"file name {rf.path[:80]!r}... is too long: the path would exceed {PATH_MAX} "
+                                  "bytes", hint="exclude it with --ignore, or use a shorter models root")
+    names = {safe_relpath(p, what="file name") for p in seen}
+    for name in sorted(names):
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            folder = "/".join(parts[:i])
+            if folder in names:
+                raise UnsafePathError(f"{folder!r} is listed as both a file and a folder (the folder holds "
+                                      f"{name!r})", hint="the source is malformed; exclude one with --ignore")
+
+
+def _listing_id(listing: Listing) -> str:
+    """Identifies what a staging folder is being filled for: source, revision, every path, size and checksum."""
+    body = [listing.uri, listing.revision,
+            sorted([rf.path, rf.size, sorted((a, v.lower()) for a, v in rf.checksums.items())]
+                   for rf in listing.files)]
+    return hashlib.sha256(json.dumps(body, separators=(",", ":")).encode()).hexdigest()
+
+
+def _record_verified(staging: Path, job: _Job) -> None:
+    """Remember which file on disk was verified (``stat_key``), so :func:`publish` can tell it is the same."""
+    job.state.done, job.state.digests = True, dict(job.digests)
+    try:
+        job.state.verified_stat = stat_key(os.lstat(job.target))
+        save_state(staging, job.state)
+    except OSError as e:
+        raise fs_error(e, job.target, what="staged file") from None
+
+
 def fetch_into(
     source: Source,
     listing: Listing,
@@ -623,6 +680,20 @@ def fetch_into(
     check_listing(listing, options)
     _check_cancel(cancel)
     staging.mkdir(parents=True, exist_ok=True)
+    with own_staging(staging, wait=False):
+        return _fetch_owned(source, listing, staging, options, cancel, progress)
+
+
+def _fetch_owned(source: Source, listing: Listing, staging: Path, options: EngineOptions,
+                 cancel: threading.Event | None, progress: Progress | None) -> dict[str, dict[str, str]]:
+    try:
+        if staging.is_symlink():  # planted: writes through it would land outside the models root
+            staging.unlink()
+        staging.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise fs_error(e, staging, what="staging folder") from None
+    _check_listing(staging, listing)
+    tidy_staging(staging, [safe_relpath(rf.path) for rf in listing.files], _listing_id(listing))
     started = time.monotonic()
 
     missing = 0
@@ -638,6 +709,9 @@ def fetch_into(
         _check_cancel(cancel)
         jobs.append(_plan(staging, rf, options, scratch, split))
     del scratch
+    for job in jobs:
+        if job.kept:
+            _record_verified(staging, job)
     present = sum(j.present for j in jobs)
     log.info("pulling %s: %d files, %.1f MiB (%.1f MiB already in staging) into %s", listing.uri,
              len(jobs), listing.total_bytes / MiB, present / MiB, staging)
@@ -724,13 +798,72 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(a))
 
 
-def publish(staging: Path, dest: Path, manifest: Manifest) -> None:
+def _models_root_of(staging: Path) -> Path:
+    if staging.parent.name != STAGING_DIRNAME:
+        raise ConfigError(f"staging folder {staging} is not in a {STAGING_DIRNAME} folder",
+                          hint="stage with staging_dir_for(models_root, dest, writer, epoch)")
+    return staging.parent.parent
+
+
+def _check_staged(staging: Path, manifest: Manifest) -> None:
+    """Staging holds exactly the manifest's files, each the very file that was verified.
+
+    A file whose inode or size changed is refused; one whose mtime or ctime changed (another writer, or a
+    filesystem with odd timestamps) is hashed again against the manifest and refused unless it matches.
+    """
+    listed = {safe_relpath(mf.path): mf for mf in manifest.files}
+    folders = {"/".join(p.split("/")[:i]) for p in listed for i in range(1, p.count("/") + 1)}
+    problems: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(staging):
+        rel_dir = Path(dirpath).relative_to(staging).as_posix()
+        for name in [*dirnames, *filenames]:
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+            if rel != STATE_DIRNAME and rel not in listed and rel not in folders:
+                problems.append(f"{rel}: in staging but not in the manifest")
+        if rel_dir == ".":
+            dirnames[:] = [d for d in dirnames if d != STATE_DIRNAME]
+    for rel, mf in listed.items():
+        state = load_state(staging, mf.path)
+        try:
+            now = stat_key(os.lstat(staging / rel))
+        except FileNotFoundError:
+            problems.append(f"{rel}: missing from staging")
+            continue
+        if state is None or not state.done or len(state.verified_stat) != 4:
+            problems.append(f"{rel}: never verified in this staging folder")
+        elif now[:2] != state.verified_stat[:2] or now[1] != mf.size:
+            problems.append(f"{rel}: replaced or resized after it was verified")
+        elif now != state.verified_stat:
+            algos = checkable(mf.checksums)[:1]
+            if not algos or hash_file(str(staging / rel), algos, mf.size) != {a: mf.checksums[a] for a in algos}:
+                problems.append(f"{rel}: rewritten after it was verified")
+            else:
+                log.info("%s: timestamps changed after verification, but the bytes still match", rel)
+    if problems:
+        raise VerificationError(f"not publishing {staging.name}: {problems[0]}"
+                                + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""),
+                                problems=problems,
+                                hint="another writer touched the staging folder; run the pull again")
+
+
+def publish(staging: Path, dest: Path, manifest: Manifest, *, models_root: Path | None = None) -> None:
     """Make ``staging`` the model at ``dest`` in one step; the manifest is written last, just before.
 
     ``dest`` is only ever absent, the old complete model, or the new complete model (swapped with
     ``renameat2(RENAME_EXCHANGE)`` where the filesystem has it, else moved aside into the staging root first).
+    ``dest`` must pass :func:`check_destination` (checked again here: the agent calls this directly) and every
+    file of ``manifest`` must be the one ``fetch_into`` verified (:func:`_check_staged`). ``models_root``
+    defaults to the root whose staging folder holds ``staging``.
     """
     staging, dest = Path(staging), Path(dest)
+    root = Path(models_root) if models_root is not None else _models_root_of(staging)
+    with own_staging(staging, wait=False):
+        dest = check_destination(root, dest)
+        _check_staged(staging, manifest)
+        _publish_owned(staging, dest, manifest)
+
+
+def _publish_owned(staging: Path, dest: Path, manifest: Manifest) -> None:
     remove_tree(staging / STATE_DIRNAME)
     write_manifest(staging, manifest)
     _fsync_dir(staging)
@@ -741,7 +874,7 @@ def publish(staging: Path, dest: Path, manifest: Manifest) -> None:
         elif _exchange(staging, dest):
             remove_tree(staging)  # now holds the old model
         else:
-            aside = staging.with_name(f"{staging.name}.old")
+            aside = aside_path(staging)
             remove_tree(aside)
             os.rename(dest, aside)
             try:
@@ -756,6 +889,19 @@ def publish(staging: Path, dest: Path, manifest: Manifest) -> None:
                               hint="destinations must be on the models root's own filesystem") from None
         raise
     _fsync_dir(dest.parent)
+
+
+def _recover_aside(staging: Path, dest: Path) -> None:
+    """Undo a publish killed between moving the old model aside and moving the new one in (the caller owns
+    ``staging``): the old model goes back to an empty ``dest``, else the aside copy is removed."""
+    aside = aside_path(staging)
+    if not os.path.lexists(aside):
+        return
+    if not os.path.lexists(dest) and (aside / MANIFEST_NAME).is_file():
+        log.warning("restoring %s from %s (a publish was interrupted)", dest, aside.name)
+        os.rename(aside, dest)
+    else:
+        remove_tree(aside)
 
 
 # --------------------------------------------------------------------------------------------------- pull
@@ -890,26 +1036,30 @@ _CLEAN_ON = (CancelledError, VerificationError, InsufficientSpaceError, UnsafePa
 @overload
 def pull(source: Source, dest: Path, /, *, models_root: Path, writer: str, listing: Listing | None = None,
          options: EngineOptions | None = None, epoch: int = 0, cancel: threading.Event | None = None,
-         progress: Progress | None = None) -> Manifest: ...
+         progress: Progress | None = None, wait: bool = True) -> Manifest: ...
 
 
 @overload
 def pull(source: Source, listing: Listing, dest: Path, /, *, models_root: Path, writer: str,
          options: EngineOptions | None = None, epoch: int = 0, cancel: threading.Event | None = None,
-         progress: Progress | None = None) -> Manifest: ...
+         progress: Progress | None = None, wait: bool = True) -> Manifest: ...
 
 
 def pull(source: Source, *args: Path | Listing, models_root: Path, writer: str, listing: Listing | None = None,
          options: EngineOptions | None = None, epoch: int = 0, cancel: threading.Event | None = None,
-         progress: Progress | None = None) -> Manifest:
+         progress: Progress | None = None, wait: bool = True) -> Manifest:
     """Put the model of ``source`` at ``dest`` (inside ``models_root``) and return its manifest.
 
     Called as ``pull(source, dest, ...)`` (the listing is fetched, or passed as ``listing=``) or
-    ``pull(source, listing, dest, ...)``. A ``dest`` whose manifest matches the listing and that shows no
-    :func:`~.ready.damage` is Ready: returned as is, without fetching a byte. One that matches but is damaged is
-    repaired (:func:`stage` fetches only the damaged files). Otherwise fetches into
-    ``staging_dir_for(models_root, dest, writer, epoch)`` and publishes. On a source error staging is kept (a
-    rerun resumes); on cancel, verification failure, lack of space, unsafe names or bad usage it is removed.
+    ``pull(source, listing, dest, ...)``. A ``dest`` whose manifest already matches the listing is returned as
+    is, without fetching a byte. Otherwise fetches into ``staging_dir_for(models_root, dest, writer, epoch)``
+    and publishes. On a source error staging is kept (a rerun resumes); on cancel, verification failure,
+    lack of space or unsafe names it is removed.
+
+    ``dest`` must pass :func:`check_destination` (checked before the listing is fetched). The staging folder is
+    owned (:func:`own_staging`) from the fast-path check until it is published or cleaned: a second pull of the
+    same model by the same writer waits for the first (until ``cancel``) and then finds the model published,
+    or, with ``wait=False``, raises :class:`~modelherd.storage.errors.StagingBusyError`.
     """
     if len(args) == 2 and isinstance(args[0], Listing):
         listing, dest_arg = args[0], args[1]
@@ -921,21 +1071,46 @@ def pull(source: Source, *args: Path | Listing, models_root: Path, writer: str, 
         raise TypeError("dest must be a path")
     options = options or EngineOptions()
     models_root = Path(models_root)
-    dest = ensure_inside_root(models_root, Path(dest_arg))
+    dest = check_destination(models_root, Path(dest_arg))
     if listing is None:
         listing = source.list_files()
     check_listing(listing, options)
-    existing = _read_manifest_quietly(dest)
+    existing = _already_published(dest, listing, progress)
+    if existing is not None:
+        return existing
+    staging = staging_dir_for(models_root, dest, writer, epoch)
+    try:
+        with own_staging(staging, wait=wait, cancel=cancel):
+            existing = _already_published(dest, listing, progress)  # the pull we waited for published it
+            if existing is not None:
+                return existing
+            return _pull_owned(source, listing, dest, staging, models_root, writer, options, cancel, progress)
+    except OSError as e:
+        raise fs_error(e, staging, what="staging folder") from None
+
+
+def _already_published(dest: Path, listing: Listing, progress: Progress | None) -> Manifest | None:
+    try:
+        existing = read_manifest(dest)
+    except VerificationError:
+        existing = None
     if existing is not None and manifest_matches(existing, listing) and not damage(dest, existing):
         log.info("%s is already complete at %s (revision %s)", listing.uri, dest, listing.revision)
         if progress is not None:
             progress(listing.total_bytes, listing.total_bytes)
         return existing
-    staging = staging_dir_for(models_root, dest, writer, epoch)
+    return None
+
+
+def _pull_owned(source: Source, listing: Listing, dest: Path, staging: Path, models_root: Path, writer: str,
+                options: EngineOptions, cancel: threading.Event | None, progress: Progress | None) -> Manifest:
     try:
+        _recover_aside(staging, dest)
         manifest = stage(source, listing, staging, dest=dest, writer=writer, options=options, cancel=cancel,
                          progress=progress)
-        publish(staging, dest, manifest)
+        publish(staging, dest, manifest, models_root=models_root)
+    except (DestinationError, ModelsRootError):
+        raise  # the user fixes the destination or the mount; what was downloaded stays for the rerun
     except _CLEAN_ON:
         remove_tree(staging)
         raise

@@ -30,6 +30,10 @@ class BadURIError(ConfigError):
     """A model URI could not be parsed or names an unknown scheme."""
 
 
+class ModelsRootError(ConfigError):
+    """The models root (or a folder modelherd must write under it) is not a writable directory."""
+
+
 class SourceError(ModelherdError):
     """The origin refused or failed a request."""
 
@@ -66,6 +70,11 @@ class UnsafePathError(ModelherdError):
     exit_code = 4
 
 
+class DestinationError(UnsafePathError):
+    """The destination may not be replaced: a reserved ``.modelherd-*`` name, a file, a folder under a file or
+    inside a published model, or a folder holding other models or files modelherd did not publish."""
+
+
 class VerificationError(ModelherdError):
     """Bytes on disk do not match what the source or manifest promised."""
 
@@ -80,6 +89,13 @@ class InsufficientSpaceError(ModelherdError):
     """Not enough free space for the bytes still to fetch, or ENOSPC while writing."""
 
     exit_code = 6
+
+
+class StagingBusyError(ModelherdError):
+    """Another pull (a thread of this process or another process on this node) owns the staging folder of this
+    model, and the caller asked not to wait for it."""
+
+    exit_code = 7
 
 
 class CancelledError(ModelherdError):
