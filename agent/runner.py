@@ -26,6 +26,7 @@ from ..storage import fsdetect
 from ..storage.errors import ConfigError
 from .kubeapi import REQUESTS
 from .lifecycle.reconciler import Env, Reconciler
+from .lifecycle.removal import StagingCollector
 from .models import GROUP, PLURALS, VERSION, ModelRef, model_spec
 from .reporting.configmap import STATUS_LABEL, StatusConfigMap
 from .reporting.events import EventRecorder
@@ -98,7 +99,7 @@ class NodeAgent:
         self.labels = NodeLabels(api, node_name, cache=self._node, attempts=settings.node_label_retry)
         env = Env(settings=settings, api=api, node_name=node_name, namespace=self.namespace,
                   models_root=self.models_root, storage_kind=self.storage_kind, get_model=self._model,
-                  get_node=self._node)
+                  get_node=self._node, list_models=self._all_models)
         self.reconciler = Reconciler(env, configmap=self.configmap, labels=self.labels,
                                      events=EventRecorder(api, node_name), metrics=self.metrics,
                                      shutdown=self.shutdown)
@@ -122,6 +123,9 @@ class NodeAgent:
     def _node(self) -> Mapping[str, Any] | None:
         return self.node_informer.get(self.node_name)
 
+    def _all_models(self) -> list[Mapping[str, Any]]:
+        return [{**obj, "kind": kind} for kind, inf in self.models.items() for obj in inf.list()]
+
     def _all_refs(self) -> list[ModelRef]:
         return [ModelRef.of({**obj, "kind": kind}) for kind, inf in self.models.items() for obj in inf.list()]
 
@@ -134,6 +138,7 @@ class NodeAgent:
     def _on_model(self, kind: ModelKind, etype: EventType, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
         ref = ModelRef.of(obj)
         if etype == "DELETED":
+            self.reconciler.forget(ref, obj)
             self.reconciler.cancel(ref, "the model was deleted")
         elif (obj.get("metadata") or {}).get("deletionTimestamp"):
             self.reconciler.cancel(ref, "the model is being deleted")
@@ -276,6 +281,15 @@ class NodeAgent:
         for inf in self.informers:
             inf.start()
         threading.Thread(target=self._housekeeping, name="modelherd-housekeeping", daemon=True).start()
+        collector = StagingCollector(self.settings, models_root=self.models_root, storage_kind=self.storage_kind,
+                                     node_name=self.node_name, namespace=self.namespace,
+                                     list_models=self._all_models, busy_dests=self._busy_dests,
+                                     shutdown=self.shutdown)
+        threading.Thread(target=collector.run, name="modelherd-staging-gc", daemon=True).start()
+
+    def _busy_dests(self) -> list[str]:
+        """Destinations this node downloads into now (the staging GC never touches them)."""
+        return [t.identity.get("path", "") for t in self.reconciler.running().values()]
 
     def wait_synced(self) -> bool:
         while not self.shutdown.is_set():

@@ -87,6 +87,11 @@ class Settings(BaseSettings):
     progress_interval_s: float = Field(default=5.0, gt=0, description="ConfigMap progress writes, at most every")
     watch_timeout_s: float = Field(default=300.0, gt=0, description="server-side watch timeout (re-watch after)")
     heartbeat_max_age_s: float = Field(default=120.0, gt=0, description="/livez fails when a loop is older")
+    staging_gc_interval_s: float = Field(default=600.0, gt=0, description="staging GC: one round every")
+    staging_gc_orphan_age_s: float = Field(
+        default=3600.0, gt=0, description="staging GC: staging no model wants, unchanged this long, is removed")
+    staging_gc_stale_age_s: float = Field(
+        default=86400.0, gt=0, description="staging GC: staging of a wanted model, unchanged this long, is removed")
 
     @property
     def multipart_threshold(self) -> int:

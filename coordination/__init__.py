@@ -25,6 +25,7 @@ from .backend import LeaseBackend, LeaseRecord, LeaseStatus, Observation, Phase,
 from .choose import choose_backend, coordinated_pull, open_lease
 from .coordinator import LeaseTiming, PullResult, run_coordinated
 from .errors import CoordinationError, HolderFailedError, LeaseLostError, LeaseUnavailableError
+from .exclusive import held_destinations, run_exclusive
 from .identity import ModelIdentity
 from .views import LeaseView, format_leases
 
@@ -46,6 +47,8 @@ __all__ = [
     "choose_backend",
     "coordinated_pull",
     "format_leases",
+    "held_destinations",
     "open_lease",
     "run_coordinated",
+    "run_exclusive",
 ]

@@ -28,6 +28,8 @@ class Phase(StrEnum):
     VERIFYING = "Verifying"
     COMPLETE = "Complete"
     FAILED = "Failed"
+    REMOVING = "Removing"  # run_exclusive: a node removes the model's files
+    REMOVED = "Removed"  # the files are gone; later removers do nothing
 
 
 @dataclass(frozen=True)

@@ -40,13 +40,14 @@ from ...storage.types import Listing
 from ..kubeapi import ApiError, request
 from ..models import ModelRef, ModelSpec, model_spec
 from ..reporting.configmap import StatusConfigMap
-from ..reporting.entry import KEEP, DownloadProgress, parse_entry, render_entry
+from ..reporting.entry import KEEP, MODELHERD_FIELD, DownloadProgress, parse_entry, render_entry
 from ..reporting.events import EventRecorder
 from ..reporting.labels import NodeLabels
 from ..reporting.metadata import parse_model_config
 from ..reporting.metrics import AgentMetrics
 from ..settings import Settings
 from ..watching.selection import evaluate
+from .removal import Remover, Target, target_from_entry, target_of
 
 log = logging.getLogger("modelherd.agent")
 
@@ -92,6 +93,7 @@ class Env:
     storage_kind: str
     get_model: Callable[[ModelRef], Mapping[str, Any] | None]
     get_node: Callable[[], Mapping[str, Any] | None]
+    list_models: Callable[[], list[Mapping[str, Any]]] | None = None  # every CR in the caches (with ``kind``)
 
 
 def _now_rfc3339() -> str:
@@ -106,6 +108,12 @@ class Reconciler:
         self._tasks: dict[ModelRef, Task] = {}
         self._lock = threading.Lock()
         self._config_cache: dict[tuple[ModelRef, str, str], dict[str, Any] | None] = {}
+        self._tombstones: dict[ModelRef, Mapping[str, Any]] = {}
+        self._pending: dict[ModelRef, tuple[Target, bool]] = {}  # files still to remove (or keep) after a leave
+        list_models = env.list_models or (lambda: [])
+        self.remover = Remover(env.settings, models_root=env.models_root, storage_kind=env.storage_kind,
+                               node_name=env.node_name, namespace=env.namespace, list_models=list_models,
+                               shutdown=shutdown)
         self._started = time.monotonic()
         digest = hashlib.sha256(env.node_name.encode()).digest()
         self._jitter_s = env.settings.startup_jitter_s * (int.from_bytes(digest[:4], "big") / 2**32)
@@ -121,6 +129,12 @@ class Reconciler:
         task.stop(why)
         return True
 
+    def forget(self, ref: ModelRef, last: Mapping[str, Any]) -> None:
+        """The CR was deleted; ``last`` is its final state (its storage and reserve label decide what happens
+        to the files). Never blocks."""
+        with self._lock:
+            self._tombstones[ref] = last
+
     def running(self) -> dict[ModelRef, Task]:
         with self._lock:
             return dict(self._tasks)
@@ -134,17 +148,17 @@ class Reconciler:
         """Converge ``ref`` on this node; returns False when it failed and should be retried with back-off."""
         obj = self.env.get_model(ref)
         if obj is None:
-            self._leave(ref, "deleted", deleted=True)
-            return True
+            return self._leave(ref, "deleted", deleted=True)
         spec = model_spec(obj, self.env.models_root)
         if spec.deleting:
-            self._leave(ref, "being deleted", deleted=True, uid=spec.uid)
-            return True
+            return self._leave(ref, "being deleted", deleted=True, uid=spec.uid, spec=spec)
         node = self.env.get_node() or {"metadata": {"name": self.env.node_name}}
         selection = evaluate(spec.storage, node)
         if not selection.selected:
-            self._leave(ref, f"not selected: {selection.reason}", deleted=False, uid=spec.uid)
-            return True
+            return self._leave(ref, f"not selected: {selection.reason}", deleted=False, uid=spec.uid, spec=spec)
+        with self._lock:  # wanted here again: what an earlier leave left to do is void
+            self._pending.pop(ref, None)
+            self._tombstones.pop(ref, None)
         if spec.problem:
             self._failed(ref, spec, spec.problem, reason="InvalidSpec")
             return True  # retried when the CR changes, not by back-off
@@ -233,14 +247,62 @@ class Reconciler:
         if changed:
             self.events.record(ref, spec.uid, reason="Failed", message=message, warning=True)
 
-    def _leave(self, ref: ModelRef, why: str, *, deleted: bool, uid: str = "") -> None:
-        """The model is not (or no longer) wanted on this node: cancel, then remove label and entry."""
+    def _leave(self, ref: ModelRef, why: str, *, deleted: bool, uid: str = "", spec: ModelSpec | None = None
+               ) -> bool:
+        """The model is not (or no longer) wanted on this node: cancel, remove label and entry, then its files
+        where :class:`Remover` says so. False (retry with back-off) when removing the files failed."""
         self.cancel(ref, why)
         had_label = self.labels.current(ref.label_key) is not None
         had_entry = self.cm.current(ref.cm_key) is not None or ref.cm_key in self.cm.remembered()
-        if not had_label and not had_entry:
+        if had_label or had_entry:
+            target = self._target(ref, spec)
+            if target is not None:
+                with self._lock:
+                    was = self._pending.get(ref)
+                    self._pending[ref] = (target, deleted or (was is not None and was[1]))
+            self._unlabel(ref, why, deleted=deleted, uid=uid)
+        else:
             self.metrics.set_state(ref.metric_labels(), None)
-            return
+        return self._remove_files(ref, uid)
+
+    def _target(self, ref: ModelRef, spec: ModelSpec | None) -> Target | None:
+        """The files this model had here: from the CR, else its last state, else what our entry recorded."""
+        if spec is not None:
+            return target_of(spec)
+        with self._lock:
+            last = self._tombstones.get(ref)
+        if last is not None:
+            return target_of(model_spec(last, self.env.models_root))
+        ours = (parse_entry(self.cm.current(ref.cm_key) or "") or {}).get(MODELHERD_FIELD)
+        return target_from_entry(ref, ours, self.env.models_root) if isinstance(ours, dict) else None
+
+    def _remove_files(self, ref: ModelRef, uid: str) -> bool:
+        with self._lock:
+            pending = self._pending.get(ref)
+        if pending is None:
+            return True
+        target, deleted = pending
+        try:
+            what = self.remover.remove(ref, target, deleted=deleted)
+        except CancelledError:
+            return True  # shutting down; the entry is gone, so a restart finds nothing more to do here
+        except ModelherdError as e:
+            log.warning("%s: removing its files at %s failed: %s", ref.display, target.dest, e,
+                        extra={"model": ref.display, "state": "RemoveFailed", "reason": str(e)})
+            return False
+        with self._lock:
+            if self._pending.get(ref) == pending:
+                del self._pending[ref]
+            if deleted:
+                self._tombstones.pop(ref, None)
+        state = "FilesRemoved" if what == "files removed" else "FilesKept"
+        log.info("%s: %s (%s)", ref.display, what, target.dest, extra={"model": ref.display, "state": state,
+                                                                       "reason": what})
+        if what == "files removed" and uid:
+            self.events.record(ref, uid, reason="FilesRemoved", message=f"removed {target.dest} from this node")
+        return True
+
+    def _unlabel(self, ref: ModelRef, why: str, *, deleted: bool, uid: str) -> None:
         self.labels.set(ref.label_key, None)
         self.cm.remove(ref.cm_key)
         self.metrics.set_state(ref.metric_labels(), None)
@@ -257,6 +319,8 @@ class Reconciler:
         ours = {"node": self.env.node_name, **spec.identity, "storageMode": self.env.storage_kind}
         if revision:
             ours["revision"] = revision
+        if spec.reserve:
+            ours["reserve"] = "true"  # kept with the entry: a CR deleted while the agent was down keeps it too
         if status != "Ready" and message:
             ours["message"] = message[:1000]
 

@@ -1,0 +1,210 @@
+"""What happens to the files when a model leaves this node, and who collects staging nobody resumes.
+
+``Remover.remove(ref, target, deleted=...)`` decides and acts, after the label and key are gone:
+
+    local:// model                                  -> nothing (those files are verified in place, never modified)
+    reserved (models.ome/reserve-model-artifact)    -> nothing
+    another BaseModel/ClusterBaseModel wants dest   -> nothing
+    local storage (deleted or deselected)           -> remove this node's copy and its staging
+    shared storage, deselected                      -> nothing (the other nodes read those files)
+    shared storage, deleted                         -> under the model's Lease: re-check the above, remove the
+                                                       copy and every staging folder of dest, release with phase
+                                                       Removed; a node that finds Removed (or no copy) does nothing
+
+``StagingCollector.collect_once()`` removes staging entries nobody resumes (``storage.cleanup.collect_staging``):
+orphans (no model points at their destination) unchanged for ``staging_gc_orphan_age_s``, others unchanged for
+``staging_gc_stale_age_s``; never a destination this node downloads now or one whose Lease someone holds. On
+shared storage a round runs only while this node holds the staging-GC Lease (no waiting: another node's round
+is enough).
+
+Invariants: files are removed only by ``storage.cleanup`` (inside the models root, only a modelherd-published
+folder of the same source, one rename out of the destination); on shared storage only while holding a Lease,
+so one node removes and every other finds nothing to do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ...coordination import Phase, choose_backend, held_destinations, open_lease, run_exclusive
+from ...storage.cleanup import Removal, collect_staging, remove_published, remove_staging_of, staging_key
+from ...storage.paths import STAGING_DIRNAME
+from ...storage.uri import ModelURI, parse_uri
+from ..models import RESERVE_LABEL, ModelRef, ModelSpec, model_spec
+from ..settings import Settings
+
+log = logging.getLogger("modelherd.agent")
+
+
+@dataclass(frozen=True)
+class Target:
+    """The files a model had on this node: its source, destination, and whether they are reserved."""
+
+    uri: ModelURI
+    dest: Path
+    reserve: bool = False
+
+
+def target_of(spec: ModelSpec) -> Target | None:
+    """The files of ``spec``; ``None`` when it names none modelherd could have written (a problem)."""
+    if spec.uri is None or spec.dest is None:
+        return None
+    return Target(spec.uri, spec.dest, spec.reserve)
+
+
+def target_from_entry(ref: ModelRef, ours: Mapping[str, Any], models_root: Path) -> Target | None:
+    """The files recorded in an entry's ``modelherd`` object (when the CR is gone and no tombstone is left),
+    read through :func:`model_spec` so the same checks apply (a path outside the root names nothing)."""
+    uri, path = ours.get("storageUri"), ours.get("path")
+    if not isinstance(uri, str) or not isinstance(path, str) or not uri:
+        return None
+    meta: dict[str, Any] = {"name": ref.name, "namespace": ref.namespace}
+    if str(ours.get("reserve", "")).lower() == "true":
+        meta["labels"] = {RESERVE_LABEL: "true"}
+    obj = {"kind": ref.kind, "metadata": meta, "spec": {"storage": {"storageUri": uri, "path": path}}}
+    return target_of(model_spec(obj, models_root))
+
+
+class Remover:
+    def __init__(self, settings: Settings, *, models_root: Path, storage_kind: str, node_name: str,
+                 namespace: str, list_models: Callable[[], list[Mapping[str, Any]]],
+                 shutdown: threading.Event) -> None:
+        self.settings, self.models_root, self.storage_kind = settings, models_root, storage_kind
+        self.node_name, self.namespace, self.list_models, self.shutdown = node_name, namespace, list_models, shutdown
+
+    def wanted_elsewhere(self, ref: ModelRef, dest: Path) -> ModelRef | None:
+        """Another model (not being deleted) that points at ``dest``, from the informer caches."""
+        real = os.path.realpath(dest)
+        for obj in self.list_models():
+            other = model_spec(obj, self.models_root)
+            if other.ref != ref and not other.deleting and other.dest is not None \
+                    and os.path.realpath(other.dest) == real:
+                return other.ref
+        return None
+
+    def remove(self, ref: ModelRef, target: Target, *, deleted: bool) -> str:
+        """Remove the files of ``ref`` if this node should (see the module); returns what happened, one line."""
+        if target.uri.scheme == "local":
+            return "local:// files are never modified"
+        if self.storage_kind == "shared" and not deleted:
+            return "shared storage: files kept for the other nodes"
+        keep = self._keep(ref, target)
+        if keep:
+            return keep
+        if self.storage_kind != "shared":
+            return self._describe(self._remove_files(target))
+        backend = choose_backend(self.settings.coordination, "shared", self.settings.kubeconfig)
+        if backend == "none":
+            return self._describe(self._remove_files(target))
+        lease = open_lease(backend, uri=target.uri, dest=target.dest, models_root=self.models_root,
+                           node_name=self.node_name, namespace=self.namespace, kubeconfig=self.settings.kubeconfig,
+                           lease_duration_s=self.settings.lease_duration_s,
+                           poll_interval_s=self.settings.poll_interval_s, jitter_s=self.settings.wait_jitter_s)
+        outcome: list[Removal] = []
+        reason: list[str] = []
+
+        def operation() -> bool:
+            why = self._keep(ref, target)  # again, under the Lease: a model created meanwhile keeps them
+            if why:
+                reason.append(why)
+                return False
+            outcome.append(self._remove_files(target))
+            return outcome[-1].outcome != "kept"
+
+        try:
+            done = run_exclusive(lease, operation, done_phase=Phase.REMOVED, working_phase=Phase.REMOVING,
+                                 max_wait_s=max(60.0, 4 * self.settings.lease_duration_s),
+                                 jitter_s=self.settings.wait_jitter_s, cancel=self.shutdown)
+        finally:
+            lease.close()
+        if done is None:
+            return "another node already removed the files"
+        return reason[0] if reason else self._describe(outcome[0])
+
+    def _keep(self, ref: ModelRef, target: Target) -> str:
+        if target.reserve:
+            return f"files kept: the model carries {RESERVE_LABEL}=true"
+        other = self.wanted_elsewhere(ref, target.dest)
+        if other is not None:
+            return f"files kept: {other.display} points at {target.dest}"
+        return ""
+
+    def _remove_files(self, target: Target) -> Removal:
+        removal = remove_published(self.models_root, target.dest, writer=self.node_name,
+                                   source_uri=target.uri.canonical)
+        remove_staging_of(self.models_root, target.dest)
+        return removal
+
+    def _describe(self, removal: Removal) -> str:
+        if removal.outcome == "removed":
+            return "files removed"
+        if removal.outcome == "absent":
+            return "no files to remove"
+        return removal.detail
+
+
+class StagingCollector:
+    """Periodic staging GC (see the module docstring)."""
+
+    def __init__(self, settings: Settings, *, models_root: Path, storage_kind: str, node_name: str,
+                 namespace: str, list_models: Callable[[], list[Mapping[str, Any]]],
+                 busy_dests: Callable[[], list[str]], shutdown: threading.Event) -> None:
+        self.settings, self.models_root, self.storage_kind = settings, models_root, storage_kind
+        self.node_name, self.namespace, self.list_models = node_name, namespace, list_models
+        self.busy_dests, self.shutdown = busy_dests, shutdown
+
+    def run(self) -> None:
+        interval = self.settings.staging_gc_interval_s
+        while not self.shutdown.wait(interval):
+            try:
+                self.collect_once()
+            except Exception:
+                log.warning("staging GC round failed; retrying in %.0fs", interval, exc_info=True)
+
+    def collect_once(self) -> list[str]:
+        """One round; returns the staging entries removed."""
+        root = self.models_root
+        if self.storage_kind != "shared":
+            return self._collect(set())
+        backend = choose_backend(self.settings.coordination, "shared", self.settings.kubeconfig)
+        if backend == "none":
+            return []  # nobody to agree with: staging on shared storage is only collected under a Lease
+        held = held_destinations(backend, models_root=root, namespace=self.namespace,
+                                 kubeconfig=self.settings.kubeconfig)
+        if held is None:
+            return []
+        protected = {staging_key(root, root / d) for d in held if d}
+        lease = open_lease(backend, uri=parse_uri(f"local://{root / STAGING_DIRNAME}"), dest=root / STAGING_DIRNAME,
+                           models_root=root, node_name=self.node_name, namespace=self.namespace,
+                           kubeconfig=self.settings.kubeconfig, lease_duration_s=self.settings.lease_duration_s,
+                           poll_interval_s=self.settings.poll_interval_s, jitter_s=self.settings.wait_jitter_s)
+        removed: list[str] = []
+
+        def operation() -> bool:
+            removed.extend(self._collect(protected))
+            return True
+
+        try:
+            run_exclusive(lease, operation, done_phase=None, working_phase="Collecting", wait=False,
+                          cancel=self.shutdown)
+        finally:
+            lease.close()
+        return removed
+
+    def _collect(self, protected: set[str]) -> list[str]:
+        root = self.models_root
+        wanted: set[str] = set()
+        for obj in self.list_models():
+            spec = model_spec(obj, root)
+            if spec.dest is not None and not spec.deleting:
+                wanted.add(staging_key(root, spec.dest))
+        protected = protected | {staging_key(root, Path(d)) for d in self.busy_dests() if d}
+        return collect_staging(root, wanted=wanted, protected=protected,
+                               orphan_age_s=self.settings.staging_gc_orphan_age_s,
+                               stale_age_s=self.settings.staging_gc_stale_age_s)
