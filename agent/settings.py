@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .durations import Duration
+
 StorageMode = Literal["auto", "shared", "local"]
 CoordinationMode = Literal["auto", "kubernetes", "file", "none"]
 
@@ -86,6 +88,13 @@ class Settings(BaseSettings):
     progress_interval_s: float = Field(default=5.0, gt=0, description="ConfigMap progress writes, at most every")
     watch_timeout_s: float = Field(default=300.0, gt=0, description="server-side watch timeout (re-watch after)")
     heartbeat_max_age_s: float = Field(default=120.0, gt=0, description="/livez fails when a loop is older")
+    # ---- periodic verification (agent/lifecycle/verifier.py); durations as OME writes them ("10m", "168h", "90")
+    verify_interval_s: Duration = Field(default=600.0, description="--verify-interval: quick verification of "
+                                        "every Ready model this often (per-node jitter); 0 = off")
+    deep_verify_interval_s: Duration = Field(default=168 * 3600.0, description="--deep-verify-interval: every "
+                                             "checksum recomputed this often, one model at a time; 0 = off")
+    verify_max_mbps: float = Field(default=100.0, ge=0, description="--verify-max-mbps: deep verification reads "
+                                   "at most this many MB (10**6 bytes) per second; 0 = unthrottled")
 
     @property
     def multipart_threshold(self) -> int:
