@@ -1,7 +1,8 @@
 """A byte-rate limiter for background reads (deep verification) that must never compete with serving.
 
-Invariant: over any run of calls, :meth:`RateLimiter.take` returns no earlier than ``(bytes taken - burst) /
-rate`` seconds after the first call, so the long-run rate never exceeds ``rate`` bytes/s; it sleeps on a cancel
+Invariant: over any run of calls, :meth:`RateLimiter.take` returns no earlier than ``(bytes taken - credit) /
+rate`` seconds after the first call, where the credit is what idle time banked (at most ``burst``; a new
+limiter starts with none), so the long-run rate never exceeds ``rate`` bytes/s; it sleeps on a cancel
 Event (a set cancel returns at once and makes :meth:`take` raise :class:`~.errors.CancelledError`). Thread-safe:
 several hashing threads share one budget.
 """
@@ -42,7 +43,7 @@ class RateLimiter:
             start = max(self._next, now - self.burst / self.rate)
             self._next = start + n / self.rate
             self.taken += n
-            wait = self._next - now - self.burst / self.rate
+            wait = self._next - now
         if wait > 0 and self.cancel.wait(wait):
             raise CancelledError("verification cancelled")
         if self.cancel.is_set():
