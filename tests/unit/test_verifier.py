@@ -196,3 +196,16 @@ def test_verify_flags_take_durations_as_ome_writes_them(monkeypatch: pytest.Monk
     assert load_settings(build_parser().parse_args(["agent"])).deep_verify_interval_s == 6 * 3600
     with pytest.raises(ValueError):
         load_settings(build_parser().parse_args(["agent", "--verify-interval", "1d"]))
+
+
+def test_an_unchanged_folder_is_not_reread_but_a_header_rewritten_with_its_old_mtime_is_caught(model: Path) -> None:
+    v, queued, _ = _verifier(model)
+    assert v.quick_pass() == []
+    assert v._clean, "a clean folder's fingerprint is kept"
+    victim = _shards(model)[0]
+    st = victim.stat()
+    with open(victim, "r+b") as f:
+        f.write(b"\xff" * 8)  # the header length: now implausible
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime put back; ctime cannot be
+    failed = v.quick_pass()
+    assert queued == [REF] and failed[0][1][0].path == victim.name
