@@ -77,12 +77,14 @@ def _served(hub: HubServer) -> dict[str, int]:
     return out
 
 
-def _metric(agent: Agent, name: str, **labels: str) -> float:
-    """The sum of ``name``'s samples with ``labels``; AssertionError when there is none."""
+def _metric(agent: Agent, name: str, default: float | None = None, **labels: str) -> float:
+    """The sum of ``name``'s samples with ``labels``; ``default`` (else AssertionError) when there is none."""
     total, found = 0.0, False
     for line in agent.get("/metrics")[1].splitlines():
         if line.startswith((name + "{", name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
             total, found = total + float(line.rsplit(" ", 1)[1]), True
+    if not found and default is not None:
+        return default
     assert found, f"no sample of {name} {labels}"
     return total
 
@@ -121,7 +123,7 @@ def test_shared_storage_damage_is_seen_by_every_node_and_repaired_once_with_only
     hub.throttle("any", bytes_per_s=64 * KiB)
 
     def fetched_by() -> dict[str, float]:
-        return {a.node: _metric(a, "modelherd_origin_bytes_total") for a in agents}
+        return {a.node: _metric(a, "modelherd_origin_bytes_total", 0.0) for a in agents}
 
     def repairers(before: dict[str, float]) -> list[str]:
         return [n for n, v in fetched_by().items() if v > before[n]]
@@ -133,7 +135,7 @@ def test_shared_storage_damage_is_seen_by_every_node_and_repaired_once_with_only
     seen = _watch_until_ready(fleet, nodes, key)
     assert all("Failed" in states for states in seen.values()), seen
     assert _served(hub) == {s2.name: s2.stat().st_size}, "the origin sends the bad file once, nothing else"
-    assert sum(_metric(a, "modelherd_verification_failures_total", kind="deep") for a in agents) >= 1
+    assert sum(_metric(a, "modelherd_verification_failures_total", 0.0, kind="deep") for a in agents) >= 1
     assert len(repairers(before)) == 1, "exactly one node fetched from the origin"
     messages = [m for a in agents for m in a.log.read_text().splitlines() if "sha256 mismatch" in m]
     assert messages, "the reason (the checksum that did not match) is logged"
