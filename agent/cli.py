@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds models needing origin work wait after start (default 10)")
     agent.add_argument("--model-retry-max", dest="model_retry_max_s", type=float,
                        help="cap of the back-off between retries of a failed model, seconds (default 600)")
+    agent.add_argument("--verify-interval", dest="verify_interval_s", metavar="DURATION",
+                       help="quick verification of every Ready model, e.g. 30s, 10m (default 10m; 0 = off)")
+    agent.add_argument("--deep-verify-interval", dest="deep_verify_interval_s", metavar="DURATION",
+                       help="recompute every checksum this often (default 168h; 0 = off)")
+    agent.add_argument("--verify-max-mbps", dest="verify_max_mbps", type=float, metavar="MB/S",
+                       help="deep verification reads at most this many MB/s (default 100; 0 = no limit)")
     _add_transfer(agent)
     _add_common(agent)
 
@@ -131,7 +137,7 @@ _SETTING_FLAGS = ("models_root_dir", "concurrency", "multipart_concurrency", "do
                   "coordination", "node_name", "namespace", "kubeconfig", "lease_duration_s",
                   "lease_renew_period_s", "instance_type", "instance_type_map", "log_level", "log_format",
                   "port", "bind_address", "num_download_worker", "node_label_retry", "startup_jitter_s",
-                  "model_retry_max_s")
+                  "model_retry_max_s", "verify_interval_s", "deep_verify_interval_s", "verify_max_mbps")
 
 
 def load_settings(args: argparse.Namespace) -> Settings:

@@ -27,6 +27,7 @@ from ..storage.errors import ConfigError
 from .kubeapi import REQUESTS
 from .lifecycle.reconciler import Env, Reconciler
 from .lifecycle.removal import StagingCollector
+from .lifecycle.verifier import Verifier
 from .models import GROUP, PLURALS, VERSION, ModelRef, model_spec
 from .reporting.configmap import STATUS_LABEL, StatusConfigMap
 from .reporting.events import EventRecorder
@@ -103,6 +104,10 @@ class NodeAgent:
         self.reconciler = Reconciler(env, configmap=self.configmap, labels=self.labels,
                                      events=EventRecorder(api, node_name), metrics=self.metrics,
                                      shutdown=self.shutdown)
+        self.verifier = Verifier(node_name=node_name, quick_interval_s=settings.verify_interval_s,
+                                 deep_interval_s=settings.deep_verify_interval_s, max_mbps=settings.verify_max_mbps,
+                                 targets=self.reconciler.verify_targets, enqueue=self.queue.add, metrics=self.metrics,
+                                 shutdown=self.shutdown)
         self.server = HealthServer(settings.bind_address, settings.port, registry=self.registry, checks={
             "healthz": {"models-root": self._check_root},
             "livez": {"ping": lambda: None, "loops": self._check_loops},
@@ -249,6 +254,8 @@ class NodeAgent:
         if time.monotonic() - hk > bound:
             return "the housekeeping loop is stuck"
         dead = [t.name for t in self._workers if not t.is_alive()]
+        if not self.verifier.alive():
+            dead.append("modelherd-verifier")
         if dead and not self.shutdown.is_set():
             return f"worker threads died: {dead}"
         watch_bound = max(bound, 2 * self.settings.watch_timeout_s + 60)
@@ -302,6 +309,7 @@ class NodeAgent:
                     t = threading.Thread(target=self._worker, name=f"modelherd-worker-{i}", daemon=True)
                     t.start()
                     self._workers.append(t)
+                self.verifier.start()
                 return True
         return False
 
@@ -313,6 +321,7 @@ class NodeAgent:
         deadline = time.monotonic() + grace_s
         for t in self._workers:
             t.join(timeout=max(0.1, deadline - time.monotonic()))
+        self.verifier.join(timeout=max(0.1, deadline - time.monotonic()))
         for inf in self.informers:
             inf.stop()
         self.server.stop()

@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .durations import Duration
+
 StorageMode = Literal["auto", "shared", "local"]
 CoordinationMode = Literal["auto", "kubernetes", "file", "none"]
 
@@ -92,6 +94,13 @@ class Settings(BaseSettings):
         default=3600.0, gt=0, description="staging GC: staging no model wants, unchanged this long, is removed")
     staging_gc_stale_age_s: float = Field(
         default=86400.0, gt=0, description="staging GC: staging of a wanted model, unchanged this long, is removed")
+    # ---- periodic verification (agent/lifecycle/verifier.py); durations as OME writes them ("10m", "168h", "90")
+    verify_interval_s: Duration = Field(default=600.0, description="--verify-interval: quick verification of "
+                                        "every Ready model this often (per-node jitter); 0 = off")
+    deep_verify_interval_s: Duration = Field(default=168 * 3600.0, description="--deep-verify-interval: every "
+                                             "checksum recomputed this often, one model at a time; 0 = off")
+    verify_max_mbps: float = Field(default=100.0, ge=0, description="--verify-max-mbps: deep verification reads "
+                                   "at most this many MB (10**6 bytes) per second; 0 = unthrottled")
 
     @property
     def multipart_threshold(self) -> int:

@@ -67,6 +67,7 @@ from .errors import (
     UnsafePathError,
     VerificationError,
 )
+from .findings import read_findings
 from .hashcursor import HashCursor
 from .hashing import MultiHasher, checkable, hash_file
 from .manifest import MANIFEST_NAME, Manifest, ManifestFile, read_manifest, write_manifest
@@ -961,19 +962,26 @@ def _link_or_copy(src: Path, dst: Path) -> str:
 def _seed_from_published(listing: Listing, staging: Path, dest: Path, cancel: threading.Event | None) -> int:
     """Repair support: bring the undamaged files of the published copy at ``dest`` into ``staging``.
 
-    Only when ``dest``'s manifest is of exactly this ``listing``; files named by :func:`~.ready.damage` are
-    left out (they are fetched again). Files already in staging win (a resumed repair). Their resume state
-    is dropped: :func:`fetch_into` re-verifies a seeded file against its checksum before keeping it, and
-    rewrites only new inodes, so the published files are never written. Returns how many files were seeded.
+    Only when ``dest``'s manifest is of exactly this ``listing`` and :func:`~.ready.damage` finds something; every
+    file still of its listed size is seeded except those a deep pass recorded as mismatching
+    (:mod:`~.findings`), so what :func:`fetch_into` fetches is exactly what differs from the origin. Files
+    already in staging win (a resumed repair). Their resume state is dropped: :func:`fetch_into` re-verifies a
+    seeded file against its checksum before keeping it, and rewrites only new inodes, so the published files
+    are never written. Returns how many files were seeded.
     """
     published = _read_manifest_quietly(dest)
     if published is None or not manifest_matches(published, listing):
         return 0
-    bad = {p.path for p in damage(dest, published)}
-    if not bad:
+    problems = damage(dest, published)
+    if not problems:
         return 0
-    log.warning("%s at %s does not verify (%s): repairing it, fetching only %d damaged file(s)", listing.uri,
-                dest, sorted(bad)[0], len(bad & {rf.path for rf in listing.files}))
+    # Every file of the right size is seeded and re-hashed by fetch_into, so only what really differs is fetched
+    # (an index is not refetched because a shard it names is missing); a deep pass's known mismatches are left
+    # out at once, sparing a re-hash that must fail.
+    recorded = read_findings(dest, published)
+    bad = {path for path, _ in recorded.problems} if recorded else set()
+    log.warning("%s at %s does not verify (%s): repairing it, fetching only the damaged files", listing.uri,
+                dest, problems[0])
     staging.mkdir(parents=True, exist_ok=True)
     seeded: dict[str, int] = {}
     for rf in listing.files:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import google_crc32c
@@ -69,8 +69,12 @@ class MultiHasher:
         return {a: h.hexdigest() for a, h in self.hashers.items()}
 
 
-def hash_file(path: str, algos: Iterable[str], size: int | None = None, chunk: int = CHUNK) -> dict[str, str]:
-    """Hash a file on disk with every algorithm in ``algos`` in one read pass (bounded memory)."""
+def hash_file(path: str, algos: Iterable[str], size: int | None = None, chunk: int = CHUNK,
+              throttle: Callable[[int], None] | None = None) -> dict[str, str]:
+    """Hash a file on disk with every algorithm in ``algos`` in one read pass (bounded memory).
+
+    ``throttle(n)`` is called after each read of ``n`` bytes (a :class:`~.throttle.RateLimiter` paces the reads
+    with it; it may raise to stop)."""
     import os
 
     if size is None:
@@ -84,6 +88,8 @@ def hash_file(path: str, algos: Iterable[str], size: int | None = None, chunk: i
             if not n:
                 break
             mh.update(view[:n])
+            if throttle is not None:
+                throttle(n)
     return mh.hexdigests()
 
 

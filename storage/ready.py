@@ -14,7 +14,8 @@ import re
 from pathlib import Path
 
 from .errors import VerificationError
-from .manifest import Manifest, read_manifest
+from .findings import read_findings
+from .manifest import MANIFEST_NAME, Manifest, read_manifest
 from .types import ALL_FILES, Selection
 from .verify import Problem, verify_quick
 
@@ -48,27 +49,48 @@ def damage(dest: Path, manifest: Manifest) -> list[Problem]:
 
     That is :func:`verify_quick` (manifest entries present with their sizes, nothing else in the folder, headers
     and indexes consistent) less the very problems (same file, same finding) the origin's own bytes had when the
-    model was published (``manifest.origin_problems``). A manifest listing no file is damage too: a model of
-    zero files is never Ready. The empty list means the copy is as published, as far as metadata can tell.
+    model was published (``manifest.origin_problems``), plus what a deep pass (any node's) recorded for this very
+    publish (:func:`~.findings.read_findings`: checksum mismatches metadata cannot show). A manifest listing no
+    file is damage too: a model of zero files is never Ready. The empty list means the copy is as published, as
+    far as metadata and the last deep pass can tell.
     """
     if not manifest.files:
         return [Problem(".", "the completion manifest lists no file")]
     accepted = set(manifest.origin_problems)
-    return [p for p in verify_quick(dest, require_manifest=True) if (p.path, p.message) not in accepted]
+    found = [p for p in verify_quick(dest, require_manifest=True) if (p.path, p.message) not in accepted]
+    recorded = read_findings(dest, manifest)
+    if recorded is not None:
+        seen = {p.path for p in found}
+        found += [Problem(path, f"deep verification: {message}") for path, message in recorded.problems
+                  if path not in seen]
+    return found
+
+
+def inspect_published(dest: Path, source_uri: str, revision: str | None,
+                      selection: Selection = ALL_FILES) -> Manifest | list[Problem]:
+    """:func:`published_model`, saying why not: the manifest when ``dest`` is Ready, else the problems (never
+    empty: a missing folder, a missing or foreign manifest, or the :func:`damage`)."""
+    try:
+        manifest = read_manifest(dest)
+    except (VerificationError, OSError) as e:
+        return [Problem(MANIFEST_NAME, getattr(e, "message", None) or str(e))]
+    if manifest is None:
+        gone = not Path(dest).exists()
+        return [Problem(".", f"{dest} is gone" if gone else "no completion manifest")]
+    if not same_model(manifest, source_uri, revision) or manifest.selection != selection:
+        return [Problem(MANIFEST_NAME, f"the manifest is of {manifest.source_uri}@{manifest.revision}, "
+                                       "or of another file selection")]
+    problems = damage(dest, manifest)
+    return problems or manifest
 
 
 def published_model(dest: Path, source_uri: str, revision: str | None,
                     selection: Selection = ALL_FILES) -> Manifest | None:
     """The manifest of ``dest`` if it is a published copy of this model (source, revision, ``selection``) with
     no :func:`damage`; ``None`` otherwise."""
-    try:
-        manifest = read_manifest(dest)
-    except (VerificationError, OSError):
-        return None
-    if manifest is None or not same_model(manifest, source_uri, revision) or manifest.selection != selection:
-        return None
-    problems = damage(dest, manifest)
-    if problems:
-        log.warning("%s has a manifest but does not verify: %s", dest, problems[0])
-        return None
-    return manifest
+    got = inspect_published(dest, source_uri, revision, selection)
+    if isinstance(got, Manifest):
+        return got
+    if got[0].path != "." and got[0].path != MANIFEST_NAME:
+        log.warning("%s has a manifest but does not verify: %s", dest, got[0])
+    return None

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelherdError, VerificationError
+from .errors import ModelherdError, UnsafePathError, VerificationError
 from .hashing import checkable, hash_file
 from .manifest import MANIFEST_NAME, Manifest, read_manifest
 from .paths import contained, printable, quote_name
@@ -371,10 +371,12 @@ def verify_quick(model_dir: Path, *, require_manifest: bool = False, allow_extra
     return _quick(model_dir, require_manifest=require_manifest, allow_extra=allow_extra)[0]
 
 
-def _hash_one(model_dir: Path, path: str, algo: str, size: int, want: str) -> Problem | None:
+def _hash_one(model_dir: Path, path: str, algo: str, size: int, want: str,
+              throttle: Callable[[int], None] | None = None) -> Problem | None:
     try:
-        got = hash_file(str(contained(model_dir, path, what="manifest entry")), [algo], size)[algo]
-    except (OSError, ModelherdError) as e:
+        got = hash_file(str(contained(model_dir, path, what="manifest entry")), [algo], size,
+                        throttle=throttle)[algo]
+    except (OSError, UnsafePathError) as e:
         return Problem(path, f"cannot hash: {e}")
     if got.lower() != want.lower():
         return Problem(path, f"{algo} mismatch: {got} on disk, {want} in the manifest")
@@ -382,25 +384,37 @@ def _hash_one(model_dir: Path, path: str, algo: str, size: int, want: str) -> Pr
 
 
 def verify_deep(model_dir: Path, *, require_manifest: bool = False, allow_extra: bool = False,
-                workers: int | None = None) -> list[Problem]:
+                workers: int | None = None, throttle: Callable[[int], None] | None = None) -> list[Problem]:
     """:func:`verify_quick` plus every manifest checksum recomputed from the bytes on disk.
 
     Each file is hashed once with its strongest checkable algorithm (``hashing.PREFERENCE``); files are
     hashed in parallel by a thread pool (hashlib releases the GIL). Files whose quick checks already failed
-    (missing, wrong size, escaping) are not hashed again.
+    (missing, wrong size, escaping) are not hashed again. ``throttle(n)`` is called after every read of ``n``
+    bytes, from the hashing threads (a shared :class:`~.throttle.RateLimiter` caps the total read rate; an
+    exception it raises, e.g. :class:`~.errors.CancelledError`, stops the pass and propagates).
     """
     model_dir = Path(model_dir)
     problems, manifest = _quick(model_dir, require_manifest=require_manifest, allow_extra=allow_extra)
     if manifest is None:
         return problems
-    bad = {p.path for p in problems}
+    return problems + rehash(model_dir, manifest, skip={p.path for p in problems}, workers=workers,
+                             throttle=throttle)
+
+
+def rehash(model_dir: Path, manifest: Manifest, *, skip: Iterable[str] = (),
+           workers: int | None = None, throttle: Callable[[int], None] | None = None) -> list[Problem]:
+    """Only the checksum half of :func:`verify_deep`: every file of ``manifest`` but ``skip`` re-hashed with its
+    strongest checkable algorithm and compared; a mismatch or an unreadable file is a :class:`Problem`."""
+    skipped = set(skip)
     jobs = [(f.path, algos[0], f.size, f.checksums[algos[0]])
-            for f in manifest.files if f.path not in bad and (algos := checkable(f.checksums))]
+            for f in manifest.files if f.path not in skipped and (algos := checkable(f.checksums))]
     jobs.sort(key=lambda j: -j[2])  # biggest first: the pool finishes together
     n = workers or min(len(jobs), max(2, os.cpu_count() or 2), 16)
+    problems: list[Problem] = []
     if jobs:
         with ThreadPoolExecutor(max_workers=max(1, n), thread_name_prefix="verify") as pool:
-            results: Iterable[Problem | None] = pool.map(lambda j: _hash_one(model_dir, *j), jobs)
+            results: Iterable[Problem | None] = pool.map(
+                lambda j: _hash_one(model_dir, j[0], j[1], j[2], j[3], throttle), jobs)
             problems += [r for r in results if r is not None]
     return problems
 

@@ -48,6 +48,7 @@ from ..reporting.metrics import AgentMetrics
 from ..settings import Settings
 from ..watching.selection import evaluate
 from .removal import Remover, Target, target_from_entry, target_of
+from .verifier import Target as VerifyTarget
 
 log = logging.getLogger("modelherd.agent")
 
@@ -114,6 +115,7 @@ class Reconciler:
         self.remover = Remover(env.settings, models_root=env.models_root, storage_kind=env.storage_kind,
                                node_name=env.node_name, namespace=env.namespace, list_models=list_models,
                                shutdown=shutdown)
+        self._verified: dict[ModelRef, VerifyTarget] = {}  # Ready here, as last verified: what the Verifier checks
         self._started = time.monotonic()
         digest = hashlib.sha256(env.node_name.encode()).digest()
         self._jitter_s = env.settings.startup_jitter_s * (int.from_bytes(digest[:4], "big") / 2**32)
@@ -138,6 +140,11 @@ class Reconciler:
     def running(self) -> dict[ModelRef, Task]:
         with self._lock:
             return dict(self._tasks)
+
+    def verify_targets(self) -> list[VerifyTarget]:
+        """The models this node reports Ready (for :class:`~.verifier.Verifier`), none being worked on now."""
+        with self._lock:
+            return [t for ref, t in self._verified.items() if ref not in self._tasks]
 
     def cancel_all(self, why: str) -> None:
         for ref in self.running():
@@ -185,6 +192,7 @@ class Reconciler:
             self.metrics.verifications.labels(**ref.metric_labels(), result="success").inc()
             self._ready(ref, spec, manifest, role="ready")
             return True
+        self._lost_verification(ref, spec)
         self._wait_startup_jitter(ref)
         task = Task(uid=spec.uid, identity=spec.identity)
         with self._lock:
@@ -212,6 +220,25 @@ class Reconciler:
         self._ready(ref, spec, manifest, role=role)
         return True
 
+    def _lost_verification(self, ref: ModelRef, spec: ModelSpec) -> None:
+        """A model this node reported Ready (same destination and source) no longer verifies: Failed with the
+        reason, an Event and the metrics, before the pull that follows repairs it (the label stays Failed until
+        bytes move)."""
+        from ...storage.ready import inspect_published
+
+        assert spec.uri is not None and spec.dest is not None
+        with self._lock:
+            was = self._verified.pop(ref, None)
+        if was is None or was.dest != spec.dest or was.source_uri != spec.uri.canonical \
+                or self.labels.current(ref.label_key) != "Ready":
+            return
+        got = inspect_published(spec.dest, spec.uri.canonical, spec.uri.revision)
+        problems = got if isinstance(got, list) else []
+        first = str(problems[0]) if problems else "it no longer verifies"
+        message = f"verification failed: {len(problems) or 1} problem(s) in {spec.dest}: {first}; repairing"
+        self.metrics.verifications.labels(**ref.metric_labels(), result="failure").inc()
+        self._failed(ref, spec, message, reason="VerificationFailed", download=False)
+
     def _local(self, ref: ModelRef, spec: ModelSpec) -> bool:
         """``local://``: the files are already on the node; verify them in place, never modify them."""
         from ...storage.verify import verify_quick
@@ -232,6 +259,10 @@ class Reconciler:
         config = self._config(ref, spec, manifest)
         changed = self._set(ref, spec, "Ready", config=config, progress=None,
                             revision=manifest.revision if manifest else "")
+        if spec.uri is not None:
+            with self._lock:
+                self._verified[ref] = VerifyTarget(ref, spec.dest, spec.uri.canonical, spec.uri.revision,
+                                             managed=manifest is not None)
         if manifest is not None and role != "ready":
             self.metrics.verified_bytes.labels(**ref.metric_labels()).inc(manifest.total_bytes)
         self.metrics.set_role(ref.metric_labels(), role)
@@ -240,8 +271,11 @@ class Reconciler:
                    "follower": "verified the copy another node downloaded", "pulled": "downloaded"}.get(role, role)
             self.events.record(ref, spec.uid, reason="Ready", message=f"Ready at {spec.dest} ({how})")
 
-    def _failed(self, ref: ModelRef, spec: ModelSpec, message: str, *, reason: str) -> None:
-        self.metrics.downloads_failed.labels(**ref.metric_labels()).inc()
+    def _failed(self, ref: ModelRef, spec: ModelSpec, message: str, *, reason: str, download: bool = True) -> None:
+        with self._lock:
+            self._verified.pop(ref, None)
+        if download:
+            self.metrics.downloads_failed.labels(**ref.metric_labels()).inc()
         self.metrics.failures.labels(**ref.metric_labels(), reason=reason).inc()
         changed = self._set(ref, spec, "Failed", progress=None, message=message)
         if changed:
@@ -252,6 +286,9 @@ class Reconciler:
         """The model is not (or no longer) wanted on this node: cancel, remove label and entry, then its files
         where :class:`Remover` says so. False (retry with back-off) when removing the files failed."""
         self.cancel(ref, why)
+        with self._lock:
+            self._verified.pop(ref, None)
+        self.metrics.forget_verification(ref.metric_labels())
         had_label = self.labels.current(ref.label_key) is not None
         had_entry = self.cm.current(ref.cm_key) is not None or ref.cm_key in self.cm.remembered()
         if had_label or had_entry:

@@ -81,6 +81,16 @@ class AgentMetrics:
         self.synced = Gauge("modelherd_informers_synced", "1 once the initial lists are in", registry=r)
         self.last_heartbeat = Gauge("modelherd_loop_heartbeat_timestamp_seconds", "Unix time of the last worker "
                                     "loop and watch heartbeat", registry=r)
+        # ---- periodic verification (agent/lifecycle/verifier.py)
+        self.verification_failures = Counter("modelherd_verification_failures", "Times a Ready model failed "
+                                             "periodic verification on this node, by kind (quick: metadata, deep: "
+                                             "checksums)", (*OME_LABELS, "kind"), registry=r)
+        self.last_verification = Gauge("modelherd_last_verification_timestamp_seconds", "Unix time this node last "
+                                       "verified the model, by kind (quick, deep)", (*OME_LABELS, "kind"), registry=r)
+        self.deep_verify_bytes = Counter("modelherd_deep_verify_bytes", "Bytes re-hashed by deep verification",
+                                         OME_LABELS, registry=r)
+        self.verify_pass_seconds = Gauge("modelherd_verification_pass_seconds", "Duration of the last periodic "
+                                         "verification pass, by kind", ("kind",), registry=r)
         self.info = Gauge("modelherd_agent_info", "Static facts about this agent", ("node", "version"), registry=r)
 
     def set_state(self, labels: dict[str, str], state: str | None) -> None:
@@ -99,6 +109,12 @@ class AgentMetrics:
                     self.lease_role.remove(*labels.values(), r)
             else:
                 self.lease_role.labels(**labels, role=r).set(1 if r == role else 0)
+
+    def forget_verification(self, labels: dict[str, str]) -> None:
+        """The model left the node: drop its per-model verification series."""
+        for kind in ("quick", "deep"):
+            with contextlib.suppress(KeyError):
+                self.last_verification.remove(*labels.values(), kind)
 
     def clear_progress(self, labels: dict[str, str]) -> None:
         for g in (self.download_progress, self.download_total):
