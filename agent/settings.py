@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .durations import Duration
+
 StorageMode = Literal["auto", "shared", "local"]
 CoordinationMode = Literal["auto", "kubernetes", "file", "none"]
 
@@ -86,6 +88,13 @@ class Settings(BaseSettings):
     progress_interval_s: float = Field(default=5.0, gt=0, description="ConfigMap progress writes, at most every")
     watch_timeout_s: float = Field(default=300.0, gt=0, description="server-side watch timeout (re-watch after)")
     heartbeat_max_age_s: float = Field(default=120.0, gt=0, description="/livez fails when a loop is older")
+
+    # ---- the status controller (`modelherd controller`), client-go's leader-election timings
+    controller_port: int = Field(default=8081, ge=0, le=65535, description="the controller's HTTP server")
+    leader_elect: bool = Field(default=True, description="one active controller, elected with a Lease")
+    leader_elect_lease_duration_s: Duration = Field(default=15.0, gt=0, description="standbys wait this long")
+    leader_elect_renew_deadline_s: Duration = Field(default=10.0, gt=0, description="the leader gives up after")
+    leader_elect_retry_period_s: Duration = Field(default=2.0, gt=0, description="renew / retry interval")
 
     @property
     def multipart_threshold(self) -> int:
