@@ -27,6 +27,8 @@ from modelherd.agent.reporting.entry import EntryStatus, render_entry
 from modelherd.agent.reporting.keys import configmap_key
 
 from tests.agent_fleet import GROUP, MODELHERD, VERSION, Fleet, eventually, free_port
+from tests.hubserver import HubServer
+from tests.integration.test_agent import REPO, hub, model_src  # noqa: F401  (fixtures)
 from tests.integration.test_controlplane import install_ome_crds
 from tests.k8s_fixtures import KubeCluster
 
@@ -283,3 +285,22 @@ def test_a_killed_leader_is_replaced_after_its_lease_expires(env: Env) -> None:
     took = time.monotonic() - killed
     assert 2.0 <= took < 3 + 2 * 0.5 * 2.2 + 1.5, f"take-over after {took:.1f}s"
     print(f"SIGKILL take-over: {took:.2f}s")
+
+
+def test_with_a_real_agent_the_model_goes_ready_and_its_deletion_waits_for_the_agent(
+        env: Env, hub: HubServer, tmp_path: Path) -> None:  # noqa: F811
+    f = env.fleet
+    f.hub_endpoint = hub.endpoint
+    node = f.add_node("a")
+    f.add_node("b")  # a node without an agent: no ConfigMap, no say
+    agent = f.start(node, tmp_path / "models", "--storage-mode", "local", "--coordination", "none")
+    f.wait_ready(agent)
+    ctl = env.start("--no-leader-elect")
+    name = f"llama-{f.tag}"
+    f.create_cbm(name, f"hf://{REPO}")
+    _wait_status(env, "clusterbasemodels", name, ("Ready", [node], []), timeout=90)
+    f.delete_model("clusterbasemodels", name)
+    eventually(lambda: env.get("clusterbasemodels", name) is None, timeout=60,
+               what="the CR gone once the agent removed its entry")
+    assert f.entry(node, configmap_key("ClusterBaseModel", "", name)) is None
+    assert ctl.proc.poll() is None and "Traceback" not in env.logs() + f.logs()
