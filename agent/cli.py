@@ -119,16 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
     ctl = sub.add_parser("controller", help="run the status controller for clusters without OME's (one leader)")
     _add_kube(ctl, namespace_help="namespace of the status ConfigMaps and the leader Lease (default: the pod's, "
                                   "else ome)")
-    ctl.add_argument("--port", dest="controller_port", type=int,
+    ctl.add_argument("--port", dest="controller_port", type=int, metavar="PORT",
                      help="HTTP port for /healthz /livez /readyz /metrics (default 8081)")
     ctl.add_argument("--bind-address", help="address the HTTP server listens on (default 0.0.0.0)")
     ctl.add_argument("--leader-elect", action=argparse.BooleanOptionalAction, default=None,
                      help="elect one active replica with the Lease modelherd-controller (default on)")
-    ctl.add_argument("--leader-elect-lease-duration", dest="leader_elect_lease_duration_s",
+    ctl.add_argument("--leader-elect-lease-duration", dest="leader_elect_lease_duration_s", metavar="DURATION",
                      help="how long standbys wait for a silent leader (default 15s)")
-    ctl.add_argument("--leader-elect-renew-deadline", dest="leader_elect_renew_deadline_s",
+    ctl.add_argument("--leader-elect-renew-deadline", dest="leader_elect_renew_deadline_s", metavar="DURATION",
                      help="the leader gives up when it could not renew for this long (default 10s)")
-    ctl.add_argument("--leader-elect-retry-period", dest="leader_elect_retry_period_s",
+    ctl.add_argument("--leader-elect-retry-period", dest="leader_elect_retry_period_s", metavar="DURATION",
                      help="interval of renewals and of acquisition attempts (default 2s)")
     _add_common(ctl)
 
