@@ -122,6 +122,22 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("-o", "--output", choices=["text", "json"], default="text")
     _add_common(status)
 
+    ctl = sub.add_parser("controller", help="run the status controller for clusters without OME's (one leader)")
+    _add_kube(ctl, namespace_help="namespace of the status ConfigMaps and the leader Lease (default: the pod's, "
+                                  "else ome)")
+    ctl.add_argument("--port", dest="controller_port", type=int, metavar="PORT",
+                     help="HTTP port for /healthz /livez /readyz /metrics (default 8081)")
+    ctl.add_argument("--bind-address", help="address the HTTP server listens on (default 0.0.0.0)")
+    ctl.add_argument("--leader-elect", action=argparse.BooleanOptionalAction, default=None,
+                     help="elect one active replica with the Lease modelherd-controller (default on)")
+    ctl.add_argument("--leader-elect-lease-duration", dest="leader_elect_lease_duration_s", metavar="DURATION",
+                     help="how long standbys wait for a silent leader (default 15s)")
+    ctl.add_argument("--leader-elect-renew-deadline", dest="leader_elect_renew_deadline_s", metavar="DURATION",
+                     help="the leader gives up when it could not renew for this long (default 10s)")
+    ctl.add_argument("--leader-elect-retry-period", dest="leader_elect_retry_period_s", metavar="DURATION",
+                     help="interval of renewals and of acquisition attempts (default 2s)")
+    _add_common(ctl)
+
     leases = sub.add_parser("leases", help="list modelherd Leases: who downloads what, how far")
     leases.add_argument("--namespace")
     leases.add_argument("--kubeconfig", type=Path)
@@ -137,7 +153,9 @@ _SETTING_FLAGS = ("models_root_dir", "concurrency", "multipart_concurrency", "do
                   "coordination", "node_name", "namespace", "kubeconfig", "lease_duration_s",
                   "lease_renew_period_s", "instance_type", "instance_type_map", "log_level", "log_format",
                   "port", "bind_address", "num_download_worker", "node_label_retry", "startup_jitter_s",
-                  "model_retry_max_s", "verify_interval_s", "deep_verify_interval_s", "verify_max_mbps")
+                  "model_retry_max_s", "verify_interval_s", "deep_verify_interval_s", "verify_max_mbps",
+                  "controller_port", "leader_elect", "leader_elect_lease_duration_s",
+                  "leader_elect_renew_deadline_s", "leader_elect_retry_period_s")
 
 
 def load_settings(args: argparse.Namespace) -> Settings:
@@ -220,6 +238,7 @@ def _main(argv: Sequence[str] | None) -> int:
         "agent": commands.cmd_agent,
         "explain": commands.cmd_explain,
         "status": commands.cmd_status,
+        "controller": commands.cmd_controller,
     }
     cancel = threading.Event()
     _install_cancel_handlers(cancel)

@@ -336,3 +336,16 @@ def cmd_status(args: argparse.Namespace, settings: Settings, cancel: threading.E
     else:
         print(format_status(rows))
     return 0
+
+
+def cmd_controller(args: argparse.Namespace, settings: Settings, cancel: threading.Event) -> int:
+    from .controller.controller import ModelController
+
+    startup.resume()  # a long-running process
+    controller = ModelController(
+        _kube_api(settings), namespace=settings.effective_namespace("ome"), port=settings.controller_port,
+        bind_address=settings.bind_address, leader_elect=settings.leader_elect,
+        lease_duration_s=settings.leader_elect_lease_duration_s,
+        renew_deadline_s=settings.leader_elect_renew_deadline_s,
+        retry_period_s=settings.leader_elect_retry_period_s, watch_timeout_s=settings.watch_timeout_s)
+    return controller.run(cancel)

@@ -102,6 +102,13 @@ class Settings(BaseSettings):
     verify_max_mbps: float = Field(default=100.0, ge=0, description="--verify-max-mbps: deep verification reads "
                                    "at most this many MB (10**6 bytes) per second; 0 = unthrottled")
 
+    # ---- the status controller (`modelherd controller`), client-go's leader-election timings
+    controller_port: int = Field(default=8081, ge=0, le=65535, description="the controller's HTTP server")
+    leader_elect: bool = Field(default=True, description="one active controller, elected with a Lease")
+    leader_elect_lease_duration_s: Duration = Field(default=15.0, gt=0, description="standbys wait this long")
+    leader_elect_renew_deadline_s: Duration = Field(default=10.0, gt=0, description="the leader gives up after")
+    leader_elect_retry_period_s: Duration = Field(default=2.0, gt=0, description="renew / retry interval")
+
     @property
     def multipart_threshold(self) -> int:
         return self.multipart_threshold_mib * MiB

@@ -1,0 +1,1 @@
+"""``modelherd controller``: OME's BaseModel status controller for clusters without OME's controller."""
