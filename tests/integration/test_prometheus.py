@@ -67,14 +67,14 @@ class Prometheus:
         assert body["status"] == "success", body
         return body["data"]
 
-    def alerts(self, name: str, **labels: str) -> list[dict[str, Any]]:
-        return [a for a in self.api("alerts")["alerts"] if a["labels"].get("alertname") == name
+    def alerts(self, alertname: str, /, **labels: str) -> list[dict[str, Any]]:
+        return [a for a in self.api("alerts")["alerts"] if a["labels"].get("alertname") == alertname
                 and all(a["labels"].get(k) == v for k, v in labels.items())]
 
-    def wait_firing(self, name: str, timeout: float = 60.0, **labels: str) -> dict[str, Any]:
+    def wait_firing(self, alertname: str, /, timeout: float = 60.0, **labels: str) -> dict[str, Any]:
         def firing() -> dict[str, Any] | None:
-            return next((a for a in self.alerts(name, **labels) if a["state"] == "firing"), None)
-        return eventually(firing, timeout=timeout, interval=0.5, what=f"{name} {labels} firing")
+            return next((a for a in self.alerts(alertname, **labels) if a["state"] == "firing"), None)
+        return eventually(firing, timeout=timeout, interval=0.5, what=f"{alertname} {labels} firing")
 
     def query_range(self, expr: str, start: float, end: float) -> list[dict[str, Any]]:
         data = self.api("query_range", query=expr, start=f"{start:.3f}", end=f"{end:.3f}", step="1")
