@@ -10,7 +10,8 @@ Entry points (the CLI calls these)::
                      kubeconfig: Path | None = None, lease_duration_s: float = 30.0,
                      renew_period_s: float = 10.0, jitter_s: float = 1.0, poll_interval_s: float = 10.0,
                      cancel: threading.Event | None = None, progress: Callable[[int, int], None] | None = None,
-                     result: list[PullResult] | None = None) -> Manifest
+                     result: list[PullResult] | None = None,
+                     on_follow: Callable[[LeaseRecord | None], None] | None = None) -> Manifest
 
     kube.api_client(kubeconfig) / kube.list_leases(api, namespace) -> list[LeaseView] / format_leases(rows)
     filelease.list_file_leases(models_root) -> list[LeaseRecord]   (view_of() turns one into a LeaseView)

@@ -13,7 +13,7 @@ from ..storage.errors import ConfigError
 from ..storage.manifest import Manifest
 from ..storage.types import ALL_FILES, Listing, Selection, Source
 from ..storage.uri import ModelURI
-from .backend import LeaseBackend, RequestCounter
+from .backend import LeaseBackend, LeaseRecord, RequestCounter
 from .coordinator import LeaseTiming, PullResult, identity_for, run_coordinated
 from .errors import CoordinationError
 from .filelease import FileLease
@@ -92,12 +92,14 @@ def coordinated_pull(
     progress: Callable[[int, int], None] | None = None,
     result: list[PullResult] | None = None,
     selection: Selection = ALL_FILES,
+    on_follow: Callable[[LeaseRecord | None], None] | None = None,
 ) -> Manifest:
     """Put ``uri`` at ``dest`` with at most one download per shared models root; return the manifest.
 
     ``backend="none"`` is a plain engine pull by this node. ``result``, when given, receives the
     :class:`PullResult` (role, epoch, lease request count) for callers that report it. ``selection`` is the
-    file selection the source applies (``--allow``/``--ignore``), part of the model's identity.
+    file selection the source applies (``--allow``/``--ignore``), part of the model's identity. ``on_follow``
+    (see :func:`run_coordinated`) lets a caller watch the holder's progress while this node waits.
     """
     if backend == "none":
         manifest: Manifest = engine.pull(source, listing_fn(), dest, models_root=models_root, options=options,
@@ -110,7 +112,7 @@ def coordinated_pull(
     try:
         outcome = run_coordinated(lease, source=source, listing_fn=listing_fn, dest=dest, models_root=models_root,
                                   node=node_name, options=options, timing=timing, cancel=cancel, progress=progress,
-                                  selection=selection)
+                                  selection=selection, on_follow=on_follow)
     finally:
         lease.close()
     log.info("%s at %s: %s (epoch %s, %d lease requests)", uri.canonical, dest, outcome.role, outcome.epoch,

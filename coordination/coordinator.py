@@ -48,6 +48,7 @@ from .identity import ModelIdentity
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
+Follow = Callable[[LeaseRecord | None], None]
 Role = Literal["ready", "holder", "follower"]
 
 
@@ -175,8 +176,9 @@ class Coordinator:
     def __init__(self, lease: LeaseBackend, *, source: Source, listing_fn: Callable[[], Listing], dest: Path,
                  models_root: Path, node: str, options: engine.EngineOptions, timing: LeaseTiming,
                  cancel: threading.Event | None = None, progress: Progress | None = None,
-                 selection: Selection = ALL_FILES) -> None:
+                 selection: Selection = ALL_FILES, on_follow: Follow | None = None) -> None:
         timing.check()
+        self._on_follow = on_follow
         self.selection = selection
         self.lease, self.source, self.listing_fn = lease, source, listing_fn
         self.models_root = Path(models_root)
@@ -213,6 +215,8 @@ class Coordinator:
             if record is not None and record.held:
                 # someone holds it (an earlier process of this node too: it may still be writing)
                 saw_holder = True
+                if self._on_follow is not None and record.holder != self.node:
+                    self._on_follow(record)  # another node holds it: we follow (metrics watch its progress)
                 if not observation.expired(self.timing.duration_s):
                     wait = observation.remaining(self.timing.duration_s) + random.uniform(0, self.timing.jitter_s)
                     record = self._wait(record, min(wait, max(0.1, deadline - time.monotonic())))
@@ -246,6 +250,8 @@ class Coordinator:
                 continue
             took_over = took_over or expired_holder
             acquired_at = time.monotonic()
+            if self._on_follow is not None:
+                self._on_follow(None)  # we hold it now: no longer following anyone
             try:
                 return self._hold(record, held, acquired_at, took_over)
             except _Lost:
@@ -400,13 +406,15 @@ class Coordinator:
 def run_coordinated(lease: LeaseBackend, *, source: Source, listing_fn: Callable[[], Listing], dest: Path,
                     models_root: Path, node: str, options: engine.EngineOptions, timing: LeaseTiming,
                     cancel: threading.Event | None = None, progress: Progress | None = None,
-                    selection: Selection = ALL_FILES) -> PullResult:
+                    selection: Selection = ALL_FILES, on_follow: Follow | None = None) -> PullResult:
     """Run the state machine with an already opened backend (tests and benchmarks use this directly).
 
     ``selection`` is the file selection asked for (the source's ``--allow``/``--ignore``): a published copy of
-    another selection is not this model."""
+    another selection is not this model. ``on_follow`` is called with the record each time this node sees
+    another node holding the lease while it waits, and with ``None`` when it acquires the lease itself."""
     return Coordinator(lease, source=source, listing_fn=listing_fn, dest=dest, models_root=models_root, node=node,
-                       options=options, timing=timing, cancel=cancel, progress=progress, selection=selection).run()
+                       options=options, timing=timing, cancel=cancel, progress=progress, selection=selection,
+                       on_follow=on_follow).run()
 
 
 def identity_for(source_uri: str, revision: str | None, dest: Path, models_root: Path) -> ModelIdentity:

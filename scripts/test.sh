@@ -43,6 +43,17 @@ start=$(date +%s)
 e2e/controlplane/build up >/dev/null
 echo "control plane build/cache check: $(( $(date +%s) - start ))s" >&2
 
+step "promtool + prometheus (Debian package prometheus) for the alert-rule and Prometheus tests"
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+  command -v apt-get >/dev/null 2>&1 || { echo "promtool/prometheus missing and no apt-get: install Debian's prometheus" >&2; exit 1; }
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -q >&2
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends prometheus >&2
+  command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 \
+    || { echo "installing prometheus did not provide promtool and prometheus" >&2; exit 1; }
+fi
+.venv/bin/python monitoring/render_rules.py --check
+
 step "ruff"
 .venv/bin/ruff check .
 step "mypy"

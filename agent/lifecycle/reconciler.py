@@ -23,6 +23,7 @@ Invariants:
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
 import threading
@@ -166,6 +167,7 @@ class Reconciler:
         with self._lock:  # wanted here again: what an earlier leave left to do is void
             self._pending.pop(ref, None)
             self._tombstones.pop(ref, None)
+        self.metrics.init_model(ref.metric_labels())
         if spec.problem:
             self._failed(ref, spec, spec.problem, reason="InvalidSpec")
             return True  # retried when the CR changes, not by back-off
@@ -475,7 +477,7 @@ class Reconciler:
                 node_name=self.env.node_name, namespace=self.env.namespace, kubeconfig=settings.kubeconfig,
                 lease_duration_s=settings.lease_duration_s, renew_period_s=settings.lease_renew_period_s,
                 jitter_s=settings.wait_jitter_s, poll_interval_s=settings.poll_interval_s,
-                cancel=task.cancel, progress=progress, result=results)
+                cancel=task.cancel, progress=progress, result=results, on_follow=progress.follow)
         finally:
             progress.stop()
             source.close()
@@ -492,7 +494,13 @@ class Reconciler:
 
 class _ProgressReporter:
     """Feeds the engine's progress into metrics at once and into the ConfigMap entry at most every
-    ``progress_interval_s`` (a thread of its own: the engine's workers never wait for the API server)."""
+    ``progress_interval_s`` (a thread of its own: the engine's workers never wait for the API server).
+
+    Stall metrics (what the stuck-download alerts read): ``download_last_progress`` is the wall-clock time bytes
+    last moved in our own download (set when it starts); ``lease_holder_progress`` is, while we follow another
+    node's Lease, the time its reported bytes or its holder last changed — so a holder that stopped (SIGSTOP,
+    hung origin) shows as a timestamp that no longer moves on the nodes still alive.
+    """
 
     def __init__(self, rec: Reconciler, ref: ModelRef, spec: ModelSpec, task: Task) -> None:
         self.rec, self.ref, self.spec, self.task = rec, ref, spec, task
@@ -501,18 +509,36 @@ class _ProgressReporter:
         self._written = -1
         self._last_done, self._last_t = 0, time.monotonic()
         self._first: int | None = None
+        self._followed: tuple[str, int] | None = None
 
     def __call__(self, done: int, total: int) -> None:
+        labels = self.ref.metric_labels()
         if self._first is None:
             self._first = done
+            self.rec.metrics.download_last_progress.labels(**labels).set(time.time())
         else:
             delta = done - self.task.done
             if delta > 0:
-                self.rec.metrics.origin_bytes.labels(**self.ref.metric_labels()).inc(delta)
-                self.rec.metrics.download_bytes.labels(**self.ref.metric_labels()).inc(delta)
+                self.rec.metrics.origin_bytes.labels(**labels).inc(delta)
+                self.rec.metrics.download_bytes.labels(**labels).inc(delta)
+                self.rec.metrics.download_last_progress.labels(**labels).set(time.time())
         self.task.done, self.task.total = done, total
         self.rec.metrics.download_progress.labels(**self.ref.metric_labels()).set(done)
         self.rec.metrics.download_total.labels(**self.ref.metric_labels()).set(total)
+
+    def follow(self, record: Any) -> None:
+        """The coordinator saw ``record`` (a ``LeaseRecord`` held by another node) while we wait; ``None``: we
+        hold the Lease now. The timestamp moves only when the holder or its reported bytes change."""
+        gauge = self.rec.metrics.lease_holder_progress
+        if record is None:
+            self._followed = None
+            with contextlib.suppress(KeyError):
+                gauge.remove(*self.ref.metric_labels().values())
+            return
+        seen = (str(record.holder), int(record.status.bytes_done))
+        if seen != self._followed:
+            self._followed = seen
+            gauge.labels(**self.ref.metric_labels()).set(time.time())
 
     def start(self) -> None:
         self._thread.start()

@@ -61,6 +61,13 @@ class AgentMetrics:
                                        "downloaded by this node", OME_LABELS, registry=r)
         self.download_total = Gauge("modelherd_download_total_bytes", "Size of the model being downloaded by this "
                                     "node", OME_LABELS, registry=r)
+        self.download_last_progress = Gauge(
+            "modelherd_download_last_progress_timestamp_seconds", "Unix time bytes last moved in the download this "
+            "node runs (as the Lease holder, or its own pull); absent when it runs none", OME_LABELS, registry=r)
+        self.lease_holder_progress = Gauge(
+            "modelherd_lease_holder_progress_timestamp_seconds", "While this node waits for a Lease another node "
+            "holds: Unix time the holder's reported bytes (or the holder) last changed; absent otherwise",
+            OME_LABELS, registry=r)
         self.failures = Counter("modelherd_model_failures", "Times a model was marked Failed on this node, by reason",
                                 (*OME_LABELS, "reason"), registry=r)
         self.queue_depth = Gauge("modelherd_queue_depth", "Models waiting in the work queue", registry=r)
@@ -93,6 +100,14 @@ class AgentMetrics:
                                          "verification pass, by kind", ("kind",), registry=r)
         self.info = Gauge("modelherd_agent_info", "Static facts about this agent", ("node", "version"), registry=r)
 
+    def init_model(self, labels: dict[str, str]) -> None:
+        """Create the per-model failure counters at 0 when a model is first handled on this node, so the first
+        failure is an increase Prometheus sees (``increase()`` cannot see a series born at 1)."""
+        self.downloads_failed.labels(**labels)
+        self.rate_limits.labels(**labels)
+        for result in ("success", "failure"):
+            self.verifications.labels(**labels, result=result)
+
     def set_state(self, labels: dict[str, str], state: str | None) -> None:
         """Exactly one of the states is 1 (none when the model left the node)."""
         for s in STATES:
@@ -117,7 +132,9 @@ class AgentMetrics:
                 self.last_verification.remove(*labels.values(), kind)
 
     def clear_progress(self, labels: dict[str, str]) -> None:
-        for g in (self.download_progress, self.download_total):
+        """No download and no wait of this model is running on this node: its progress series are gone."""
+        for g in (self.download_progress, self.download_total, self.download_last_progress,
+                  self.lease_holder_progress):
             with contextlib.suppress(KeyError):
                 g.remove(*labels.values())
 
