@@ -254,15 +254,15 @@ def run_demo(opts: DemoOptions, *, out: IO[str] = sys.stdout, cancel: threading.
     print(f"model: {len(model.files)} files, {_size(model.total_bytes)} ({opts.shards} safetensors shards, "
           f"hidden size {model.hidden_size}) generated in {workdir}", file=out, flush=True)
     dest = root / REPO_ID
-    result = DemoResult(workdir=workdir, root=root, dest=dest, model_bytes=model.total_bytes, model_files=len(model.files),
-                        origin_bytes=0)
+    result = DemoResult(workdir=workdir, root=root, dest=dest, model_bytes=model.total_bytes,
+                        model_files=len(model.files), origin_bytes=0)
     runs: list[NodeRun] = []
     with HubServer() as hub:
         hub.add_repo(REPO_ID, origin)
         if opts.origin_rate > 0:
             hub.throttle("any", bytes_per_s=opts.origin_rate)
         print(f"origin: loopback Hugging Face Hub at {hub.endpoint} serving hf://{REPO_ID}", file=out, flush=True)
-        print(f"nodes: {opts.nodes} × `modelherd pull hf://{REPO_ID} --coordination file --storage-mode shared "
+        print(f"nodes: {opts.nodes} x `modelherd pull hf://{REPO_ID} --coordination file --storage-mode shared "
               f"--models-root {root}`", file=out, flush=True)
         env = child_env(dict(os.environ), hub.endpoint, workdir)
         view = _LiveView(out)
@@ -318,7 +318,7 @@ def _print_summary(result: DemoResult, out: IO[str]) -> None:
     holders = [r.node for r in result.nodes if r.role == "holder"]
     one = "one origin download" if result.origin_bytes <= result.model_bytes else "MORE than one origin download"
     say(f"origin bytes served: {_size(result.origin_bytes)} for a {_size(result.model_bytes)} model = "
-        f"{result.ratio:.2f} × the model ({one}; downloaded by {', '.join(holders) or 'nobody'})")
+        f"{result.ratio:.2f} x the model ({one}; downloaded by {', '.join(holders) or 'nobody'})")
     say(f"nodes Ready: {result.ready_nodes}/{len(result.nodes)}")
     if result.problems:
         say(f"verify --deep: {len(result.problems)} problem(s)")

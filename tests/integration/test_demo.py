@@ -80,7 +80,7 @@ def test_demo_with_four_nodes_downloads_once_every_node_is_ready_and_verified_of
     r, audit = _run_demo(tmp_path, "--nodes", "4")
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
-    assert re.search(r"origin bytes served: 64\.0 MiB for a 64\.0 MiB model = 1\.00 × the model \(one origin "
+    assert re.search(r"origin bytes served: 64\.0 MiB for a 64\.0 MiB model = 1\.00 x the model \(one origin "
                      r"download; downloaded by node-\d\)", out), out
     assert "nodes Ready: 4/4" in out
     assert "verify --deep: OK (11 files" in out
