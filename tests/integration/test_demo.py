@@ -123,3 +123,20 @@ def test_node_processes_get_no_proxy_token_kubeconfig_or_modelherd_setting_of_th
     assert not {"HTTPS_PROXY", "http_proxy", "ALL_PROXY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "KUBECONFIG",
                 "MODELHERD_COORDINATION", "OCI_CONFIG_FILE", "NODE_NAME"} & env.keys()
     assert "hf_secret" not in " ".join(env.values())
+
+
+@pytest.mark.multiprocess
+def test_a_demo_that_does_not_finish_reports_failure_and_keeps_its_folder_with_the_node_logs(tmp_path: Path) -> None:
+    import io
+
+    from modelherd.agent.demo import DemoOptions, run_demo
+
+    out = io.StringIO()
+    result = run_demo(DemoOptions(nodes=2, size_bytes=1024 * 1024, shards=2, timeout_s=0.0, workdir=tmp_path),
+                      out=out)
+    text = out.getvalue()
+    assert not result.ok
+    assert "did not finish within 0s" in text and "demo FAILED" in text
+    assert result.workdir.is_dir() and result.workdir.parent == tmp_path
+    assert sorted(p.name for p in (result.workdir / "logs").iterdir()) == ["node-0.log", "node-1.log"]
+    assert all(n.proc.poll() is not None for n in result.nodes)  # no node process outlives the demo
