@@ -152,8 +152,9 @@ class _LiveView:
         self._last = ""
 
     def show(self, text: str, key: str) -> None:
-        if self._tty:
-            self._out.write("\r\x1b[K" + text)
+        if self._tty:  # cut to the terminal's width: a wrapped line could not be redrawn in place
+            width = shutil.get_terminal_size().columns - 1
+            self._out.write("\r\x1b[K" + text[:max(20, width)])
             self._out.flush()
         elif key != self._last:
             self._out.write(text + "\n")
