@@ -145,6 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="for file leases (clusters without Kubernetes)")
     leases.add_argument("--file", action="store_true", help="list the lease files under the models root")
     _add_common(leases)
+
+    demo = sub.add_parser("demo", help="offline: N nodes pull one generated model from a loopback Hub, one download")
+    demo.add_argument("--nodes", type=int, default=4, help="pull processes, one per simulated node (default 4)")
+    demo.add_argument("--size-mib", type=int, default=64, help="model size in MiB (default 64)")
+    demo.add_argument("--shards", type=int, default=8, help="safetensors shards (default 8)")
+    demo.add_argument("--origin-rate-mib", type=float, default=2.0,
+                      help="MiB/s per origin connection, so the live view has time to show (0: unthrottled)")
+    demo.add_argument("--keep", action="store_true", help="keep the temporary folder (models root, node logs)")
+    demo.add_argument("--workdir", type=Path, help="make the temporary folder under this folder (default TMPDIR)")
+    _add_common(demo)
     return parser
 
 
@@ -239,6 +249,7 @@ def _main(argv: Sequence[str] | None) -> int:
         "explain": commands.cmd_explain,
         "status": commands.cmd_status,
         "controller": commands.cmd_controller,
+        "demo": commands.cmd_demo,
     }
     cancel = threading.Event()
     _install_cancel_handlers(cancel)

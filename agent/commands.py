@@ -349,3 +349,22 @@ def cmd_controller(args: argparse.Namespace, settings: Settings, cancel: threadi
         renew_deadline_s=settings.leader_elect_renew_deadline_s,
         retry_period_s=settings.leader_elect_retry_period_s, watch_timeout_s=settings.watch_timeout_s)
     return controller.run(cancel)
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings, cancel: threading.Event) -> int:
+    """``modelherd demo``: exit 0 only when the demo showed one download, every node Ready and verified."""
+    from .demo import DemoError, DemoOptions, run_demo
+
+    if args.nodes < 1 or args.size_mib < 1 or args.shards < 1 or args.origin_rate_mib < 0:
+        raise ConfigError("--nodes, --size-mib and --shards must be at least 1, --origin-rate-mib at least 0",
+                          hint="e.g. modelherd demo --nodes 4")
+    startup.resume()
+    result = run_demo(DemoOptions(nodes=args.nodes, size_bytes=args.size_mib * 1024 * 1024, shards=args.shards,
+                                  origin_rate=args.origin_rate_mib * 1024 * 1024, keep=args.keep,
+                                  workdir=args.workdir), cancel=cancel)
+    if cancel.is_set():
+        return 130
+    if not result.ok:
+        raise DemoError("the demo did not end with one download and every node Ready and verified",
+                        hint=f"read the node logs in {result.workdir / 'logs'}")
+    return 0

@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 tree=build/typecheck/modelherd
 mkdir -p "$tree"
-for d in storage coordination agent; do ln -sfn "../../../$d" "$tree/$d"; done
+for d in storage coordination agent testing; do ln -sfn "../../../$d" "$tree/$d"; done
 cd build/typecheck
-exec ../../.venv/bin/mypy --config-file ../../pyproject.toml modelherd/storage modelherd/coordination modelherd/agent
+exec ../../.venv/bin/mypy --config-file ../../pyproject.toml modelherd/storage modelherd/coordination modelherd/agent modelherd/testing

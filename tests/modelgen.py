@@ -8,18 +8,20 @@ Invariants:
 - bytes are random (``numpy.random.Generator.bytes``, SFC64), seeded, so two calls with the same seed write the
   same files.
 
+The header encoder and shard naming are :mod:`modelherd.testing.models`' (the numpy-free writer the demo uses).
+
 Public helpers: :func:`make_sharded_model`, :func:`make_diffusers_model`, :func:`make_trtllm_model`,
-:func:`write_safetensors_stream`.
+:func:`write_safetensors_stream`, :func:`shard_name`.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import struct
 from pathlib import Path
 
 import numpy as np
+from modelherd.testing.models import safetensors_header, shard_name
 from safetensors.numpy import save_file
 
 KiB = 1024
@@ -47,25 +49,17 @@ def write_safetensors_stream(path: Path, tensors: list[tuple[str, int]], *, rng:
 
     Returns the file size. Memory use is one chunk of :data:`STREAM_CHUNK` bytes.
     """
-    header: dict[str, object] = {}
-    if metadata:
-        header["__metadata__"] = metadata
-    offset = 0
-    for name, nbytes in tensors:
-        header[name] = {"dtype": "U8", "shape": [nbytes], "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    prefix = safetensors_header([(name, "U8", [nbytes], nbytes) for name, nbytes in tensors], metadata)
+    offset = sum(nbytes for _, nbytes in tensors)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
+        f.write(prefix)
         left = offset
         while left:
             n = min(left, STREAM_CHUNK)
             f.write(rng.bytes(n))
             left -= n
-    return 8 + len(raw) + offset
+    return len(prefix) + offset
 
 
 def _split(total: int, parts: int) -> list[int]:
@@ -89,11 +83,6 @@ def _write_shard(path: Path, names: list[str], shard_bytes: int, rng: np.random.
     else:
         write_safetensors_stream(path, pairs, rng=rng, metadata={"format": "pt"})
     return [n for n, _ in pairs]
-
-
-def shard_name(i: int, n: int, stem: str = "model") -> str:
-    """Hugging Face shard naming: ``model-00001-of-00003.safetensors`` (1-based)."""
-    return f"{stem}-{i:05d}-of-{n:05d}.safetensors"
 
 
 def make_sharded_model(directory: Path, n_shards: int = 3, shard_bytes: int = 64 * KiB, *, with_index: bool = True,

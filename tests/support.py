@@ -5,28 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from modelherd.testing.support import parse_range
+
 if TYPE_CHECKING:
     from modelherd.storage.types import ByteStream
 
-
-def parse_range(value: str, size: int) -> tuple[int, int] | None:
-    """``bytes=a-b`` / ``bytes=a-`` / ``bytes=-n`` as ``[start, end)``; ``None`` when unsatisfiable."""
-    unit, _, spec = value.partition("=")
-    if unit.strip() != "bytes" or "," in spec:
-        return None
-    a, _, b = spec.strip().partition("-")
-    try:
-        if a == "":
-            n = int(b)
-            return (max(0, size - n), size) if n > 0 and size > 0 else None
-        start = int(a)
-        end = int(b) + 1 if b else size
-    except ValueError:
-        return None
-    end = min(end, size)
-    if start >= size or start >= end:
-        return None
-    return start, end
+__all__ = ["nvml_available", "parse_range", "read_all", "resident_fraction", "write_oci_user_config"]
 
 
 def nvml_available() -> bool:
