@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -55,7 +56,10 @@ def main() -> int:
     ap.add_argument("--root", type=Path, required=True)
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--cdn-port", type=int, default=0)
+    ap.add_argument("--pid-file", type=Path, default=None, help="write this process's id here")
     a = ap.parse_args()
+    if a.pid_file is not None:
+        a.pid_file.write_text(f"{os.getpid()}\n")
     a.root.mkdir(parents=True, exist_ok=True)
     hub = RootHub(a.root, port=a.port, cdn_port=a.cdn_port)
     stop = threading.Event()

@@ -14,8 +14,9 @@ if [ "$STORAGE" = shared ]; then
     -o "allow_other,reconnect,ServerAliveInterval=5,cache=no" \
     "root@$HOST_IP:$SHARED_EXPORT" "$MODELS_ROOT" >"$D/sshfs.log" 2>&1 &
   echo $! > "$D/sshfs.pid"
-  for _ in $(seq 1 100); do grep -q " $MODELS_ROOT fuse.sshfs " /proc/self/mountinfo && break; sleep 0.1; done
-  grep -q " $MODELS_ROOT fuse.sshfs " /proc/self/mountinfo || { echo "sshfs mount failed"; cat "$D/sshfs.log"; exit 1; }
+  mounted() { findmnt -n -t fuse.sshfs --mountpoint "$MODELS_ROOT" >/dev/null; }
+  for _ in $(seq 1 150); do mounted && break; sleep 0.1; done
+  mounted || { echo "sshfs mount failed"; cat "$D/sshfs.log"; exit 1; }
 else
   mkdir -p "$D/models"
   mount --bind "$D/models" "$MODELS_ROOT"
