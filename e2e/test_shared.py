@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from modelherd.agent.reporting.keys import configmap_key, node_label_key
 
 from e2e.conftest import Cluster
-from modelherd.agent.reporting.keys import configmap_key, node_label_key
 from tests.modelgen import make_sharded_model
 
 KiB = 1024
@@ -68,11 +68,12 @@ def test_one_cluster_base_model_is_ready_on_every_node_after_one_download(
 
         # a serving pod scheduled by the Ready label reads the model through its hostPath
         root = cluster.env["MODELS_ROOT"]
+        count = f"find {root} -path '*{name}*' -name '*.safetensors' | wc -l"
         pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"serve-{name}"},
                "spec": {"restartPolicy": "Never", "nodeSelector": {key: "Ready"},
                         "containers": [{"name": "c", "image": "localhost/modelherd-e2e/busybox:1",
                                         "imagePullPolicy": "Never",
-                                        "command": ["sh", "-c", f"find {root} -path '*{name}*' -name '*.safetensors' | wc -l"],
+                                        "command": ["sh", "-c", count],
                                         "volumeMounts": [{"name": "m", "mountPath": root, "readOnly": True}]}],
                         "volumes": [{"name": "m", "hostPath": {"path": root}}]}}
         cluster.core.create_namespaced_pod(agents, pod)
