@@ -13,7 +13,8 @@ Evidence, strongest first:
 Decisions (documented, tested):
 - shared names: nfs, nfs4, lustre, gpfs, ceph, beegfs, cifs, smb3, smbfs, wekafs, gfs2, ocfs2, orangefs,
   pvfs2, glusterfs, afs, panfs; FUSE subtypes glusterfs, juicefs, ceph-fuse, gcsfuse, s3fs, goofys, rclone,
-  blobfuse, blobfuse2, mountpoint-s3, sshfs, alluxio-fuse, lustre, weka, quobyte (``cvmfs2`` is left out:
+  blobfuse, blobfuse2, mountpoint-s3, sshfs, alluxio-fuse, lustre, weka, quobyte, mfs (MooseFS, LizardFS), lizardfs,
+  seaweedfs, hf3fs (3FS), objectivefs, geesefs, xtreemfs (``cvmfs2`` is left out:
   a read-only software distribution, not a place to write models);
 - ``9p`` and ``virtiofs`` are **local**: they share a host folder into one VM, not between Kubernetes nodes;
 - an unknown FUSE subtype is **local**, with evidence saying so: a wrong "shared" would make nodes wait on
@@ -74,6 +75,7 @@ SHARED_FSTYPES = frozenset({
 SHARED_FUSE_SUBTYPES = frozenset({
     "glusterfs", "juicefs", "ceph-fuse", "ceph", "gcsfuse", "s3fs", "goofys", "rclone", "blobfuse", "blobfuse2",
     "mountpoint-s3", "sshfs", "alluxio-fuse", "lustre", "weka", "quobyte",
+    "mfs", "lizardfs", "seaweedfs", "hf3fs", "objectivefs", "geesefs", "xtreemfs",
 })
 
 

@@ -274,6 +274,14 @@ current-context: modelherd-e2e
 
 // ---- serve -----------------------------------------------------------------
 
+// envOr is the value of the environment variable name, or def when it is unset or empty.
+func envOr(name, def string) string {
+	if v := os.Getenv(name); v != "" {
+		return v
+	}
+	return def
+}
+
 func startEtcd(dir string, p ports) (*embed.Etcd, error) {
 	cfg := embed.NewConfig()
 	cfg.Name = "modelherd-e2e"
@@ -329,8 +337,10 @@ func serve(dir string) int {
 	}
 	args := []string{
 		"--etcd-servers=" + fmt.Sprintf("http://127.0.0.1:%d", p.EtcdClient),
-		"--bind-address=127.0.0.1",
-		"--advertise-address=127.0.0.1",
+		"--bind-address=" + envOr("MODELHERD_CP_BIND_ADDRESS", "127.0.0.1"),
+		"--advertise-address=" + envOr("MODELHERD_CP_ADVERTISE_ADDRESS", "127.0.0.1"),
+		// real kubelets (e2e/cluster) register their veth IP; logs/exec must dial it, not the node name
+		"--kubelet-preferred-address-types=InternalIP,Hostname",
 		fmt.Sprintf("--secure-port=%d", p.APIServer),
 		"--cert-dir=" + k.dir,
 		"--tls-cert-file=" + k.path("serving.crt"),
@@ -346,8 +356,10 @@ func serve(dir string) int {
 		"--profiling=false",
 		"--shutdown-delay-duration=0s",
 		"--shutdown-send-retry-after=false",
-		"--disable-admission-plugins=ServiceAccount,TaintNodesByCondition,Priority,DefaultTolerationSeconds,DefaultStorageClass,StorageObjectInUseProtection,PersistentVolumeClaimResize,RuntimeClass,CertificateApproval,CertificateSigning,ClusterTrustBundleAttest,CertificateSubjectRestriction,DefaultIngressClass,PodSecurity",
+		// e2e/cluster runs kube-controller-manager and enables ServiceAccount admission through this variable.
+		"--disable-admission-plugins=" + envOr("MODELHERD_CP_DISABLE_ADMISSION_PLUGINS", "ServiceAccount,TaintNodesByCondition,Priority,DefaultTolerationSeconds,DefaultStorageClass,StorageObjectInUseProtection,PersistentVolumeClaimResize,RuntimeClass,CertificateApproval,CertificateSigning,ClusterTrustBundleAttest,CertificateSubjectRestriction,DefaultIngressClass,PodSecurity"),
 	}
+	args = append(args, strings.Fields(os.Getenv("MODELHERD_CP_EXTRA_ARGS"))...)
 	fmt.Fprintf(os.Stderr, "controlplane: etcd ready on 127.0.0.1:%d, starting kube-apiserver on %s\n", p.EtcdClient, server)
 	// NewAPIServerCommand installs the SIGTERM/SIGINT handler; Run returns
 	// once the API server has shut down, then the deferred etcd.Close runs.

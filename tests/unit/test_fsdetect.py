@@ -151,3 +151,27 @@ def test_unknown_mode_is_a_config_error() -> None:
     info = detect_filesystem("/", mountinfo="", statfs=None)
     with pytest.raises(ConfigError):
         resolve_storage_mode("both", info)  # type: ignore[arg-type]
+
+
+# The mountinfo lines real clients write (fstype "fuse.<subtype>", their usual source), e.g. the sshfs mount
+# of e2e/cluster: "fuse.sshfs root@10.202.1.1:/export".
+@pytest.mark.parametrize(("fstype", "source"), [
+    ("fuse.sshfs", "root@10.202.1.1:/srv/models"),
+    ("fuse.mfs", "mfsmaster:9421"),            # MooseFS (and LizardFS, which keeps the mfs name)
+    ("fuse.lizardfs", "mfsmaster:9421"),
+    ("fuse.seaweedfs", "filer:8888:/models"),
+    ("fuse.hf3fs", "hf3fs"),                   # DeepSeek 3FS
+    ("fuse.objectivefs", "s3://bucket"),
+    ("fuse.geesefs", "bucket"),
+    ("fuse.xtreemfs", "dir.example/vol"),
+    ("fuse.juicefs", "JuiceFS:vol"),
+    ("fuse.s3fs", "s3fs"),
+    ("fuse.gcsfuse", "bucket"),
+    ("fuse.ceph-fuse", "ceph-fuse"),
+    ("fuse.glusterfs", "gl1:/vol"),
+    ("fuse.weka", "weka"),
+])
+def test_network_fuse_subtypes_are_shared(fstype: str, source: str) -> None:
+    text = f"27 1 254:0 / / rw - ext4 /dev/vda rw\n50 27 0:60 / /mnt/models rw - {fstype} {source} rw\n"
+    info = classify("/mnt/models/m", text, 0x65735546)
+    assert (info.kind, info.fstype) == ("shared", fstype), info.evidence
