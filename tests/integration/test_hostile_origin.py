@@ -227,6 +227,7 @@ def test_a_body_redirect_to_a_non_http_scheme_fails_at_once(hub_server: HubServe
     src = hf(hub_server, "hf://org/small")
     listing = src.list_files()
     hub_server.redirect("resolve", location, times=None, path="config.json")
+    (tmp_path / "models").mkdir()  # the engine requires an existing models root (the CLI creates it)
     with pytest.raises(SourceError) as ei:
         engine.pull(src, listing, tmp_path / "models" / "m", models_root=tmp_path / "models", writer="n",
                     options=engine.EngineOptions(retry=FAST))
