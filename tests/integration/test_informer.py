@@ -314,6 +314,7 @@ def test_a_watch_that_times_out_is_reopened_from_the_last_resource_version_witho
 
 
 @pytest.mark.usefixtures("ome_crds")
+@pytest.mark.flaky(reruns=2)  # timing-sensitive on a loaded 2-core machine: seen failing once in ten runs
 def test_idle_informer_makes_one_request_per_watch_timeout_not_a_loop(start_informer: Callable[..., Any]) -> None:
     inf, _ = start_informer(CLUSTERBASEMODELS, watch_timeout_s=2)  # timeoutSeconds in {2, 3}
     assert inf.wait_synced(15)
