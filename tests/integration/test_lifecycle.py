@@ -267,8 +267,10 @@ def test_the_reserve_label_keeps_the_files_of_a_deleted_model(fleet: Fleet, hub:
     fleet.patch_model("clusterbasemodels", name, {"metadata": {"labels": {"models.ome/reserve-model-artifact":
                                                                           "true"}}})
     key, cm_key = node_label_key("ClusterBaseModel", "", name), configmap_key("ClusterBaseModel", "", name)
-    eventually(lambda: (fleet.entry(node, cm_key) or {}).get("modelherd", {}).get("reserve") == "true",
-               timeout=90, what="Ready with the reserve label recorded")
+    def ready_and_reserved() -> bool:
+        entry = fleet.entry(node, cm_key) or {}
+        return entry.get("status") == "Ready" and entry.get("modelherd", {}).get("reserve") == "true"
+    eventually(ready_and_reserved, timeout=90, what="Ready with the reserve label recorded")
     fleet.delete_model("clusterbasemodels", name)
     eventually(lambda: key not in fleet.labels(node) and fleet.entry(node, cm_key) is None, timeout=30,
                what="label and key gone")
