@@ -1,5 +1,9 @@
 """Several real ``modelherd agent`` processes, each its own node name, against the real control plane.
 
+Also a pytest plugin (registered in ``tests/conftest.py``): the ``fleet`` fixture installs OME's CRDs and yields a
+:class:`Fleet` on the test's namespace and the module's ``hub`` fixture (each test module serves its own models),
+cleaned up afterwards.
+
 :class:`Fleet` creates Node objects (labelled with a per-test tag so a test's models select only its own nodes),
 OME BaseModels/ClusterBaseModels, and agent processes; it reads labels and ConfigMap entries back through the API
 server, and cleans up everything it created (cluster-scoped objects outlive a test namespace here).
@@ -17,11 +21,12 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
@@ -216,3 +221,15 @@ class Fleet:
 
     def logs(self) -> str:
         return "\n".join(a.log.read_text() for a in self.agents.values() if a.log.exists())
+
+
+@pytest.fixture
+def fleet(kube_cluster: Any, api_client: Any, kube_namespace: str, hub: Any, tmp_path: Path) -> Iterator[Fleet]:
+    from tests.integration.test_controlplane import install_ome_crds
+
+    install_ome_crds(kube_cluster, api_client)
+    f = Fleet(api_client, kube_cluster.kubeconfig, kube_namespace, hub.endpoint, tmp_path)
+    try:
+        yield f
+    finally:
+        f.cleanup()

@@ -4,4 +4,5 @@ pytest_plugins: list[str] = [
     "tests.k8s_fixtures",
     "tests.hub_fixtures",
     "tests.oci_fixtures",
+    "tests.agent_fleet",
 ]

@@ -22,8 +22,6 @@ from modelherd.storage.verify import verify_deep
 
 from tests.agent_fleet import Fleet, eventually
 from tests.hubserver import HubServer
-from tests.integration.test_controlplane import install_ome_crds
-from tests.k8s_fixtures import KubeCluster
 from tests.modelgen import make_sharded_model
 
 pytestmark = [pytest.mark.k8s, pytest.mark.multiprocess, pytest.mark.slow]
@@ -51,16 +49,6 @@ def hub(model_src: tuple[Path, int]) -> Iterator[HubServer]:
         server.add_repo(REPO, model_src[0])
         yield server
 
-
-@pytest.fixture
-def fleet(kube_cluster: KubeCluster, api_client: Any, kube_namespace: str, hub: HubServer,
-          tmp_path: Path) -> Iterator[Fleet]:
-    install_ome_crds(kube_cluster, api_client)
-    f = Fleet(api_client, kube_cluster.kubeconfig, kube_namespace, hub.endpoint, tmp_path)
-    try:
-        yield f
-    finally:
-        f.cleanup()
 
 
 def _shared_root(tmp_path: Path) -> Path:

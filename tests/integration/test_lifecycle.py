@@ -24,8 +24,6 @@ from modelherd.storage.verify import verify_deep
 
 from tests.agent_fleet import Fleet, eventually
 from tests.hubserver import HubServer
-from tests.integration.test_controlplane import install_ome_crds
-from tests.k8s_fixtures import KubeCluster
 from tests.modelgen import make_sharded_model
 
 pytestmark = [pytest.mark.k8s, pytest.mark.multiprocess, pytest.mark.slow]
@@ -54,16 +52,6 @@ def hub(revisions: dict[str, tuple[Path, int]]) -> Iterator[HubServer]:
         server.add_repo(REPO, revisions["v2"][0], revision="v2")
         yield server
 
-
-@pytest.fixture
-def fleet(kube_cluster: KubeCluster, api_client: Any, kube_namespace: str, hub: HubServer,
-          tmp_path: Path) -> Iterator[Fleet]:
-    install_ome_crds(kube_cluster, api_client)
-    f = Fleet(api_client, kube_cluster.kubeconfig, kube_namespace, hub.endpoint, tmp_path)
-    try:
-        yield f
-    finally:
-        f.cleanup()
 
 
 def _root(tmp_path: Path, name: str = "shared-models") -> Path:

@@ -9,7 +9,6 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from modelherd.agent.reporting.keys import configmap_key, node_label_key
@@ -18,8 +17,6 @@ from modelherd.storage.verify import verify_deep
 
 from tests.agent_fleet import Agent, Fleet, eventually
 from tests.hubserver import HubServer
-from tests.integration.test_controlplane import install_ome_crds
-from tests.k8s_fixtures import KubeCluster
 from tests.modelgen import make_sharded_model
 
 pytestmark = [pytest.mark.k8s, pytest.mark.multiprocess, pytest.mark.slow]
@@ -43,16 +40,6 @@ def hub(model_src: Path) -> Iterator[HubServer]:
         server.add_repo(REPO, model_src)
         yield server
 
-
-@pytest.fixture
-def fleet(kube_cluster: KubeCluster, api_client: Any, kube_namespace: str, hub: HubServer,
-          tmp_path: Path) -> Iterator[Fleet]:
-    install_ome_crds(kube_cluster, api_client)
-    f = Fleet(api_client, kube_cluster.kubeconfig, kube_namespace, hub.endpoint, tmp_path)
-    try:
-        yield f
-    finally:
-        f.cleanup()
 
 
 def _shards(dest: Path) -> list[Path]:
