@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import unicodedata
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from .errors import UnsafePathError
 from .untrusted import show
@@ -34,7 +34,7 @@ def safe_relpath(name: str, *, what: str = "name") -> str:
         raise UnsafePathError(f"unsafe {what} {show(name)}: not a string", hint="the source is malformed")
     if not name or "\\" in name:
         raise UnsafePathError(f"unsafe {what} {show(name)}: empty or backslash", hint="the source is malformed")
-    if bad := _control_chars(name):
+    if not name.isprintable() and (bad := _control_chars(name)):  # isprintable: the fast, common answer
         raise UnsafePathError(f"unsafe {what} {show(name)}: control character {bad[0]}",
                               hint="the source names a file with a control character; rename it there")
     if name.startswith("/"):
@@ -44,7 +44,7 @@ def safe_relpath(name: str, *, what: str = "name") -> str:
     if not parts or any(p in (".", "..") for p in parts):
         raise UnsafePathError(f"unsafe {what} {show(name)}: '.' and '..' segments are not allowed",
                               hint="the source names a file outside the model folder")
-    return str(PurePosixPath(*parts))
+    return "/".join(parts)  # what PurePosixPath(*parts) prints, without building one
 
 
 def printable(text: str) -> str:

@@ -57,7 +57,8 @@ def damage(dest: Path, manifest: Manifest) -> list[Problem]:
     if not manifest.files:
         return [Problem(".", "the completion manifest lists no file")]
     accepted = set(manifest.origin_problems)
-    found = [p for p in verify_quick(dest, require_manifest=True) if (p.path, p.message) not in accepted]
+    found = [p for p in verify_quick(dest, require_manifest=True, manifest=manifest)
+             if (p.path, p.message) not in accepted]
     recorded = read_findings(dest, manifest)
     if recorded is not None:
         seen = {p.path for p in found}

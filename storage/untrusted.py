@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import reprlib
 import stat
 from typing import Any, BinaryIO
@@ -73,13 +74,15 @@ def _not_regular(mode: int) -> NotRegularFileError:
     return NotRegularFileError(f"is a {file_kind(mode)}, not a regular file (not opened)")
 
 
-def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
+def open_regular(path: str | os.PathLike[str], *, mode: int | None = None, buffering: int = -1) -> BinaryIO:
     """Open ``path`` (symlinks followed) for binary reading, only if it is a regular file.
 
     Raises ``OSError`` (e.g. ``FileNotFoundError``) from the stat or open, or :class:`NotRegularFileError`.
-    Never blocks on a FIFO and never opens a FIFO, socket or device that was in place at the stat.
+    Never blocks on a FIFO and never opens a FIFO, socket or device that was in place at the stat. ``mode``: the
+    ``st_mode`` of a ``stat`` the caller has just taken (spares taking it again).
     """
-    mode = os.stat(path).st_mode
+    if mode is None:
+        mode = os.stat(path).st_mode
     if not stat.S_ISREG(mode):
         raise _not_regular(mode)
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
@@ -88,7 +91,7 @@ def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
         if not stat.S_ISREG(mode):  # swapped after the stat: refuse before any read
             raise _not_regular(mode)
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-        return os.fdopen(fd, "rb")
+        return os.fdopen(fd, "rb", buffering=buffering)
     except BaseException:
         os.close(fd)
         raise
@@ -128,6 +131,9 @@ def _nesting_error(raw: bytes) -> str | None:
     return f"nested more than {MAX_DEPTH} levels deep"
 
 
+_LONG_DIGITS = re.compile(b"[0-9]{%d}" % (MAX_INT_DIGITS + 1))
+
+
 def _bounded_int(digits: str) -> int:
     if len(digits) > MAX_INT_DIGITS:
         raise UntrustedInputError(f"an integer of {len(digits)} digits (at most {MAX_INT_DIGITS} are read)")
@@ -156,6 +162,8 @@ def load_json(raw: bytes | str, *, max_bytes: int) -> Any:
     if why is not None:
         raise UntrustedInputError(f"is not JSON we read: {why}")
     try:
+        if _LONG_DIGITS.search(raw) is None:  # no integer can be too long: the C parser needs no hook for ints
+            return json.loads(text, parse_constant=_no_constant)
         return json.loads(text, parse_int=_bounded_int, parse_constant=_no_constant)
     except UntrustedInputError as e:
         raise UntrustedInputError(f"is not JSON we read: {e}") from None

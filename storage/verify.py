@@ -28,7 +28,7 @@ from typing import Any
 from .errors import ModelherdError, UnsafePathError, VerificationError
 from .hashing import checkable, hash_file
 from .manifest import MANIFEST_NAME, Manifest, read_manifest
-from .paths import contained, printable, quote_name
+from .paths import contained, printable, quote_name, safe_relpath
 from .untrusted import UntrustedInputError, file_kind, load_json, open_regular, read_json_file, show
 
 # safetensors refuses headers above 100 MB; so do we (a corrupt length must not make us read gigabytes).
@@ -74,39 +74,68 @@ def _inside(real_base: Path, p: Path) -> bool:
     return target == real_base or real_base in target.parents
 
 
-def _walk(model_dir: Path) -> tuple[list[Path], list[Problem]]:
-    """Regular files under ``model_dir`` (symlinks to regular files inside it included, not followed when
-    walking) and problems for links leaving it, dangling links, and anything that is neither a regular
-    file nor a folder (FIFO, socket, device: reported from ``stat``, never opened)."""
-    files: list[Path] = []
+@dataclass(frozen=True)
+class _Found:
+    """A regular file the walk found: its path, its ``stat`` (links followed), and whether the name itself is a
+    symlink (then it was checked to point inside the folder)."""
+
+    path: Path
+    st: os.stat_result
+    link: bool
+
+
+def _walk(model_dir: Path) -> tuple[dict[str, _Found], list[Problem]]:
+    """Regular files under ``model_dir`` by relative POSIX name (symlinks to regular files inside it included;
+    symlinked folders are not descended into) and problems for links leaving it, dangling links, and anything
+    that is neither a regular file nor a folder (FIFO, socket, device: reported from ``stat``, never opened).
+
+    One ``scandir`` a folder and one ``stat`` a file (symlinks alone cost a ``realpath``), so a folder reached
+    here without a link is inside ``model_dir`` by construction."""
+    files: dict[str, _Found] = {}
     problems: list[Problem] = []
     real_base = Path(os.path.realpath(model_dir))
-    for root, dirs, names in os.walk(model_dir, followlinks=False):
-        rootp = Path(root)
-        for name in dirs:  # symlinks to folders are listed here; os.walk does not descend into them
-            p = rootp / name
-            if p.is_symlink() and not _inside(real_base, p):
-                problems.append(Problem(_rel(model_dir, p), f"symlink points outside the model folder "
-                                                            f"({os.path.realpath(p)})"))
-        for name in names:
-            p = rootp / name
-            link = p.is_symlink()
-            if link and not _inside(real_base, p):
-                problems.append(Problem(_rel(model_dir, p), f"symlink points outside the model folder "
-                                                            f"({os.path.realpath(p)})"))
-                continue
+    todo: list[tuple[str, str]] = [(os.fspath(model_dir), "")]
+    while todo:
+        folder, prefix = todo.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError:
+            continue  # vanished or unreadable while we walked, as os.walk skips it
+        for e in entries:
+            rel = prefix + e.name
             try:
-                mode = os.stat(p).st_mode
-            except OSError as e:
+                link = e.is_symlink()
+                if link and not _inside(real_base, Path(e.path)):
+                    problems.append(Problem(rel, f"symlink points outside the model folder "
+                                                 f"({os.path.realpath(e.path)})"))
+                    continue
+                if not link and e.is_dir(follow_symlinks=False):
+                    todo.append((e.path, rel + "/"))
+                    continue
+                st = os.stat(e.path)
+            except OSError as err:
                 if link:
-                    problems.append(Problem(_rel(model_dir, p), f"dangling symlink ({e.strerror})"))
+                    problems.append(Problem(rel, f"dangling symlink ({err.strerror})"))
                 continue  # vanished while we walked
-            if stat.S_ISREG(mode):
-                files.append(p)
-            elif not stat.S_ISDIR(mode):
-                problems.append(Problem(_rel(model_dir, p), f"is a {file_kind(mode)}, not a regular file "
-                                                            "(not opened)"))
+            if stat.S_ISREG(st.st_mode):
+                files[rel] = _Found(Path(e.path), st, link)
+            elif not stat.S_ISDIR(st.st_mode):
+                problems.append(Problem(rel, f"is a {file_kind(st.st_mode)}, not a regular file (not opened)"))
     return files, problems
+
+
+def _lookup(model_dir: Path, found: dict[str, _Found], rel: str, what: str) -> tuple[Path, _Found | None]:
+    """``rel`` (an untrusted name, relative to ``model_dir``) as a contained path, and what the walk found there.
+
+    A name the walk reached through real folders needs no ``realpath``; any other (missing, or under a
+    symlinked folder) goes through :func:`~.paths.contained`, which raises :class:`UnsafePathError` if it leaves
+    the folder."""
+    name = safe_relpath(rel, what=what)
+    hit = found.get(name)
+    if hit is not None and not hit.link:
+        return hit.path, hit
+    return contained(model_dir, name, what=what), hit
 
 
 def _is(p: Path, kind: Callable[[int], bool]) -> bool:
@@ -118,41 +147,46 @@ def _is(p: Path, kind: Callable[[int], bool]) -> bool:
         return False
 
 
-def _check_manifest(model_dir: Path, manifest: Manifest, on_disk: set[str], *, allow_extra: bool) -> list[Problem]:
+def _check_manifest(model_dir: Path, manifest: Manifest, found: dict[str, _Found], *,
+                    allow_extra: bool) -> list[Problem]:
     problems: list[Problem] = []
     listed: set[str] = set()
     for entry in manifest.files:
         listed.add(entry.path)
         try:
-            p = contained(model_dir, entry.path, what="manifest entry")
+            p, hit = _lookup(model_dir, found, entry.path, "manifest entry")
         except ModelherdError as e:
             problems.append(Problem(entry.path, e.message))
             continue
-        try:
-            st = p.stat()
-        except FileNotFoundError:
-            problems.append(Problem(entry.path, "listed in the manifest but missing"))
-            continue
-        except OSError as e:
-            problems.append(Problem(entry.path, f"cannot stat: {e.strerror}"))
-            continue
+        if hit is not None:
+            st = hit.st
+        else:
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                problems.append(Problem(entry.path, "listed in the manifest but missing"))
+                continue
+            except OSError as e:
+                problems.append(Problem(entry.path, f"cannot stat: {e.strerror}"))
+                continue
         if not stat.S_ISREG(st.st_mode):
             problems.append(Problem(entry.path, f"listed in the manifest but is a {file_kind(st.st_mode)}, "
                                                 "not a regular file"))
         elif st.st_size != entry.size:
             problems.append(Problem(entry.path, f"size {st.st_size} != {entry.size} in the manifest"))
     if not allow_extra:
-        problems += [Problem(r, "not listed in the manifest") for r in sorted(on_disk - listed - {MANIFEST_NAME})]
+        problems += [Problem(r, "not listed in the manifest") for r in sorted(found.keys() - listed - {MANIFEST_NAME})]
     return problems
 
 
-def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    """Parse a safetensors header: ``(header dict, data start offset)``. Reads only the header bytes.
+def _header(path: Path, mode: int | None = None) -> tuple[dict[str, Any], int, int]:
+    """Parse a safetensors header: ``(header dict, data start offset, file size)``. Reads only the header bytes.
 
     Raises ``ValueError`` with a readable reason on any malformation (``OSError`` if unreadable); never
     opens anything but a regular file.
     """
-    with open_regular(path) as f:
+    with open_regular(path, mode=mode, buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         if len(head) < 8:
             raise ValueError("shorter than the 8-byte header length")
@@ -160,6 +194,8 @@ def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
         if n > MAX_HEADER:
             raise ValueError(f"header length {n} is implausible (> {MAX_HEADER})")
         raw = f.read(n)
+        while len(raw) < n and (more := f.read(n - len(raw))):  # unbuffered: a read may come back short
+            raw += more
     if len(raw) < n:
         raise ValueError(f"truncated inside the header ({len(raw)} of {n} bytes)")
     try:
@@ -168,7 +204,17 @@ def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
         raise ValueError(f"header {e}") from None
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
-    return header, 8 + n
+    return header, 8 + n, size
+
+
+def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """Parse a safetensors header: ``(header dict, data start offset)``. Reads only the header bytes.
+
+    Raises ``ValueError`` with a readable reason on any malformation (``OSError`` if unreadable); never
+    opens anything but a regular file.
+    """
+    header, start, _ = _header(path)
+    return header, start
 
 
 def check_safetensors(path: Path) -> list[str]:
@@ -215,9 +261,10 @@ def _tensor_reason(name: str, info: object) -> tuple[str | None, tuple[int, int]
     dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
         return f"tensor {show(name)}: unknown dtype {show(dtype)}", None
-    if not (isinstance(shape, list) and all(_is_u64(d) for d in shape)):
+    if not (type(shape) is list and all(type(d) is int and 0 <= d <= U64_MAX for d in shape)):
         return f"tensor {show(name)}: bad shape {show(shape)}", None
-    if not (isinstance(offs, list) and len(offs) == 2 and all(_is_u64(o) for o in offs) and offs[0] <= offs[1]):
+    if not (type(offs) is list and len(offs) == 2 and type(offs[0]) is int and type(offs[1]) is int
+            and 0 <= offs[0] <= offs[1] <= U64_MAX):
         return f"tensor {show(name)}: bad data_offsets {show(offs)}", None
     span = (offs[0], offs[1])
     want = tensor_nbytes(dtype, shape)
@@ -228,7 +275,7 @@ def _tensor_reason(name: str, info: object) -> tuple[str | None, tuple[int, int]
     return None, span
 
 
-def _inspect_safetensors(path: Path) -> tuple[list[str], set[str]]:
+def _inspect_safetensors(path: Path, mode: int | None = None) -> tuple[list[str], set[str]]:
     """``(reasons, tensor names)`` for a safetensors file.
 
     Checks: header parses; ``__metadata__`` (if any) maps strings to strings; each tensor has a known dtype,
@@ -237,8 +284,7 @@ def _inspect_safetensors(path: Path) -> tuple[list[str], set[str]]:
     the end of the file (so truncation and trailing bytes are caught without reading any weights).
     """
     try:
-        header, start = safetensors_header(path)
-        size = path.stat().st_size
+        header, start, size = _header(path, mode)
     except (OSError, ValueError) as e:
         return [str(e)], set()
     reasons: list[str] = []
@@ -278,8 +324,8 @@ def _read_index(path: Path, rel: str, what: str) -> tuple[Any, Problem | None]:
         return None, Problem(rel, f"malformed {what}: it {e}")
 
 
-def _check_index(model_dir: Path, index: Path, tensors_of: dict[Path, set[str] | None]) -> list[Problem]:
-    rel = _rel(model_dir, index)
+def _check_index(model_dir: Path, rel: str, index: Path, tensors_of: dict[str, set[str] | None],
+                 found: dict[str, _Found]) -> list[Problem]:
     doc, bad = _read_index(index, rel, "shard index")
     if bad is not None:
         return [bad]
@@ -287,20 +333,22 @@ def _check_index(model_dir: Path, index: Path, tensors_of: dict[Path, set[str] |
     if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
         return [Problem(rel, "malformed shard index: 'weight_map' must map tensor names to file names")]
     problems: list[Problem] = []
-    base = index.parent
+    prefix = rel.rpartition("/")[0]  # the index's folder, relative to model_dir ("" at the top)
     by_shard: dict[str, list[str]] = {}
     for tensor, shard in wm.items():
         by_shard.setdefault(shard, []).append(tensor)
     for shard, tensors in sorted(by_shard.items()):
         try:
-            p = contained(base, shard, what="index entry")
+            name = safe_relpath(shard, what="index entry")
+            full = f"{prefix}/{name}" if prefix else name
+            p, hit = _lookup(model_dir, found, full, "index entry")
         except ModelherdError as e:
             problems.append(Problem(rel, e.message))
             continue
-        if not _is(p, stat.S_ISREG):
+        if hit is None and not _is(p, stat.S_ISREG):
             problems.append(Problem(rel, f"lists shard {show(shard)}, which is missing (or not a regular file)"))
             continue
-        names = tensors_of.get(p)
+        names = tensors_of.get(full)
         if names is not None:
             missing = [t for t in tensors if t not in names]
             if missing:
@@ -331,44 +379,48 @@ def _check_diffusers(model_dir: Path, index: Path) -> list[Problem]:
     return problems
 
 
-def _quick(model_dir: Path, *, require_manifest: bool, allow_extra: bool) -> tuple[list[Problem], Manifest | None]:
+def _quick(model_dir: Path, *, require_manifest: bool, allow_extra: bool,
+           manifest: Manifest | None = None) -> tuple[list[Problem], Manifest | None]:
     model_dir = Path(model_dir)
     if not _is(model_dir, stat.S_ISDIR):
         return [Problem(".", f"{model_dir} is not a directory")], None
-    files, problems = _walk(model_dir)
-    rels = {_rel(model_dir, p) for p in files}
-    manifest: Manifest | None = None
-    try:
-        manifest = read_manifest(model_dir)
-    except ModelherdError as e:
-        problems.append(Problem(MANIFEST_NAME, e.message))
+    found, problems = _walk(model_dir)
+    if manifest is None:
+        try:
+            manifest = read_manifest(model_dir)
+        except ModelherdError as e:
+            problems.append(Problem(MANIFEST_NAME, e.message))
     if manifest is not None:
-        problems += _check_manifest(model_dir, manifest, rels, allow_extra=allow_extra)
+        problems += _check_manifest(model_dir, manifest, found, allow_extra=allow_extra)
     elif require_manifest and not any(p.path == MANIFEST_NAME for p in problems):
         problems.append(Problem(MANIFEST_NAME, "no completion manifest: the folder was never published whole"))
 
-    tensors_of: dict[Path, set[str] | None] = {}
-    for p in sorted(files):
-        if p.name.endswith(".safetensors"):
-            reasons, names = _inspect_safetensors(p)
-            problems += [Problem(_rel(model_dir, p), r) for r in reasons]
-            tensors_of[p] = None if reasons else names
-    for p in sorted(files):
-        if p.name.endswith(INDEX_SUFFIX):
-            problems += _check_index(model_dir, p, tensors_of)
-        elif p.name == "model_index.json":
-            problems += _check_diffusers(model_dir, p)
+    names = sorted(found)
+    tensors_of: dict[str, set[str] | None] = {}
+    for rel in names:
+        if rel.endswith(".safetensors"):
+            reasons, tensors = _inspect_safetensors(found[rel].path, found[rel].st.st_mode)
+            problems += [Problem(rel, r) for r in reasons]
+            tensors_of[rel] = None if reasons else tensors
+    for rel in names:
+        if rel.endswith(INDEX_SUFFIX):
+            problems += _check_index(model_dir, rel, found[rel].path, tensors_of, found)
+        elif rel.rpartition("/")[2] == "model_index.json":
+            problems += _check_diffusers(model_dir, found[rel].path)
     return problems, manifest
 
 
-def verify_quick(model_dir: Path, *, require_manifest: bool = False, allow_extra: bool = False) -> list[Problem]:
+def verify_quick(model_dir: Path, *, require_manifest: bool = False, allow_extra: bool = False,
+                 manifest: Manifest | None = None) -> list[Problem]:
     """Metadata-only checks of ``model_dir``; the empty list means nothing is wrong.
+
+    ``manifest``: the folder's completion manifest when the caller has just read it (it is not read again).
 
     With a manifest: every entry exists with its size, and (unless ``allow_extra``) no other file is there.
     Always: shard indexes name existing shards holding their tensors, safetensors headers are consistent
     and end exactly at end of file, diffusers components exist, no symlink leaves the folder.
     """
-    return _quick(model_dir, require_manifest=require_manifest, allow_extra=allow_extra)[0]
+    return _quick(model_dir, require_manifest=require_manifest, allow_extra=allow_extra, manifest=manifest)[0]
 
 
 def _hash_one(model_dir: Path, path: str, algo: str, size: int, want: str,
