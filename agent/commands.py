@@ -259,7 +259,7 @@ def cmd_detect(args: argparse.Namespace, settings: Settings, cancel: threading.E
         settings = settings.model_copy(update={"instance_type": args.instance_type})
     if args.instance_type_map:
         settings = settings.model_copy(update={"instance_type_map": args.instance_type_map})
-    shape = resolve_gpu_shape("auto", settings)
+    shape = resolve_gpu_shape(settings.gpu_shape, settings)
     print(json.dumps({"path": str(args.path), "storage": kind, "fstype": fs.fstype,
                       "magic": None if fs.magic is None else hex(fs.magic), "mountpoint": fs.mountpoint,
                       "evidence": fs.evidence, "gpu_shape": shape.name if shape else None}))

@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     wait_jitter_s: float = Field(default=1.0, ge=0)
     poll_interval_s: float = Field(default=10.0, gt=0)
 
+    gpu_shape: str = Field(default="auto", description="the node's GPU shape for TensorRT-LLM engines: auto (NVML, "
+                           "then the instance-type map), none (keep every engine), or a shape such as H200x8")
     instance_type: str = Field(default="", description="node instance type label, GPU-shape fallback")
     instance_type_map: str | None = Field(default=None, description="a JSON file, or the JSON object itself "
                                           "(OME's INSTANCE_TYPE_MAP)", validation_alias=AliasChoices(

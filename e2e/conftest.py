@@ -83,7 +83,7 @@ def cluster() -> Cluster:
     env = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)
     api = config.new_client_from_config(config_file=env["KUBECONFIG"])
     cl = Cluster(env, api)
-    cl.kubectl("apply", "-f", str(ROOT / "e2e" / "crds"))
+    cl.kubectl("apply", "-f", str(ROOT / "charts" / "modelherd" / "files" / "crds"))
     return cl
 
 

@@ -40,7 +40,7 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONTROLPLANE_DIR = REPO_ROOT / "e2e" / "controlplane"
-CRD_DIR = REPO_ROOT / "e2e" / "crds"
+CRD_DIR = REPO_ROOT / "charts" / "modelherd" / "files" / "crds"
 
 _BUILD_TIMEOUT_S = 3600
 _UP_TIMEOUT_S = 600

@@ -460,7 +460,7 @@ class Reconciler:
         def listing_fn() -> Listing:
             listing = source.list_files()
             if spec.trtllm and self.env.storage_kind == "local":
-                listing = filter_for_shape(listing, "auto", shape_settings)
+                listing = filter_for_shape(listing, shape_settings.gpu_shape, shape_settings)
             if not listing.files:
                 raise SourceNotFoundError(f"{canonical} has no files to download",
                                           hint="check the repository, revision or prefix")

@@ -295,7 +295,7 @@ def test_service_account_with_a_lease_role_can_get_create_and_update(
 
 
 def install_ome_crds(cluster: KubeCluster, api_client: Any) -> None:
-    """``kubectl apply`` OME's CRDs from ``e2e/crds`` and wait until they are Established."""
+    """``kubectl apply`` OME's CRDs from ``charts/modelherd/files/crds`` and wait until they are Established."""
     out = cluster.kubectl("apply", "-f", str(CRD_DIR), check=False)
     assert out.returncode == 0, out.stdout + out.stderr
     ext = client.ApiextensionsV1Api(api_client)
