@@ -43,6 +43,11 @@ start=$(date +%s)
 e2e/controlplane/build up >/dev/null
 echo "control plane build/cache check: $(( $(date +%s) - start ))s" >&2
 
+step "chart tools: helm + helm-unittest (from Go modules; cached)"
+start=$(date +%s)
+bash scripts/chart-tools.sh >&2
+echo "chart tools build/cache check: $(( $(date +%s) - start ))s" >&2
+
 step "promtool + prometheus (Debian package prometheus) for the alert-rule and Prometheus tests"
 if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
   command -v apt-get >/dev/null 2>&1 || { echo "promtool/prometheus missing and no apt-get: install Debian's prometheus" >&2; exit 1; }
