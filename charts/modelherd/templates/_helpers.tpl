@@ -50,9 +50,15 @@ app.kubernetes.io/part-of: modelherd
 {{- end }}
 {{- end }}
 
-{{/* The controller's objects and ServiceAccount. */}}
+{{/* The controller's objects and ServiceAccount. The full name is shortened first, so that the suffix survives
+the 63 characters: truncating the whole would give a long release's controller the agent's names. */}}
 {{- define "modelherd.controllerName" -}}
-{{- printf "%s-controller" (include "modelherd.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- printf "%s-controller" (include "modelherd.fullname" . | trunc 52 | trimSuffix "-") }}
+{{- end }}
+
+{{/* The metrics Service (a DNS label: 63 characters at most), the suffix kept like the controller's. */}}
+{{- define "modelherd.metricsServiceName" -}}
+{{- printf "%s-metrics" (include "modelherd.fullname" . | trunc 55 | trimSuffix "-") }}
 {{- end }}
 
 {{/* repository:tag, the tag defaulting to the appVersion. */}}
