@@ -174,8 +174,11 @@ class HubServer:
     """The Hub: an API host and a CDN host. Thread-safe; start with ``start()`` or as a context manager."""
 
     def __init__(self, *, page_size: int = 50, redirect_base: str | None = None, port: int = 0,
-                 cdn_port: int = 0) -> None:
+                 cdn_port: int = 0, host: str = "127.0.0.1") -> None:
+        """``host``: the one address both servers listen on and name in URLs (loopback unless a test network
+        needs another, e.g. kind's gateway)."""
         self.page_size = page_size
+        self.host = host
         self._redirect_base = redirect_base.rstrip("/") if redirect_base else None
         self._lock = threading.Lock()
         self.repos: dict[str, HubRepo] = {}
@@ -189,7 +192,7 @@ class HubServer:
         self._threads: list[threading.Thread] = []
 
     def _make_server(self, role: Literal["api", "cdn"], port: int) -> _Server:
-        srv = _Server(("127.0.0.1", port), _Handler)
+        srv = _Server((self.host, port), _Handler)
         srv.hub = self
         srv.role = role
         return srv
@@ -197,14 +200,14 @@ class HubServer:
     # -- lifecycle ---------------------------------------------------------------------------
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self._api.server_address[1]}"
+        return f"http://{self.host}:{self._api.server_address[1]}"
 
     @property
     def cdn_base(self) -> str:
         if self._redirect_base is not None:
             return self._redirect_base
         assert self._cdn is not None
-        return f"http://127.0.0.1:{self._cdn.server_address[1]}"
+        return f"http://{self.host}:{self._cdn.server_address[1]}"
 
     def start(self) -> HubServer:
         for srv in (self._api, self._cdn):

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # One node, run by `up` as: setsid nsenter --net=/run/netns/NS unshare --mount --uts --propagation slave node.sh NODEDIR
 # (its own network, mount and UTS namespaces). Reads NODEDIR/node.env. In order: hostname; the models root
-# (sshfs of the shared export, or a bind of the node's private folder); containerd; image imports; the Hub relay
+# (sshfs of the shared export, or a bind of the node's private folder), and always a private LOCAL_ROOT; containerd; image imports; the Hub relay
 # on this node's loopback; then exec the kubelet (so the pid `up` recorded is the kubelet's).
 set -euo pipefail
 D="$1"
 # shellcheck disable=SC1091
 . "$D/node.env"
 hostname "$NODE_NAME"
+# as on a systemd host, every mount is shared (within this node's namespace; its master stays the host's), so
+# a pod's hostPath with mountPropagation HostToContainer sees mounts made here, e.g. a late sshfs reconnect
+mount --make-rshared /
 mkdir -p "$MODELS_ROOT"
 if [ "$STORAGE" = shared ]; then
   sshfs -f -o "port=$SSH_PORT,IdentityFile=$SSH_KEY,StrictHostKeyChecking=no,UserKnownHostsFile=/dev/null" \
@@ -21,6 +24,9 @@ else
   mkdir -p "$D/models"
   mount --bind "$D/models" "$MODELS_ROOT"
 fi
+# a private folder per node at LOCAL_ROOT (this mount namespace only): node-local storage next to the shared one
+mkdir -p "$D/local-models" "$LOCAL_ROOT"
+mount --bind "$D/local-models" "$LOCAL_ROOT"
 containerd --config "$D/containerd.toml" >"$D/containerd.log" 2>&1 &
 echo $! > "$D/containerd.pid"
 for _ in $(seq 1 200); do [ -S "$D/containerd.sock" ] && ctr -a "$D/containerd.sock" version >/dev/null 2>&1 && break; sleep 0.1; done
