@@ -139,10 +139,17 @@ class LabelWatch:
         self._w.stop()
 
 
-def _events(cluster: Cluster, name: str, reason: str) -> int:
-    """How many times Events with ``reason`` were recorded about the ClusterBaseModel ``name`` (counts summed)."""
+def _events(cluster: Cluster, name: str, reason: str, text: str = "") -> int:
+    """How many times Events with ``reason`` (and ``text`` in the message) were recorded about the
+    ClusterBaseModel ``name`` (counts summed)."""
     evs = cluster.core.list_namespaced_event("default", field_selector=f"involvedObject.name={name}").items
-    return sum(e.count or 1 for e in evs if e.reason == reason)
+    return sum(e.count or 1 for e in evs if e.reason == reason and text in (e.message or ""))
+
+
+def _logged(cluster: Cluster, namespace: str, model: str, state: str) -> int:
+    """How many agents' JSON log records say ``state`` about ``clusterbasemodel/<model>``."""
+    return sum(1 for r in cluster.agent_logs(namespace)
+               if r.get("state") == state and r.get("model") == f"clusterbasemodel/{model}")
 
 
 def test_one_cluster_base_model_is_ready_on_every_node_after_one_download(
@@ -227,7 +234,7 @@ def test_a_truncated_shard_is_failed_on_every_node_and_repaired_once(
     assert bad.stat().st_size == good_size
     sent = after["body_bytes"] - before["body_bytes"]
     assert sent == good_size, f"the origin must send the one damaged shard once: {sent} != {good_size}"
-    assert _events(cluster, m.name, "VerificationFailed") >= 1
+    assert _events(cluster, m.name, "Failed", "verification failed") >= len(nodes), "each node said why, once"
 
 
 def test_deleting_the_cluster_base_model_removes_labels_entries_and_files_exactly_once(
@@ -241,9 +248,10 @@ def test_deleting_the_cluster_base_model_removes_labels_entries_and_files_exactl
     wait_for(lambda: all(m.key not in (cluster.core.read_namespaced_config_map(n, release).data or {})
                          for n in nodes), 60, "every ConfigMap entry gone")
     wait_for(lambda: not m.export.exists(), 60, "the files gone from the shared filesystem")
-    wait_for(lambda: _events(cluster, m.name, "FilesRemoved") >= 1, 30, "a FilesRemoved Event")
-    time.sleep(3)
-    assert _events(cluster, m.name, "FilesRemoved") == 1, "exactly one node removes shared files"
+    wait_for(lambda: _logged(cluster, release, m.name, "FilesRemoved") + _logged(cluster, release, m.name, "FilesKept")
+             >= len(nodes), 30, "every node decided about the files")
+    assert _logged(cluster, release, m.name, "FilesRemoved") == 1, "exactly one node removes shared files"
+    assert _events(cluster, m.name, "FilesRemoved") == 1
     assert all(v is None for v in m.states().values()), "a deleted model's label never comes back"
     staging = Path(cluster.env["SHARED_EXPORT"]) / ".modelherd-staging"
     assert not any(m.name in p.name for p in staging.glob("*")) if staging.exists() else True
@@ -278,7 +286,7 @@ def _takeover(cluster: Cluster, release: str, m: Model, kill: Any) -> None:
 
 def test_force_deleting_the_holders_pod_mid_download_hands_the_download_over(
         cluster: Cluster, release: str, new_model: Any) -> None:
-    m = new_model(shards=8, shard_bytes=4 * MiB)
+    m = new_model(shards=64, shard_bytes=512 * KiB)  # small files: the Lease's progress moves file by file
 
     def kill(node: str) -> None:
         cluster.kubectl("delete", "pod", "-n", release, cluster.agent_pods(release)[node],
@@ -290,7 +298,7 @@ def test_force_deleting_the_holders_pod_mid_download_hands_the_download_over(
 
 def test_killing_the_holders_node_mid_download_hands_the_download_over(
         cluster: Cluster, release: str, new_model: Any) -> None:
-    m = new_model(shards=8, shard_bytes=4 * MiB)
+    m = new_model(shards=64, shard_bytes=512 * KiB)
     stopped: list[str] = []
 
     def kill(node: str) -> None:
@@ -325,4 +333,5 @@ def test_helm_upgrade_rolls_every_agent_without_a_model_leaving_ready(
     assert all(v is None or v == "Ready" for _, v in seen.seen) and m.all("Ready"), seen.seen
     after = cluster.hub_stats()
     assert after["body_bytes"] == before["body_bytes"], "an upgrade downloads nothing"
-    assert after["requests"] == before["requests"], "no request at all to the origin during the roll"
+    origin = {k: v for k, v in after["requests"].items() if k != "other"}  # "other": our own /_stats reads
+    assert origin == {k: v for k, v in before["requests"].items() if k != "other"}, "no request to the origin"

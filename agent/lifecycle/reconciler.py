@@ -337,7 +337,7 @@ class Reconciler:
         state = "FilesRemoved" if what == "files removed" else "FilesKept"
         log.info("%s: %s (%s)", ref.display, what, target.dest, extra={"model": ref.display, "state": state,
                                                                        "reason": what})
-        if what == "files removed" and uid:
+        if what == "files removed":  # a deleted model's uid may be unknown here; the Event names it anyway
             self.events.record(ref, uid, reason="FilesRemoved", message=f"removed {target.dest} from this node")
         return True
 
