@@ -75,6 +75,29 @@ cl_apt() {
 }
 
 # kill_pidfile FILE [SIG]: kill the process whose id FILE holds (never by name), wait up to 10 s, then SIGKILL.
+# cl_kill_pidfiles SIG FILE...: signal every pid at once, wait (10 s in all) for them together, SIGKILL the rest;
+# the pid files are removed. One wait for all, not one per process: `down` stays fast with many nodes.
+cl_kill_pidfiles() {
+  local sig="$1" f pid pids=() alive; shift
+  for f in "$@"; do
+    [ -f "$f" ] || continue
+    pid="$(cat "$f")"; rm -f "$f"
+    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && { kill "-$sig" "$pid" 2>/dev/null || true; pids+=("$pid"); }
+  done
+  [ ${#pids[@]} -gt 0 ] || return 0
+  for _ in $(seq 1 100); do
+    alive=0; for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [ "$alive" = 1 ] || return 0
+    sleep 0.1
+  done
+  for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+  for _ in $(seq 1 50); do
+    alive=0; for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [ "$alive" = 1 ] || return 0
+    sleep 0.1
+  done
+}
+
 cl_kill_pidfile() {
   local f="$1" sig="${2:-TERM}" pid
   [ -f "$f" ] || return 0

@@ -26,13 +26,14 @@ from modelherd.storage.types import RemoteFile
 from tests.modelgen import make_trtllm_model
 from tests.support import nvml_available
 
-FIXTURE = Path(__file__).parents[2].parent / "shared/fixtures/nvml-h200.json"
+# a real NVML reading of an 8 x H200 node (shared/fixtures/nvml-h200.json, copied into the repository as test data)
+FIXTURE = Path(__file__).parents[1] / "data" / "nvml-h200.json"
 
 
 @pytest.fixture
 def reading() -> dict[str, Any]:
     if not FIXTURE.is_file():
-        pytest.skip(f"fixture {FIXTURE} missing (expected beside the repository)")
+        pytest.fail(f"fixture {FIXTURE} missing")
     data: dict[str, Any] = json.loads(FIXTURE.read_text())
     return data
 
