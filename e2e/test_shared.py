@@ -152,6 +152,15 @@ def _logged(cluster: Cluster, namespace: str, model: str, state: str) -> int:
                if r.get("state") == state and r.get("model") == f"clusterbasemodel/{model}")
 
 
+def _lease_in_progress(m: Model, release: str, *, more_than: int, timeout: float) -> dict[str, Any]:
+    """The model's Lease once it names a holder that has reported more than ``more_than`` bytes done."""
+    lease: dict[str, Any] = wait_for(
+        lambda: (le := m.lease(release)) and le["spec"].get("holderIdentity")
+        and int(le["metadata"]["annotations"].get("modelherd.io/bytes-done", "0")) > more_than and le,
+        timeout, f"a Lease naming its holder with more than {more_than} bytes done")
+    return lease
+
+
 def test_one_cluster_base_model_is_ready_on_every_node_after_one_download(
         cluster: Cluster, release: str, new_model: Any) -> None:
     nodes = cluster.nodes()
@@ -160,9 +169,7 @@ def test_one_cluster_base_model_is_ready_on_every_node_after_one_download(
     cluster.hub_throttle(256 * KiB)  # ~16 s of download: the Lease shows the holder and its progress meanwhile
     before = cluster.hub_stats()["body_bytes"]
     m.create()
-    lease = wait_for(lambda: (le := m.lease(release)) and le["spec"].get("holderIdentity")
-                     and int(le["metadata"]["annotations"].get("modelherd.io/bytes-done", "0")) > 0 and le,
-                     60, "a Lease naming its holder and bytes done")
+    lease = _lease_in_progress(m, release, more_than=0, timeout=60)
     holder = lease["spec"]["holderIdentity"]
     assert any(holder.startswith(n) for n in nodes), holder
     ann = lease["metadata"]["annotations"]
@@ -258,10 +265,7 @@ def test_deleting_the_cluster_base_model_removes_labels_entries_and_files_exactl
 
 
 def _holder(m: Model, release: str, nodes: list[str]) -> str:
-    lease = wait_for(lambda: (le := m.lease(release)) and le["spec"].get("holderIdentity")
-                     and int(le["metadata"]["annotations"].get("modelherd.io/bytes-done", "0")) > 2 * MiB and le,
-                     90, "a holder with progress")
-    holder = str(lease["spec"]["holderIdentity"])
+    holder = str(_lease_in_progress(m, release, more_than=2 * MiB, timeout=90)["spec"]["holderIdentity"])
     return next(n for n in nodes if holder.startswith(n))
 
 

@@ -125,14 +125,13 @@ def _walk(model_dir: Path) -> tuple[dict[str, _Found], list[Problem]]:
     return files, problems
 
 
-def _lookup(model_dir: Path, found: dict[str, _Found], rel: str, what: str, *,
-            normalized: bool = False) -> tuple[Path, _Found | None]:
-    """``rel`` (an untrusted name, relative to ``model_dir``) as a contained path, and what the walk found there.
+def _lookup(model_dir: Path, found: dict[str, _Found], name: str, what: str) -> tuple[Path, _Found | None]:
+    """``name`` (untrusted, already through :func:`~.paths.safe_relpath`: a manifest's names are, an index's are
+    made so) as a contained path under ``model_dir``, and what the walk found there.
 
     A name the walk reached through real folders needs no ``realpath``; any other (missing, or under a
     symlinked folder) goes through :func:`~.paths.contained`, which raises :class:`UnsafePathError` if it leaves
     the folder."""
-    name = rel if normalized else safe_relpath(rel, what=what)  # normalized: a manifest's names already are
     hit = found.get(name)
     if hit is not None and not hit.link:
         return hit.path, hit
@@ -155,7 +154,7 @@ def _check_manifest(model_dir: Path, manifest: Manifest, found: dict[str, _Found
     for entry in manifest.files:
         listed.add(entry.path)
         try:
-            p, hit = _lookup(model_dir, found, entry.path, "manifest entry", normalized=True)
+            p, hit = _lookup(model_dir, found, entry.path, "manifest entry")
         except ModelherdError as e:
             problems.append(Problem(entry.path, e.message))
             continue
@@ -221,10 +220,6 @@ def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
 def check_safetensors(path: Path) -> list[str]:
     """Reasons ``path`` is not a whole safetensors file (empty list: the header checks out)."""
     return _inspect_safetensors(path)[0]
-
-
-def _is_u64(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= U64_MAX
 
 
 def _utf8(text: str) -> bool:
@@ -342,7 +337,7 @@ def _check_index(model_dir: Path, rel: str, index: Path, tensors_of: dict[str, s
         try:
             name = safe_relpath(shard, what="index entry")
             full = f"{prefix}/{name}" if prefix else name
-            p, hit = _lookup(model_dir, found, full, "index entry", normalized=True)
+            p, hit = _lookup(model_dir, found, full, "index entry")
         except ModelherdError as e:
             problems.append(Problem(rel, e.message))
             continue
