@@ -193,9 +193,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def _setup_logging(level: str, fmt: str = "text") -> None:
+def _setup_logging(settings: Settings) -> None:
+    """One stderr handler on the root logger in ``settings.log_format`` at ``settings.log_level``, with the
+    :class:`~.logredact.RedactingFilter` on it and ``settings.hf_token`` registered as a secret."""
     import time as _time
 
+    from . import logredact
+
+    level, fmt = settings.log_level, settings.log_format
+    if settings.hf_token is not None:
+        logredact.register_secret(settings.hf_token.get_secret_value())
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         formatter: logging.Formatter = JsonFormatter()
@@ -204,7 +211,9 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
         formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     handler.setFormatter(formatter)
     logging.basicConfig(level=getattr(logging, level), handlers=[handler], force=True)
-    for noisy in ("urllib3", "kubernetes", "oci", "filelock", "httpx", "httpx2", "huggingface_hub"):
+    logredact.install(logging.getLogger().handlers)
+    for noisy in ("urllib3", "kubernetes", "oci", "filelock", "httpx", "httpx2", "httpcore", "httpcore2",
+                  "huggingface_hub"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, getattr(logging, level)))
 
 
@@ -237,7 +246,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except ValidationError as e:
         print(f"modelherd: invalid settings: {e}", file=sys.stderr)
         return EXIT_USAGE
-    _setup_logging(settings.log_level, settings.log_format)
+    _setup_logging(settings)
     from . import commands
 
     handlers: dict[str, Callable[[argparse.Namespace, Settings, threading.Event], int]] = {

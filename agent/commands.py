@@ -313,11 +313,13 @@ def cmd_agent(args: argparse.Namespace, settings: Settings, cancel: threading.Ev
 
 
 def cmd_explain(args: argparse.Namespace, settings: Settings, cancel: threading.Event) -> int:
+    from .models import SpecPolicy
     from .views import explain, format_explain
 
     node = _node_name_for_agent(args)
     rows = explain(_kube_api(settings), node_name=node, namespace=settings.effective_namespace("ome"),
-                   models_root=Path(settings.models_root_dir), storage_mode=settings.storage_mode)
+                   models_root=Path(settings.models_root_dir), storage_mode=settings.storage_mode,
+                   policy=SpecPolicy.from_settings(settings))
     if args.output == "json":
         for row in rows:
             print(json.dumps(row))

@@ -3,11 +3,17 @@
 The agent reads and writes objects as plain JSON dicts (custom and core objects alike), so no request goes
 through the generated model classes. Every request made here is counted in :data:`REQUESTS` (per verb), which the
 agent exposes as a metric and the benchmarks read.
+
+Invariant: a request goes to exactly the object its caller named. A path is built from segments
+(:func:`api_path`); any segment that is empty, ``.``/``..``, or holds ``/``, ``%``, ``?``, ``#``, a backslash or a
+control character is refused before a request is made, so a name taken from a CR (``key: ../../ns/secrets/x``)
+can never be normalised by the HTTP stack into another namespace's object.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -23,16 +29,60 @@ JSON_PATCH = "application/json-patch+json"
 
 
 class ApiError(Exception):
-    """The API server answered with a non-2xx status (``status`` 0: it could not be reached)."""
+    """The API server answered with a non-2xx status (``status`` 0: it could not be reached). ``action`` names the
+    request as RBAC does (``patch nodes``, ``get secrets in team-a``), for a message that says what was refused."""
 
-    def __init__(self, status: int, reason: str, body: Mapping[str, Any] | None = None) -> None:
-        self.status, self.reason, self.body = status, reason, dict(body or {})
+    def __init__(self, status: int, reason: str, body: Mapping[str, Any] | None = None, *, action: str = "") -> None:
+        self.status, self.reason, self.body, self.action = status, reason, dict(body or {}), action
         message = str(self.body.get("message") or reason)
         super().__init__(f"{status} {message}" if status else message)
 
     @property
     def message(self) -> str:
         return str(self.body.get("message") or self.reason)
+
+
+class UnsafeApiPathError(ValueError):
+    """A path segment the API layer did not build (a traversal, an escape, a separator)."""
+
+
+_BAD_SEGMENT = re.compile(r"[/%?#\\\x00-\x1f\x7f]")
+_VERBS = {"GET": "get", "POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
+
+
+def _check_segment(segment: str) -> str:
+    if not isinstance(segment, str) or segment in ("", ".", "..") or _BAD_SEGMENT.search(segment):
+        raise UnsafeApiPathError("refused an API path segment that is empty, '.', '..' or holds '/', '%', '?', "
+                                 "'#', a backslash or a control character")
+    return segment
+
+
+def api_path(*segments: str) -> str:
+    """``/seg/seg/...`` from segments that are each one name (see the module's invariant)."""
+    return "/" + "/".join(_check_segment(s) for s in segments)
+
+
+def _check_path(path: str) -> None:
+    if not path.startswith("/"):
+        raise UnsafeApiPathError("an API path must start with '/'")
+    for segment in path[1:].split("/"):
+        _check_segment(segment)
+
+
+def action_of(method: str, path: str) -> str:
+    """RBAC's words for a request: ``get secrets in team-a``, ``patch nodes``, ``update configmaps in ome``."""
+    parts = path.strip("/").split("/")
+    verb = _VERBS.get(method.upper(), method.lower())
+    namespace = ""
+    if "namespaces" in parts and len(parts) > parts.index("namespaces") + 2:
+        namespace = parts[parts.index("namespaces") + 1]
+        parts = parts[parts.index("namespaces") + 2:]
+    else:
+        parts = parts[2:] if parts[:1] == ["api"] else parts[3:]
+    resource = parts[0] if parts else "?"
+    if len(parts) >= 3:
+        resource += "/" + parts[2]
+    return f"{verb} {resource}" + (f" in {namespace}" if namespace else "")
 
 
 class _Counts:
@@ -64,6 +114,7 @@ def request(api: Any, method: str, path: str, *, query: Sequence[tuple[str, str]
     ``api`` is a :class:`~modelherd.agent.kubeclient.KubeClient` or a ``kubernetes.client.ApiClient``. One attempt
     is one request (no hidden urllib3 retries); callers decide what to retry.
     """
+    _check_path(path)
     client = transport(api)
     headers = {"Accept": JSON}
     data: bytes | None = None
@@ -76,12 +127,13 @@ def request(api: Any, method: str, path: str, *, query: Sequence[tuple[str, str]
         resp = client.pool.request(method, url, body=data, headers=headers, retries=False,
                                    timeout=urllib3.Timeout(connect=min(5.0, timeout_s), read=timeout_s))
     except (urllib3.exceptions.HTTPError, OSError) as e:
-        raise ApiError(0, f"API server unreachable: {type(e).__name__}") from None
+        raise ApiError(0, f"API server unreachable: {type(e).__name__}", action=action_of(method, path)) from None
     raw, status = resp.data, int(resp.status)
     try:
         decoded = json.loads(raw) if raw else {}
     except ValueError:
         decoded = {}
     if not 200 <= status < 300:
-        raise ApiError(status, str(resp.reason or ""), decoded if isinstance(decoded, Mapping) else None)
+        raise ApiError(status, str(resp.reason or ""), decoded if isinstance(decoded, Mapping) else None,
+                       action=action_of(method, path))
     return decoded

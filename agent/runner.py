@@ -28,7 +28,7 @@ from .kubeapi import REQUESTS
 from .lifecycle.reconciler import Env, Reconciler
 from .lifecycle.removal import StagingCollector
 from .lifecycle.verifier import Verifier
-from .models import GROUP, PLURALS, VERSION, ModelRef, model_spec
+from .models import GROUP, PLURALS, VERSION, ModelRef, SpecPolicy, model_spec
 from .reporting.configmap import STATUS_LABEL, StatusConfigMap
 from .reporting.events import EventRecorder
 from .reporting.keys import ModelKind, parse_configmap_key
@@ -100,7 +100,7 @@ class NodeAgent:
         self.labels = NodeLabels(api, node_name, cache=self._node, attempts=settings.node_label_retry)
         env = Env(settings=settings, api=api, node_name=node_name, namespace=self.namespace,
                   models_root=self.models_root, storage_kind=self.storage_kind, get_model=self._model,
-                  get_node=self._node, list_models=self._all_models)
+                  get_node=self._node, list_models=self._all_models, policy=SpecPolicy.from_settings(settings))
         self.reconciler = Reconciler(env, configmap=self.configmap, labels=self.labels,
                                      events=EventRecorder(api, node_name), metrics=self.metrics,
                                      shutdown=self.shutdown)
@@ -111,7 +111,8 @@ class NodeAgent:
         self.server = HealthServer(settings.bind_address, settings.port, registry=self.registry, checks={
             "healthz": {"models-root": self._check_root},
             "livez": {"ping": lambda: None, "loops": self._check_loops},
-            "readyz": {"informers-synced": self._check_synced, "api-server": self._check_api},
+            "readyz": {"informers-synced": self._check_synced, "api-server": self._check_api,
+                       "status-writes": self._check_writes},
         }, before_scrape=self._before_scrape)
         self._restore = threading.Event()
         self._workers: list[threading.Thread] = []
@@ -145,11 +146,14 @@ class NodeAgent:
         if etype == "DELETED":
             self.reconciler.forget(ref, obj)
             self.reconciler.cancel(ref, "the model was deleted")
+            for other in self.reconciler.claims.sharing_keys(ref):  # a model refused for sharing its keys
+                self.queue.add(other)
         elif (obj.get("metadata") or {}).get("deletionTimestamp"):
             self.reconciler.cancel(ref, "the model is being deleted")
         elif old is not None and ref in self.reconciler.running():
-            new_id = model_spec(obj, self.models_root).identity
-            if new_id != model_spec(old, self.models_root).identity:
+            policy = self.reconciler.env.policy
+            new_id = model_spec(obj, self.models_root, policy).identity
+            if new_id != model_spec(old, self.models_root, policy).identity:
                 self.reconciler.cancel(ref, "its storage changed")
             elif not evaluate((obj.get("spec") or {}).get("storage"), self._node() or {}).selected:
                 self.reconciler.cancel(ref, "this node is no longer selected")
@@ -228,16 +232,24 @@ class NodeAgent:
                     self.shutdown.wait(2.0)
 
     def _enqueue_orphans(self) -> None:
-        """Entries and labels left for models that no longer exist (deleted while the agent was down)."""
-        known = set(self._all_refs())
+        """Entries and labels left for models that no longer exist (deleted while the agent was down).
+
+        An orphan is a key no live CR maps to: keys are compared with the keys of the live CRs, never parsed back
+        into names first (a truncated key parses into a name no CR has). An orphan's parsed ref is what the
+        reconciler then removes, so it is enqueued only when its ``cm_key`` is that very key."""
+        live = {ref.cm_key for ref in self._all_refs()}
         cm = self.cm_informer.get(f"{self.namespace}/{self.node_name}") or {}
         for key in (cm.get("data") or {}):
+            if key in live:
+                continue
             parsed = parse_configmap_key(key)
             if parsed is None:
                 continue
             ref = ModelRef(*parsed)
-            if ref not in known:
+            if ref.cm_key == key:
                 self.queue.add(ref)
+            else:
+                log.warning("ConfigMap key %r maps to no model and cannot be removed as one; left as it is", key)
 
     # ------------------------------------------------------------------------------------------ health
     def _check_root(self) -> str | None:
@@ -265,6 +277,10 @@ class NodeAgent:
     def _check_synced(self) -> str | None:
         missing = [i.name for i in self.informers if not i.has_synced()]
         return f"not synced yet: {missing}" if missing else None
+
+    def _check_writes(self) -> str | None:
+        denied = self.reconciler.status_write_denied()
+        return f"the API server refuses the agent's status writes (403: may not {denied})" if denied else None
 
     def _check_api(self) -> str | None:
         bound = max(self.settings.heartbeat_max_age_s, 2 * self.settings.watch_timeout_s + 60)

@@ -6,13 +6,14 @@ and lower layers receive plain values, never the environment.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .durations import Duration
 
@@ -76,6 +77,19 @@ class Settings(BaseSettings):
     oci_region: str = ""
     oci_endpoint: str = Field(default="", description="override the Object Storage endpoint (tests, realms)")
 
+    # ---- what a CR may ask for (agent/models.py SpecPolicy); every CR field is untrusted input (docs/security.md)
+    basemodel_path_prefixes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="folders (relative to the models root; {namespace} is the BaseModel's "
+        "namespace) a BaseModel's files may live in; empty = anywhere in the models root, as OME allows. A "
+        "multi-tenant cluster sets [\"{namespace}\"]. ClusterBaseModels are never confined")
+    local_source_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="folders besides the models root that local:// models may name "
+        "(absolute paths); anything else is refused without touching the disk")
+    ambient_credential_namespaces: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="namespaces whose BaseModels may use the agent's own credentials "
+        "(HF_TOKEN, OCI instance/resource principal, the node's OCI config); \"*\" = every namespace. "
+        "ClusterBaseModels always may; other BaseModels get only their own namespace's Secret")
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = Field(default="text", description="--log-format")
 
@@ -110,6 +124,26 @@ class Settings(BaseSettings):
     leader_elect_lease_duration_s: Duration = Field(default=15.0, gt=0, description="standbys wait this long")
     leader_elect_renew_deadline_s: Duration = Field(default=10.0, gt=0, description="the leader gives up after")
     leader_elect_retry_period_s: Duration = Field(default=2.0, gt=0, description="renew / retry interval")
+
+    @field_validator("basemodel_path_prefixes", "local_source_roots", "ambient_credential_namespaces",
+                     mode="before")
+    @classmethod
+    def _list(cls, value: Any) -> Any:
+        """A list from the environment: a JSON array, or comma-separated words (``team-a,team-b``)."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("local_source_roots")
+    @classmethod
+    def _absolute(cls, value: list[Path]) -> list[Path]:
+        for p in value:
+            if not p.is_absolute():
+                raise ValueError(f"local_source_roots: {p} is not an absolute path")
+        return value
 
     @property
     def multipart_threshold(self) -> int:

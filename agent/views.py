@@ -13,7 +13,7 @@ from typing import Any
 from ..storage import fsdetect
 from ..storage.errors import ModelherdError
 from .kubeapi import ApiError, request
-from .models import GROUP, PLURALS, VERSION, ModelRef, model_spec
+from .models import GROUP, OPEN, PLURALS, VERSION, ModelRef, SpecPolicy, model_spec
 from .reporting.configmap import STATUS_LABEL
 from .reporting.entry import parse_entry
 from .reporting.keys import parse_configmap_key
@@ -50,7 +50,8 @@ def _storage_mode(models_root: Path, mode: str) -> str:
         return f"unknown ({e})"
 
 
-def explain(api: Any, *, node_name: str, namespace: str, models_root: Path, storage_mode: str) -> list[dict[str, Any]]:
+def explain(api: Any, *, node_name: str, namespace: str, models_root: Path, storage_mode: str,
+            policy: SpecPolicy = OPEN) -> list[dict[str, Any]]:
     """One row per BaseModel/ClusterBaseModel: selected here or why not, destination, storage mode, status."""
     root = Path(os.path.realpath(models_root.expanduser()))
     try:
@@ -71,7 +72,7 @@ def explain(api: Any, *, node_name: str, namespace: str, models_root: Path, stor
     mode = _storage_mode(root, storage_mode)
     rows = []
     for ref, obj in _models(api):
-        spec = model_spec(obj, root)
+        spec = model_spec(obj, root, policy)
         sel = evaluate(spec.storage, node)
         entry = parse_entry(data.get(ref.cm_key, "")) or {}
         rows.append({

@@ -90,7 +90,7 @@ from .staging import (
     tidy_staging,
 )
 from .types import ByteStream, Listing, RemoteFile, Source
-from .verify import verify_quick
+from .verify import MAX_FILES, verify_quick
 
 __all__ = ["EngineOptions", "adopt_staging", "check_destination", "check_listing", "fetch_into", "manifest_matches",
            "own_staging", "publish", "pull", "stage", "staging_dir_for"]
@@ -126,7 +126,7 @@ class EngineOptions:
     direct_io: DirectMode = "auto"
     record_sha256: bool = True
     cancel_grace_s: float = 1.0
-    max_files: int = 20_000  # a listing with more entries is refused as malformed before anything is planned
+    max_files: int = MAX_FILES  # 20,000: a longer listing is refused as malformed before anything is planned
 
     def __post_init__(self) -> None:
         for name in ("concurrency", "multipart_concurrency", "multipart_threshold", "part_size", "chunk_size",
@@ -1023,8 +1023,10 @@ def stage(source: Source, listing: Listing, staging: Path, *, dest: Path, writer
     _check_cancel(cancel)
     _seed_from_published(listing, Path(staging), Path(dest), cancel)
     digests = fetch_into(source, listing, staging, options=options, cancel=cancel, progress=progress)
-    # the resume state is not part of the model (publish removes it); nor are its files' findings
-    origin = tuple((p.path, p.message) for p in verify_quick(staging)
+    # the resume state is not part of the model (publish removes it); nor are its files' findings. Our own
+    # staging holds the checked listing and at most one state file per listed file: bounded, so no deadline.
+    origin = tuple((p.path, p.message) for p in verify_quick(staging, max_files=2 * options.max_files + 1,
+                                                             deadline_s=None)
                    if p.path.split("/", 1)[0] != STATE_DIRNAME)
     if origin:
         log.warning("%s as the origin serves it does not pass quick verification (%s); publishing it as it is",

@@ -6,6 +6,8 @@ Invariants:
 - nothing here writes, and nothing is read outside ``model_dir`` (every name taken from a manifest, an
   index or a ``model_index.json`` goes through :func:`~.paths.contained` first; symlinks leaving the
   folder are reported, never followed);
+- the walk is bounded: more than ``max_files`` files (or folders) or a pass past ``deadline_s`` stops it at once
+  with one :class:`Problem` (``local:///`` is not a model folder), so time and memory never grow with the tree;
 - bad or hostile content is reported as a :class:`Problem`, never raised, and never hangs: JSON is parsed
   by :func:`~.untrusted.load_json` (bounded size, depth, integers), only regular files are opened
   (:func:`~.untrusted.open_regular`; a FIFO, socket or device is reported from its ``stat``), sizes are
@@ -19,6 +21,7 @@ from __future__ import annotations
 import os
 import stat
 import struct
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -48,6 +51,12 @@ DTYPE_BITS = {
 # safetensors reads shapes, offsets and byte counts as usize: 64 bits.
 U64_MAX = 2**64 - 1
 INDEX_SUFFIX = ".safetensors.index.json"
+# A folder with more files than a listing may have (``EngineOptions.max_files``) is not a model folder.
+MAX_FILES = 20_000
+# Wall-clock bound of one quick pass, for folders modelherd did not publish (local://): a tenant's folder cannot hold
+# a worker; metadata of a real model takes seconds even on shared storage.
+LOCAL_DEADLINE_S = 60.0
+DEADLINE_S: float | None = None  # published models: no clock (a slow filesystem is not damage); local:// passes one
 
 
 @dataclass(frozen=True)
@@ -84,44 +93,79 @@ class _Found:
     link: bool
 
 
-def _walk(model_dir: Path) -> tuple[dict[str, _Found], list[Problem]]:
+class _OutOfBounds(Exception):
+    """Internal: the pass went past its bounds; :func:`_quick` turns it into its one :class:`Problem`."""
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem.message)
+        self.problem = problem
+
+
+class _Budget:
+    """How far one quick pass may go: ``max_files`` files and as many folders, until ``deadline`` (monotonic)."""
+
+    def __init__(self, max_files: int, deadline_s: float | None) -> None:
+        self.max_files = max_files
+        self.deadline_s = deadline_s
+        self.deadline = None if deadline_s is None else time.monotonic() + deadline_s
+
+    def check_time(self) -> None:
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise _OutOfBounds(Problem(".", f"not verified within {self.deadline_s:g} s: stopped (too many or too "
+                                            "slow files for a model folder)"))
+
+    def check_count(self, n: int, what: str) -> None:
+        if n > self.max_files:
+            raise _OutOfBounds(Problem(".", f"more than {self.max_files} {what}: not a model folder"))
+
+
+def _walk(model_dir: Path, budget: _Budget) -> tuple[dict[str, _Found], list[Problem]]:
     """Regular files under ``model_dir`` by relative POSIX name (symlinks to regular files inside it included;
     symlinked folders are not descended into) and problems for links leaving it, dangling links, and anything
     that is neither a regular file nor a folder (FIFO, socket, device: reported from ``stat``, never opened).
 
     One ``scandir`` a folder and one ``stat`` a file (symlinks alone cost a ``realpath``), so a folder reached
-    here without a link is inside ``model_dir`` by construction."""
+    here without a link is inside ``model_dir`` by construction. Entries are taken from ``scandir`` one at a
+    time and counted (the top-level manifest aside): past ``budget`` it raises :class:`_OutOfBounds` at once."""
     files: dict[str, _Found] = {}
     problems: list[Problem] = []
     real_base = Path(os.path.realpath(model_dir))
     todo: list[tuple[str, str]] = [(os.fspath(model_dir), "")]
+    n_files = n_dirs = 0
     while todo:
+        budget.check_time()
         folder, prefix = todo.pop()
         try:
             with os.scandir(folder) as it:
-                entries = list(it)
+                for e in it:
+                    budget.check_time()
+                    rel = prefix + e.name
+                    try:
+                        link = e.is_symlink()
+                        if not link and e.is_dir(follow_symlinks=False):
+                            n_dirs += 1
+                            budget.check_count(n_dirs, "folders")
+                            todo.append((e.path, rel + "/"))
+                            continue
+                        if rel != MANIFEST_NAME:
+                            n_files += 1
+                            budget.check_count(n_files, "files")
+                        if link and not _inside(real_base, Path(e.path)):
+                            problems.append(Problem(rel, f"symlink points outside the model folder "
+                                                         f"({os.path.realpath(e.path)})"))
+                            continue
+                        st = os.stat(e.path)
+                    except OSError as err:
+                        if link:
+                            problems.append(Problem(rel, f"dangling symlink ({err.strerror})"))
+                        continue  # vanished while we walked
+                    if stat.S_ISREG(st.st_mode):
+                        files[rel] = _Found(Path(e.path), st, link)
+                    elif not stat.S_ISDIR(st.st_mode):
+                        problems.append(Problem(rel, f"is a {file_kind(st.st_mode)}, not a regular file "
+                                                     "(not opened)"))
         except OSError:
-            continue  # vanished or unreadable while we walked, as os.walk skips it
-        for e in entries:
-            rel = prefix + e.name
-            try:
-                link = e.is_symlink()
-                if link and not _inside(real_base, Path(e.path)):
-                    problems.append(Problem(rel, f"symlink points outside the model folder "
-                                                 f"({os.path.realpath(e.path)})"))
-                    continue
-                if not link and e.is_dir(follow_symlinks=False):
-                    todo.append((e.path, rel + "/"))
-                    continue
-                st = os.stat(e.path)
-            except OSError as err:
-                if link:
-                    problems.append(Problem(rel, f"dangling symlink ({err.strerror})"))
-                continue  # vanished while we walked
-            if stat.S_ISREG(st.st_mode):
-                files[rel] = _Found(Path(e.path), st, link)
-            elif not stat.S_ISDIR(st.st_mode):
-                problems.append(Problem(rel, f"is a {file_kind(st.st_mode)}, not a regular file (not opened)"))
+            continue  # vanished or unreadable while we walked, as os.walk skips it (what it had listed stays)
     return files, problems
 
 
@@ -148,10 +192,11 @@ def _is(p: Path, kind: Callable[[int], bool]) -> bool:
 
 
 def _check_manifest(model_dir: Path, manifest: Manifest, found: dict[str, _Found], *,
-                    allow_extra: bool) -> list[Problem]:
+                    allow_extra: bool, budget: _Budget) -> list[Problem]:
     problems: list[Problem] = []
     listed: set[str] = set()
     for entry in manifest.files:
+        budget.check_time()
         listed.add(entry.path)
         try:
             p, hit = _lookup(model_dir, found, entry.path, "manifest entry")
@@ -375,19 +420,29 @@ def _check_diffusers(model_dir: Path, index: Path) -> list[Problem]:
     return problems
 
 
-def _quick(model_dir: Path, *, require_manifest: bool, allow_extra: bool,
-           manifest: Manifest | None = None) -> tuple[list[Problem], Manifest | None]:
-    model_dir = Path(model_dir)
+def _quick(model_dir: Path, *, require_manifest: bool, allow_extra: bool, manifest: Manifest | None = None,
+           max_files: int = MAX_FILES, deadline_s: float | None = DEADLINE_S) -> tuple[list[Problem], Manifest | None]:
+    """The quick pass and the manifest it used; past its bounds: that one :class:`Problem` and no manifest."""
+    budget = _Budget(max_files, deadline_s)
+    try:
+        return _quick_within(Path(model_dir), budget, require_manifest=require_manifest, allow_extra=allow_extra,
+                             manifest=manifest)
+    except _OutOfBounds as e:
+        return [e.problem], None
+
+
+def _quick_within(model_dir: Path, budget: _Budget, *, require_manifest: bool, allow_extra: bool,
+                  manifest: Manifest | None) -> tuple[list[Problem], Manifest | None]:
     if not _is(model_dir, stat.S_ISDIR):
         return [Problem(".", f"{model_dir} is not a directory")], None
-    found, problems = _walk(model_dir)
+    found, problems = _walk(model_dir, budget)
     if manifest is None:
         try:
             manifest = read_manifest(model_dir)
         except ModelherdError as e:
             problems.append(Problem(MANIFEST_NAME, e.message))
     if manifest is not None:
-        problems += _check_manifest(model_dir, manifest, found, allow_extra=allow_extra)
+        problems += _check_manifest(model_dir, manifest, found, allow_extra=allow_extra, budget=budget)
     elif require_manifest and not any(p.path == MANIFEST_NAME for p in problems):
         problems.append(Problem(MANIFEST_NAME, "no completion manifest: the folder was never published whole"))
 
@@ -395,28 +450,36 @@ def _quick(model_dir: Path, *, require_manifest: bool, allow_extra: bool,
     tensors_of: dict[str, set[str] | None] = {}
     for rel in names:
         if rel.endswith(".safetensors"):
+            budget.check_time()
             reasons, tensors = _inspect_safetensors(found[rel].path, found[rel].st.st_mode)
             problems += [Problem(rel, r) for r in reasons]
             tensors_of[rel] = None if reasons else tensors
     for rel in names:
         if rel.endswith(INDEX_SUFFIX):
+            budget.check_time()
             problems += _check_index(model_dir, rel, found[rel].path, tensors_of, found)
         elif rel.rpartition("/")[2] == "model_index.json":
+            budget.check_time()
             problems += _check_diffusers(model_dir, found[rel].path)
     return problems, manifest
 
 
 def verify_quick(model_dir: Path, *, require_manifest: bool = False, allow_extra: bool = False,
-                 manifest: Manifest | None = None) -> list[Problem]:
+                 manifest: Manifest | None = None, max_files: int = MAX_FILES,
+                 deadline_s: float | None = DEADLINE_S) -> list[Problem]:
     """Metadata-only checks of ``model_dir``; the empty list means nothing is wrong.
 
     ``manifest``: the folder's completion manifest when the caller has just read it (it is not read again).
+
+    Bounds: more than ``max_files`` files (the top-level manifest aside) or folders, or ``deadline_s`` seconds
+    (``None``: no deadline), stop the pass at once; the result is then that one :class:`Problem` (path ``.``).
 
     With a manifest: every entry exists with its size, and (unless ``allow_extra``) no other file is there.
     Always: shard indexes name existing shards holding their tensors, safetensors headers are consistent
     and end exactly at end of file, diffusers components exist, no symlink leaves the folder.
     """
-    return _quick(model_dir, require_manifest=require_manifest, allow_extra=allow_extra, manifest=manifest)[0]
+    return _quick(model_dir, require_manifest=require_manifest, allow_extra=allow_extra, manifest=manifest,
+                  max_files=max_files, deadline_s=deadline_s)[0]
 
 
 def _hash_one(model_dir: Path, path: str, algo: str, size: int, want: str,
@@ -432,8 +495,10 @@ def _hash_one(model_dir: Path, path: str, algo: str, size: int, want: str,
 
 
 def verify_deep(model_dir: Path, *, require_manifest: bool = False, allow_extra: bool = False,
-                workers: int | None = None, throttle: Callable[[int], None] | None = None) -> list[Problem]:
-    """:func:`verify_quick` plus every manifest checksum recomputed from the bytes on disk.
+                workers: int | None = None, throttle: Callable[[int], None] | None = None,
+                max_files: int = MAX_FILES, deadline_s: float | None = DEADLINE_S) -> list[Problem]:
+    """:func:`verify_quick` (its bounds, ``deadline_s`` for that quick part alone: hashing is bound by the
+    manifest and paced by ``throttle``) plus every manifest checksum recomputed from the bytes on disk.
 
     Each file is hashed once with its strongest checkable algorithm (``hashing.PREFERENCE``); files are
     hashed in parallel by a thread pool (hashlib releases the GIL). Files whose quick checks already failed
@@ -442,7 +507,8 @@ def verify_deep(model_dir: Path, *, require_manifest: bool = False, allow_extra:
     exception it raises, e.g. :class:`~.errors.CancelledError`, stops the pass and propagates).
     """
     model_dir = Path(model_dir)
-    problems, manifest = _quick(model_dir, require_manifest=require_manifest, allow_extra=allow_extra)
+    problems, manifest = _quick(model_dir, require_manifest=require_manifest, allow_extra=allow_extra,
+                                max_files=max_files, deadline_s=deadline_s)
     if manifest is None:
         return problems
     return problems + rehash(model_dir, manifest, skip={p.path for p in problems}, workers=workers,

@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from ..kubeapi import MERGE_PATCH, REQUESTS, ApiError, request
 from ..models import GROUP, PLURALS, VERSION, ModelRef
 from ..reporting.configmap import STATUS_LABEL
-from ..reporting.keys import ModelKind, parse_configmap_key
+from ..reporting.keys import ModelKind
 from ..server import HealthServer
 from ..watching.informer import EventType, Informer
 from ..watching.workqueue import WorkQueue
@@ -138,22 +138,13 @@ class ModelController:
         return self.node_informer.get(name) is not None
 
     def _refs_for_keys(self, keys: Iterable[str]) -> set[ModelRef]:
-        """The models whose ConfigMap key is one of ``keys`` (parsed; a truncated key is matched by recomputing)."""
+        """The live models whose ConfigMap key is one of ``keys``: the key computed from each CR is compared with
+        ``keys``, never a key parsed back into a name (a truncated key parses into a name no CR has); every CR
+        that computes one of ``keys`` is in the result."""
         keys = set(keys)
-        out: set[ModelRef] = set()
-        unmatched: set[str] = set()
-        for key in keys:
-            parsed = parse_configmap_key(key)
-            if parsed is None:
-                continue
-            ref = ModelRef(*parsed)
-            if ref.cm_key == key and self._model(ref) is not None:
-                out.add(ref)
-            else:
-                unmatched.add(key)
-        if unmatched:
-            out.update(ref for ref in self._all_refs() if ref.cm_key in unmatched)
-        return out
+        if not keys:
+            return set()
+        return {ref for ref in self._all_refs() if ref.cm_key in keys}
 
     # ------------------------------------------------------------------------------------------ handlers
     def _model_handler(self, kind: ModelKind) -> Callable[[EventType, dict[str, Any], dict[str, Any] | None], None]:

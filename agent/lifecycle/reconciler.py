@@ -34,12 +34,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from ...storage.credentials import check_token
+from ...storage.destination import ensure_writable, fs_error
 from ...storage.errors import CancelledError, ConfigError, ModelherdError, RateLimitedError, SourceNotFoundError
 from ...storage.manifest import Manifest
 from ...storage.ready import published_model
 from ...storage.types import Listing
-from ..kubeapi import ApiError, request
-from ..models import ModelRef, ModelSpec, model_spec
+from ..kubeapi import ApiError, UnsafeApiPathError, api_path, request
+from ..logredact import register_secret
+from ..models import OPEN, ModelRef, ModelSpec, SpecPolicy, model_spec
 from ..reporting.configmap import StatusConfigMap
 from ..reporting.entry import KEEP, MODELHERD_FIELD, DownloadProgress, parse_entry, render_entry
 from ..reporting.events import EventRecorder
@@ -48,6 +51,7 @@ from ..reporting.metadata import parse_model_config
 from ..reporting.metrics import AgentMetrics
 from ..settings import Settings
 from ..watching.selection import evaluate
+from .claims import Claims, Conflict
 from .removal import Remover, Target, target_from_entry, target_of
 from .verifier import Target as VerifyTarget
 
@@ -96,6 +100,7 @@ class Env:
     get_model: Callable[[ModelRef], Mapping[str, Any] | None]
     get_node: Callable[[], Mapping[str, Any] | None]
     list_models: Callable[[], list[Mapping[str, Any]]] | None = None  # every CR in the caches (with ``kind``)
+    policy: SpecPolicy = OPEN  # what a CR may ask for (settings: paths, local:// folders, credentials)
 
 
 def _now_rfc3339() -> str:
@@ -112,10 +117,13 @@ class Reconciler:
         self._config_cache: dict[tuple[ModelRef, str, str], dict[str, Any] | None] = {}
         self._tombstones: dict[ModelRef, Mapping[str, Any]] = {}
         self._pending: dict[ModelRef, tuple[Target, bool]] = {}  # files still to remove (or keep) after a leave
+        self._collisions: dict[ModelRef, str] = {}  # models refused for a shared key (message last reported)
         list_models = env.list_models or (lambda: [])
         self.remover = Remover(env.settings, models_root=env.models_root, storage_kind=env.storage_kind,
                                node_name=env.node_name, namespace=env.namespace, list_models=list_models,
-                               shutdown=shutdown)
+                               shutdown=shutdown, policy=env.policy)
+        self.claims = Claims(env.models_root, env.policy, list_models)
+        self._denied: str | None = None  # "patch nodes": the last status write the API server refused (403)
         self._verified: dict[ModelRef, VerifyTarget] = {}  # Ready here, as last verified: what the Verifier checks
         self._started = time.monotonic()
         digest = hashlib.sha256(env.node_name.encode()).digest()
@@ -154,10 +162,19 @@ class Reconciler:
     # ----------------------------------------------------------------------------- the worker's entry point
     def reconcile(self, ref: ModelRef) -> bool:
         """Converge ``ref`` on this node; returns False when it failed and should be retried with back-off."""
+        try:
+            return self._reconcile(ref)
+        except ApiError as e:
+            if e.status != 403:
+                raise
+            self._forbidden(ref, e)
+            return False
+
+    def _reconcile(self, ref: ModelRef) -> bool:
         obj = self.env.get_model(ref)
         if obj is None:
             return self._leave(ref, "deleted", deleted=True)
-        spec = model_spec(obj, self.env.models_root)
+        spec = model_spec(obj, self.env.models_root, self.env.policy)
         if spec.deleting:
             return self._leave(ref, "being deleted", deleted=True, uid=spec.uid, spec=spec)
         node = self.env.get_node() or {"metadata": {"name": self.env.node_name}}
@@ -167,10 +184,18 @@ class Reconciler:
         with self._lock:  # wanted here again: what an earlier leave left to do is void
             self._pending.pop(ref, None)
             self._tombstones.pop(ref, None)
+        label_clash, cm_clash = self.claims.key_conflict(spec)
+        if label_clash or cm_clash:
+            self._collided(ref, spec, label_clash, cm_clash)
+            return False  # re-checked with back-off (and at once when the holder goes)
         self.metrics.init_model(ref.metric_labels())
         if spec.problem:
             self._failed(ref, spec, spec.problem, reason="InvalidSpec")
             return True  # retried when the CR changes, not by back-off
+        conflict = self.claims.path_conflict(spec)
+        if conflict is not None:
+            self._failed(ref, spec, conflict.message, reason="PathConflict")
+            return False  # re-checked with back-off: the holder may go away
         try:
             return self._ensure(ref, spec)
         except CancelledError:
@@ -181,6 +206,46 @@ class Reconciler:
         except ModelherdError as e:
             self._failed(ref, spec, str(e), reason=type(e).__name__.removesuffix("Error") or "Failed")
             return False
+        except OSError as e:  # anything the typed layers did not map: still this model's failure only
+            err = fs_error(e, spec.dest or self.env.models_root)
+            self._failed(ref, spec, str(err), reason=type(err).__name__.removesuffix("Error") or "Failed")
+            return False
+
+    def _collided(self, ref: ModelRef, spec: ModelSpec, label: Conflict | None, cm: Conflict | None) -> None:
+        """``ref`` maps to a label or ConfigMap key a senior CR holds: it never writes that key; Failed is
+        written where it has a key of its own, and recorded as an Event (rate-limited per model)."""
+        message = (label or cm).message  # type: ignore[union-attr]
+        self.cancel(ref, "its status keys collide with another model")
+        self.metrics.failures.labels(**ref.metric_labels(), reason="KeyCollision").inc()
+        changed = False
+        if cm is None:
+            changed = self._set(ref, spec, "Failed", progress=None, message=message, write_label=False)
+        elif self._collisions.get(ref) != message:
+            changed = True
+            log.warning("%s: Failed (%s)", ref.display, message,
+                        extra={"model": ref.display, "state": "Failed", "reason": message})
+        self._collisions[ref] = message
+        if changed:
+            self.events.record(ref, spec.uid, reason="Failed", message=message, warning=True)
+
+    def _forbidden(self, ref: ModelRef, e: ApiError) -> None:
+        """The API server refused a status write (RBAC removed): one line naming the verb and resource, an
+        Event (best effort), and /readyz failing until a write succeeds again."""
+        what = e.action or "a request"
+        message = f"the agent may not {what} (403 Forbidden): it cannot report this model; restore the agent's RBAC"
+        first = self._denied != what
+        self._denied = what
+        self.metrics.failures.labels(**ref.metric_labels(), reason="Forbidden").inc()
+        if first:
+            log.error("%s: %s", ref.display, message,
+                      extra={"model": ref.display, "state": "Failed", "reason": message})
+        with contextlib.suppress(ApiError):
+            spec = model_spec(self.env.get_model(ref) or {}, self.env.models_root, self.env.policy)
+            self.events.record(ref, spec.uid, reason="Forbidden", message=message, warning=True)
+
+    def status_write_denied(self) -> str | None:
+        """The verb and resource of the last status write refused with 403, ``None`` once writes succeed."""
+        return self._denied
 
     # ----------------------------------------------------------------------------- states
     def _ensure(self, ref: ModelRef, spec: ModelSpec) -> bool:
@@ -195,6 +260,11 @@ class Reconciler:
             self._ready(ref, spec, manifest, role="ready")
             return True
         self._lost_verification(ref, spec)
+        ensure_writable(self.env.models_root)  # a read-only root is a typed ModelsRootError, not a traceback
+        if spec.uri.scheme == "oci" and not spec.ambient:
+            raise PermanentFailure(
+                f"oci:// models of namespace {ref.namespace} may not use the node's OCI identity; a "
+                "ClusterBaseModel may, or the operator opts the namespace in (ambient_credential_namespaces)")
         self._wait_startup_jitter(ref)
         task = Task(uid=spec.uid, identity=spec.identity)
         with self._lock:
@@ -243,10 +313,10 @@ class Reconciler:
 
     def _local(self, ref: ModelRef, spec: ModelSpec) -> bool:
         """``local://``: the files are already on the node; verify them in place, never modify them."""
-        from ...storage.verify import verify_quick
+        from ...storage.verify import LOCAL_DEADLINE_S, verify_quick
 
         assert spec.dest is not None
-        problems = verify_quick(spec.dest)
+        problems = verify_quick(spec.dest, deadline_s=LOCAL_DEADLINE_S)  # bounded: files and time
         if problems:
             self.metrics.verifications.labels(**ref.metric_labels(), result="failure").inc()
             self._failed(ref, spec, f"{len(problems)} problem(s) in {spec.dest}: {problems[0]}",
@@ -291,18 +361,29 @@ class Reconciler:
         with self._lock:
             self._verified.pop(ref, None)
         self.metrics.forget_verification(ref.metric_labels())
-        had_label = self.labels.current(ref.label_key) is not None
-        had_entry = self.cm.current(ref.cm_key) is not None or ref.cm_key in self.cm.remembered()
+        # a key another live CR holds (OME's truncation made them one) is that CR's to write, never ours to remove
+        label_shared, cm_shared = self.claims.shares_keys(ref, None if deleted else spec)
+        with self._lock:
+            self._collisions.pop(ref, None)
+        had_label = not label_shared and self.labels.current(ref.label_key) is not None
+        had_entry = not cm_shared and (self.cm.current(ref.cm_key) is not None
+                                       or ref.cm_key in self.cm.remembered())
         if had_label or had_entry:
             target = self._target(ref, spec)
             if target is not None:
                 with self._lock:
                     was = self._pending.get(ref)
                     self._pending[ref] = (target, deleted or (was is not None and was[1]))
-            self._unlabel(ref, why, deleted=deleted, uid=uid)
+            self._unlabel(ref, why, deleted=deleted, uid=uid, label=not label_shared, entry=not cm_shared)
         else:
             self.metrics.set_state(ref.metric_labels(), None)
-        return self._remove_files(ref, uid)
+        ok = self._remove_files(ref, uid)
+        with self._lock:
+            done = ref not in self._pending
+        if done:  # nothing of this model is left on this node: its series and cached metadata go too
+            self.metrics.forget_model(ref.metric_labels())
+            self._config_cache = {k: v for k, v in self._config_cache.items() if k[0] != ref}
+        return ok
 
     def _target(self, ref: ModelRef, spec: ModelSpec | None) -> Target | None:
         """The files this model had here: from the CR, else its last state, else what our entry recorded."""
@@ -311,9 +392,10 @@ class Reconciler:
         with self._lock:
             last = self._tombstones.get(ref)
         if last is not None:
-            return target_of(model_spec(last, self.env.models_root))
+            return target_of(model_spec(last, self.env.models_root, self.env.policy))
         ours = (parse_entry(self.cm.current(ref.cm_key) or "") or {}).get(MODELHERD_FIELD)
-        return target_from_entry(ref, ours, self.env.models_root) if isinstance(ours, dict) else None
+        return target_from_entry(ref, ours, self.env.models_root, self.env.policy) if isinstance(ours, dict) \
+            else None
 
     def _remove_files(self, ref: ModelRef, uid: str) -> bool:
         with self._lock:
@@ -341,9 +423,12 @@ class Reconciler:
             self.events.record(ref, uid, reason="FilesRemoved", message=f"removed {target.dest} from this node")
         return True
 
-    def _unlabel(self, ref: ModelRef, why: str, *, deleted: bool, uid: str) -> None:
-        self.labels.set(ref.label_key, None)
-        self.cm.remove(ref.cm_key)
+    def _unlabel(self, ref: ModelRef, why: str, *, deleted: bool, uid: str, label: bool = True,
+                 entry: bool = True) -> None:
+        if label:
+            self.labels.set(ref.label_key, None)
+        if entry:
+            self.cm.remove(ref.cm_key)
         self.metrics.set_state(ref.metric_labels(), None)
         self.metrics.set_role(ref.metric_labels(), None)
         log.info("%s: removed from this node (%s)", ref.display, why,
@@ -353,8 +438,9 @@ class Reconciler:
 
     # ----------------------------------------------------------------------------- writes
     def _set(self, ref: ModelRef, spec: ModelSpec, status: Status, *, config: Any = KEEP, progress: Any = KEEP,
-             message: str = "", revision: str = "") -> bool:
-        """Label, then ConfigMap entry; returns True when anything was written (a state change)."""
+             message: str = "", revision: str = "", write_label: bool = True) -> bool:
+        """Label, then ConfigMap entry; returns True when anything was written (a state change).
+        ``write_label`` False: the label key is another model's (a collision), only the entry is ours."""
         ours = {"node": self.env.node_name, **spec.identity, "storageMode": self.env.storage_kind}
         if revision:
             ours["revision"] = revision
@@ -368,7 +454,7 @@ class Reconciler:
                                 extra={"modelherd": ours})
 
         cached = self.cm.current(ref.cm_key)
-        label_changed = self.labels.set(ref.label_key, status)
+        label_changed = self.labels.set(ref.label_key, status) if write_label else False
         entry_changed = True
         if cached is not None and render(cached) == cached and not label_changed:
             entry_changed = False  # the ConfigMap already says exactly this: no request at all
@@ -376,6 +462,8 @@ class Reconciler:
             before = cached
             stored = self.cm.update(ref.cm_key, render)
             entry_changed = stored != before
+        if label_changed or entry_changed:
+            self._denied = None  # the API server takes our writes again
         self.metrics.set_state(ref.metric_labels(), status)
         if label_changed or entry_changed:
             extra = {"model": ref.display, "state": status}
@@ -409,33 +497,46 @@ class Reconciler:
                 raise CancelledError("agent shutting down")
 
     def _hf_token(self, ref: ModelRef, spec: ModelSpec) -> str | None:
-        """The Secret named by ``spec.storage.key`` (model's namespace; a cluster model: the agent's), then
-        ``parameters.token``, then ``HF_TOKEN``."""
+        """The Secret named by ``spec.storage.key`` (the model's own namespace; a cluster model: the agent's), then
+        ``parameters.token``, then the agent's ``HF_TOKEN`` (only for a model allowed the agent's credentials:
+        :attr:`ModelSpec.ambient`). Every value is checked to be one printable line and registered for redaction
+        before it is used; no message quotes it."""
         if spec.secret_name:
             ns = ref.namespace or self.env.namespace
+            where = f"Secret {ns}/{spec.secret_name} (spec.storage.key)"
             try:
-                secret = request(self.env.api, "GET", f"/api/v1/namespaces/{ns}/secrets/{spec.secret_name}")
+                secret = request(self.env.api, "GET", api_path("api", "v1", "namespaces", ns, "secrets",
+                                                               spec.secret_name))
+            except UnsafeApiPathError:
+                raise ConfigError(f"{where} is not a Secret name", hint="fix spec.storage.key") from None
             except ApiError as e:
                 if e.status == 404:
-                    raise ConfigError(f"Secret {ns}/{spec.secret_name} (spec.storage.key) does not exist",
-                                      hint="create it, or fix spec.storage.key") from None
+                    raise ConfigError(f"{where} does not exist",
+                                      hint="create it in the model's namespace, or fix spec.storage.key") from None
                 if e.status == 403:
-                    raise ConfigError(f"reading Secret {ns}/{spec.secret_name} is forbidden",
-                                      hint="grant the agent get on secrets in that namespace "
+                    raise ConfigError(f"reading {where} is forbidden",
+                                      hint="grant the agent get on secrets in the model's namespace "
                                            "(chart: rbac.secretNamespaces)") from None
-                raise ConfigError(f"reading Secret {ns}/{spec.secret_name} failed: {e.status}") from None
-            data = secret.get("data") or {}
-            if spec.secret_key not in data:
-                raise ConfigError(f"Secret {ns}/{spec.secret_name} has no key {spec.secret_key!r}",
+                raise ConfigError(f"reading {where} failed: {e.status}") from None
+            data = secret.get("data") if isinstance(secret, dict) else None
+            raw = data.get(spec.secret_key) if isinstance(data, dict) else None
+            if not isinstance(raw, str):
+                raise ConfigError(f"{where} has no key {spec.secret_key!r}",
                                   hint="set spec.storage.parameters.secretKey, or add the key to the Secret")
+            what = f"{where} key {spec.secret_key!r}"
             try:
-                return base64.b64decode(str(data[spec.secret_key])).decode().strip() or None
+                value = base64.b64decode(raw, validate=True).decode()
             except (ValueError, UnicodeDecodeError):
-                raise ConfigError(f"Secret {ns}/{spec.secret_name} key {spec.secret_key!r} is not text") from None
+                raise ConfigError(f"{what} is not text", hint="store the token itself in the Secret") from None
+            register_secret(value)
+            return check_token(value, what=what)
         if spec.inline_token:
-            return spec.inline_token
+            register_secret(spec.inline_token)
+            return check_token(spec.inline_token, what="spec.storage.parameters.token")
         token = self.env.settings.hf_token
-        return token.get_secret_value() if token else None
+        if token is None or not spec.ambient:
+            return None
+        return check_token(token.get_secret_value(), what="the agent's HF_TOKEN")
 
     def _pull(self, ref: ModelRef, spec: ModelSpec, task: Task) -> tuple[Manifest, str]:
         from ...coordination import PullResult, choose_backend, coordinated_pull

@@ -36,7 +36,7 @@ from ...coordination import Phase, choose_backend, held_destinations, open_lease
 from ...storage.cleanup import Removal, collect_staging, remove_published, remove_staging_of, staging_key
 from ...storage.paths import STAGING_DIRNAME
 from ...storage.uri import ModelURI, parse_uri
-from ..models import RESERVE_LABEL, ModelRef, ModelSpec, model_spec
+from ..models import OPEN, RESERVE_LABEL, ModelRef, ModelSpec, SpecPolicy, model_spec
 from ..settings import Settings
 
 log = logging.getLogger("modelherd.agent")
@@ -58,7 +58,8 @@ def target_of(spec: ModelSpec) -> Target | None:
     return Target(spec.uri, spec.dest, spec.reserve)
 
 
-def target_from_entry(ref: ModelRef, ours: Mapping[str, Any], models_root: Path) -> Target | None:
+def target_from_entry(ref: ModelRef, ours: Mapping[str, Any], models_root: Path,
+                      policy: SpecPolicy = OPEN) -> Target | None:
     """The files recorded in an entry's ``modelherd`` object (when the CR is gone and no tombstone is left),
     read through :func:`model_spec` so the same checks apply (a path outside the root names nothing)."""
     uri, path = ours.get("storageUri"), ours.get("path")
@@ -68,21 +69,22 @@ def target_from_entry(ref: ModelRef, ours: Mapping[str, Any], models_root: Path)
     if str(ours.get("reserve", "")).lower() == "true":
         meta["labels"] = {RESERVE_LABEL: "true"}
     obj = {"kind": ref.kind, "metadata": meta, "spec": {"storage": {"storageUri": uri, "path": path}}}
-    return target_of(model_spec(obj, models_root))
+    return target_of(model_spec(obj, models_root, policy))
 
 
 class Remover:
     def __init__(self, settings: Settings, *, models_root: Path, storage_kind: str, node_name: str,
                  namespace: str, list_models: Callable[[], list[Mapping[str, Any]]],
-                 shutdown: threading.Event) -> None:
+                 shutdown: threading.Event, policy: SpecPolicy = OPEN) -> None:
         self.settings, self.models_root, self.storage_kind = settings, models_root, storage_kind
+        self.policy = policy
         self.node_name, self.namespace, self.list_models, self.shutdown = node_name, namespace, list_models, shutdown
 
     def wanted_elsewhere(self, ref: ModelRef, dest: Path) -> ModelRef | None:
         """Another model (not being deleted) that points at ``dest``, from the informer caches."""
         real = os.path.realpath(dest)
         for obj in self.list_models():
-            other = model_spec(obj, self.models_root)
+            other = model_spec(obj, self.models_root, self.policy)
             if other.ref != ref and not other.deleting and other.dest is not None \
                     and os.path.realpath(other.dest) == real:
                 return other.ref
@@ -201,7 +203,7 @@ class StagingCollector:
         root = self.models_root
         wanted: set[str] = set()
         for obj in self.list_models():
-            spec = model_spec(obj, root)
+            spec = model_spec(obj, root, SpecPolicy.from_settings(self.settings))
             if spec.dest is not None and not spec.deleting:
                 wanted.add(staging_key(root, spec.dest))
         protected = protected | {staging_key(root, Path(d)) for d in self.busy_dests() if d}

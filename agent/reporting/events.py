@@ -1,7 +1,9 @@
 """Kubernetes Events on a BaseModel/ClusterBaseModel for this node's state changes.
 
 Invariant: an Event never carries a credential (messages come from typed errors, which never quote tokens or
-signed URLs), and a failure to record one is logged, never raised: Events are best effort.
+signed URLs), and a failure to record one is logged, never raised: Events are best effort. Each model gets at most
+``burst`` Events at once and one more every ``1 / rate_per_s`` seconds (client-go's spam filter does the same);
+the rest are dropped and counted in :attr:`EventRecorder.dropped`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 from ..kubeapi import ApiError, request
 from ..models import GROUP, VERSION, ModelRef
+from .ratelimit import KeyedRateLimiter
 
 log = logging.getLogger(__name__)
 COMPONENT = "modelherd-agent"
@@ -23,10 +26,16 @@ def _now() -> str:
 
 
 class EventRecorder:
-    def __init__(self, api: Any, node: str) -> None:
+    def __init__(self, api: Any, node: str, *, burst: int = 10, rate_per_s: float = 1 / 30) -> None:
         self.api, self.node = api, node
+        self._limit = KeyedRateLimiter(burst=burst, rate_per_s=rate_per_s)
+        self.dropped = 0
 
     def record(self, ref: ModelRef, uid: str, *, reason: str, message: str, warning: bool = False) -> None:
+        if not self._limit.allow(f"{ref.kind}/{ref.namespace}/{ref.name}"):
+            self.dropped += 1
+            log.debug("event %s on %s dropped: too many for this model", reason, ref.display)
+            return
         ns = ref.event_namespace
         now = _now()
         involved: dict[str, Any] = {"apiVersion": f"{GROUP}/{VERSION}", "kind": ref.kind, "name": ref.name}

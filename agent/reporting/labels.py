@@ -1,7 +1,9 @@
 """This node's model labels (``models.ome.io/...: Ready|Updating|Failed``), one label per patch.
 
 Invariant: a write touches exactly one label key (a JSON merge patch of ``metadata.labels.<key>``), so it can
-never clobber other labels or another writer's change; a value that is already in place is not written again.
+never clobber other labels or another writer's change; a value that is already in place is not written again; one
+key is patched at most ``burst`` times at once and ``rate_per_s`` times a second after that (the writer waits), so
+a model whose label flips cannot flood the API server and everything that watches Nodes.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 from ..kubeapi import MERGE_PATCH, ApiError, request
 from .freshness import OwnWrites
+from .ratelimit import KeyedRateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -21,9 +24,10 @@ class NodeLabels:
     """Writes model labels on the Node ``node``. ``cache`` returns the agent's cached Node object (watch)."""
 
     def __init__(self, api: Any, node: str, *, cache: Callable[[], Mapping[str, Any] | None],
-                 attempts: int = 5, pause_s: float = 0.1) -> None:
+                 attempts: int = 5, pause_s: float = 0.1, burst: int = 10, rate_per_s: float = 0.5) -> None:
         self.api, self.node, self._cache = api, node, cache
         self.attempts, self.pause_s = max(1, attempts), pause_s
+        self._limit = KeyedRateLimiter(burst=burst, rate_per_s=rate_per_s)
         self._own: OwnWrites[str] = OwnWrites()
 
     def current(self, key: str) -> str | None:
@@ -39,6 +43,10 @@ class NodeLabels:
         """
         if self.current(key) == value:
             return False
+        wait = self._limit.reserve(key)
+        if wait > 0:
+            log.warning("label %s changes too often: waiting %.1fs before the next patch", key, wait)
+            time.sleep(wait)
         body = {"metadata": {"labels": {key: value}}}
         last: ApiError | None = None
         for attempt in range(self.attempts):

@@ -1,7 +1,9 @@
 """The agent's metrics, on an injected registry: OME's ``model_agent_*`` (names, types, labels and help as
 OME's agent registers them) plus ``modelherd_*`` for what OME has no metric for.
 
-Nothing is registered at import time and no server starts here (see :mod:`modelherd.agent.server`).
+Nothing is registered at import time and no server starts here (see :mod:`modelherd.agent.server`). A model
+that left the node leaves no series behind (:meth:`AgentMetrics.forget_model`): the exposition grows with the
+models on the node, not with every model it ever saw.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.utils import INF
 
 OME_LABELS = ("model_type", "namespace", "name")
@@ -137,6 +140,22 @@ class AgentMetrics:
                   self.lease_holder_progress):
             with contextlib.suppress(KeyError):
                 g.remove(*labels.values())
+
+    def per_model(self) -> list[MetricWrapperBase]:
+        """Every metric whose first labels are a model's (:data:`OME_LABELS`), whatever labels follow."""
+        return [m for m in vars(self).values()
+                if isinstance(m, MetricWrapperBase) and tuple(m._labelnames[:len(OME_LABELS)]) == OME_LABELS]
+
+    def forget_model(self, labels: dict[str, str]) -> None:
+        """The model left the node: remove every series of every metric carrying exactly its ``labels``
+        (``model_type``, ``namespace``, ``name``), whatever its other labels (result, reason, role, state, kind)."""
+        model_type, namespace, name = (str(labels[k]) for k in OME_LABELS)
+        for metric in self.per_model():
+            with metric._lock:  # a worker may add a series meanwhile: copy the keys, then remove one by one
+                keys = [k for k in metric._metrics if k[2] == name and k[1] == namespace and k[0] == model_type]
+            for key in keys:
+                with contextlib.suppress(KeyError):
+                    metric.remove(*key)
 
     def watch_root(self, root: Path) -> None:
         """Free/total bytes of ``root`` computed at scrape time."""

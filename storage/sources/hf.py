@@ -18,7 +18,10 @@ Invariants:
   a ``TransientSourceError``, never a silent EOF;
 * the token is sent only to the endpoint's origin (scheme, host, port): a tree ``Link`` to another origin is
   followed without it, and both HTTP clients drop ``Authorization`` on a cross-origin redirect; it never
-  appears in a message, log line or repr;
+  appears in a message, log line or repr: it is checked at construction (:func:`~..credentials.check_token`: one
+  header-safe line, else a ``ConfigError`` that does not quote it), every message built from an exception goes
+  through :func:`~..credentials.redact`, and the text of an error raised while headers are checked or encoded
+  (which may quote a header value) is never used;
 * tree pages are parsed while they stream in (``ijson``) and filtered by the patterns entry by entry, so a
   listing holds only the files it keeps, however many entries the Hub sends; no page URL is fetched twice
   (a ``Link`` loop is refused at once);
@@ -57,8 +60,10 @@ from huggingface_hub.utils import (  # type: ignore[attr-defined]  # filter_repo
 )
 from urllib3.exceptions import HTTPError as Urllib3HTTPError
 
+from ..credentials import check_token, redact
 from ..errors import (
     AuthError,
+    ConfigError,
     ModelherdError,
     RateLimitedError,
     SourceError,
@@ -88,6 +93,10 @@ AUTH_HINT = ("set HF_TOKEN to a token that can read this repository; for a gated
              "on the model page with that account first")
 NOT_FOUND_HINT = "check the repository id and revision (hf://ORG/MODEL[@REVISION])"
 TRANSIENT_HINT = "the Hub or the network failed; it is retried, check connectivity to the endpoint if it persists"
+TOKEN_WHAT = "the Hugging Face token (HF_TOKEN, the model's Secret or parameters.token)"
+HEADER_MESSAGE = "the request could not be sent: a header value is invalid (check the token)"
+HEADER_HINT = "the Hugging Face token must be one line like hf_..., without spaces or line breaks"
+_HEADER_ERROR_NAMES = frozenset({"LocalProtocolError", "InvalidHeader"})
 
 
 def _user_agent() -> str:
@@ -117,8 +126,25 @@ def _origin(url: str) -> tuple[str, str, int | None]:
     return scheme, (parts.hostname or "").lower(), port if port is not None else {"http": 80, "https": 443}.get(scheme)
 
 
-def _redact(text: str, token: str | None) -> str:
-    return text.replace(token, "***") if token else text
+def _header_error(exc: BaseException) -> bool:
+    """``exc`` (or an error it wraps) was raised while request headers were checked or encoded: h11/httpcore/httpx
+    ``LocalProtocolError``, urllib3/requests ``InvalidHeader``, ``http.client``'s ``ValueError("Invalid header
+    value b'...'")``, a ``UnicodeEncodeError``. Their text may quote a header value (the token), so it is never
+    used in a message."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, UnicodeEncodeError) or any(t.__name__ in _HEADER_ERROR_NAMES for t in type(cur).__mro__):
+            return True
+        if type(cur) is ValueError and "header" in str(cur).lower():
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def _header_failure(what: str) -> ConfigError:
+    return ConfigError(f"{what}: {HEADER_MESSAGE}", hint=HEADER_HINT)
 
 
 class _HFBody:
@@ -190,7 +216,7 @@ class HFSource:
             raise ValueError(f"HFSource needs an hf:// URI, got {uri.canonical}")
         self.uri = uri.canonical
         self._model_uri = uri
-        self._token = token or None
+        self._token = check_token(token, what=TOKEN_WHAT) if token else None
         self._endpoint = endpoint.rstrip("/")
         self._endpoint_origin = _origin(self._endpoint)
         self._cancel = cancel
@@ -362,7 +388,9 @@ class HFSource:
         """A ``huggingface_hub``/httpx error as a typed error; the message never holds the token."""
         if isinstance(exc, ModelherdError):
             return exc
-        detail = _redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, self._token)
+        if _header_error(exc):
+            return _header_failure(what)
+        detail = self._redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
         if isinstance(exc, HfHubHTTPError):
             status = exc.response.status_code if exc.response is not None else 0
             if isinstance(exc, GatedRepoError) or status in (401, 403):
@@ -395,6 +423,9 @@ class HFSource:
         if status >= 500 or status in (408,):
             return TransientSourceError(f"{what}: server error ({status})", hint=TRANSIENT_HINT)
         return SourceError(f"{what}: unexpected HTTP status {status}")
+
+    def _redact(self, text: str) -> str:
+        return redact(text, (self._token,) if self._token else ())
 
     # -- bodies ------------------------------------------------------------------------------
     def open(self, file: RemoteFile, start: int = 0, end: int | None = None) -> _HFBody:
@@ -446,22 +477,24 @@ class HFSource:
         drained = resp.headers.get("Retry-After")
         raise self._map_status(resp.status, drained, what)
 
-    @staticmethod
-    def _urllib3_mapper(what: str) -> Callable[[Exception], Exception]:
+    def _urllib3_mapper(self, what: str) -> Callable[[Exception], Exception]:
         def mapper(exc: Exception) -> Exception:
-            if isinstance(exc, SourceError):
+            if isinstance(exc, ModelherdError):
                 return exc
             if isinstance(exc, urllib3.exceptions.LocationValueError):
                 # a redirect to file://, ftp://, a URL without a host...: no retry can make that work
-                return SourceError(f"{what}: redirected to an unusable URL ({exc})",
+                return SourceError(f"{what}: redirected to an unusable URL ({self._redact(str(exc))})",
                                    hint="the origin or a proxy redirects to a location that is not http(s)")
             if isinstance(exc, urllib3.exceptions.MaxRetryError) and \
                     isinstance(exc.reason, urllib3.exceptions.ResponseError):
                 return SourceError(f"{what}: too many redirects", hint="the endpoint redirects in a loop")
+            if _header_error(exc):
+                return _header_failure(what)
             if isinstance(exc, (Urllib3HTTPError, OSError)):
                 # urllib3 messages hold URLs and reasons, never request headers.
-                return TransientSourceError(f"{what}: {type(exc).__name__}: {exc}", hint=TRANSIENT_HINT)
-            return SourceError(f"{what}: {type(exc).__name__}: {exc}")
+                return TransientSourceError(f"{what}: {type(exc).__name__}: {self._redact(str(exc))}",
+                                            hint=TRANSIENT_HINT)
+            return SourceError(f"{what}: {type(exc).__name__}: {self._redact(str(exc))}")
         return mapper
 
     def close(self) -> None:

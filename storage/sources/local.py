@@ -5,7 +5,8 @@ safe relative path whose real location is inside the folder — a symlink that l
 :class:`UnsafePathError`; modelherd's own files (``.modelherd-*``, manifest temp files) are not listed;
 only regular files are ever opened — a FIFO, socket or device in the folder raises :class:`SourceError`
 when listing (from its ``stat``), and one swapped in later is refused by :meth:`LocalSource.open` without
-blocking.
+blocking; the listing walk stops at once past ``max_files`` files or folders
+(:class:`MalformedListingError`: ``local:///`` is not a model folder), so it never grows with the tree.
 """
 
 from __future__ import annotations
@@ -15,12 +16,20 @@ import stat
 from pathlib import Path
 from typing import BinaryIO
 
-from ..errors import ConfigError, SourceError, SourceNotFoundError, UnsafePathError, VerificationError
+from ..errors import (
+    ConfigError,
+    MalformedListingError,
+    SourceError,
+    SourceNotFoundError,
+    UnsafePathError,
+    VerificationError,
+)
 from ..manifest import MANIFEST_NAME, read_manifest
 from ..paths import contained, quote_name, safe_relpath
 from ..types import Listing, RemoteFile
 from ..untrusted import NotRegularFileError, file_kind, open_regular
 from ..uri import ModelURI
+from ..verify import MAX_FILES
 
 INTERNAL_PREFIX = ".modelherd-"
 MANIFEST_TMP_PREFIX = ".manifest."  # write_manifest's temp files, left behind only by a crash
@@ -57,7 +66,7 @@ class _FileBody:
 class LocalSource:
     """Files under an absolute local folder. Thread-safe: ``open`` uses a fresh file object each time."""
 
-    def __init__(self, uri: ModelURI) -> None:
+    def __init__(self, uri: ModelURI, *, max_files: int = MAX_FILES) -> None:
         if uri.scheme != "local":
             raise ConfigError(f"LocalSource needs a local:// URI, got {uri.raw!r}")
         self.uri = uri.canonical
@@ -65,12 +74,22 @@ class LocalSource:
         if not self.root.is_dir():
             raise SourceNotFoundError(f"{self.root} is not a folder", hint="give local:///ABSOLUTE/PATH of a model")
         self._real_root = Path(os.path.realpath(self.root))
+        self.max_files = max_files
 
     def _walk(self) -> list[tuple[str, int]]:
         """(relative path, size) of every regular file, following symlinks only while they stay inside;
-        anything else that is not a folder (FIFO, socket, device) raises :class:`SourceError`."""
+        anything else that is not a folder (FIFO, socket, device) raises :class:`SourceError`; more than
+        ``max_files`` files or folders raise :class:`MalformedListingError` as soon as one too many is seen."""
         out: list[tuple[str, int]] = []
         seen_dirs: set[tuple[int, int]] = set()
+        counts = {"files": 0, "folders": 0}
+
+        def count(what: str) -> None:
+            counts[what] += 1
+            if counts[what] > self.max_files:
+                raise MalformedListingError(f"{self.root}: more than {self.max_files} {what}: not a model folder",
+                                            hint="give local:///ABSOLUTE/PATH of one model's folder")
+
         stack: list[tuple[Path, tuple[str, ...]]] = [(self.root, ())]
         while stack:
             folder, parts = stack.pop()
@@ -78,12 +97,15 @@ class LocalSource:
             if (st.st_dev, st.st_ino) in seen_dirs:
                 continue  # a symlink loop inside the folder
             seen_dirs.add((st.st_dev, st.st_ino))
+            entries = []
             with os.scandir(folder) as it:
-                entries = sorted(it, key=lambda e: e.name)
+                for e in it:
+                    if not _internal((*parts, e.name)):  # modelherd's own files are neither listed nor counted
+                        count("folders" if e.is_dir(follow_symlinks=False) else "files")
+                        entries.append(e)
+            entries.sort(key=lambda e: e.name)
             for e in entries:
                 rel_parts = (*parts, e.name)
-                if _internal(rel_parts):
-                    continue
                 rel = safe_relpath("/".join(rel_parts), what="file name")
                 if e.is_symlink():
                     real = Path(os.path.realpath(e.path))

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from kubernetes import client
-from modelherd.agent.reporting.keys import configmap_key, node_label_key
+from modelherd.agent.reporting.keys import configmap_key, node_label_key, parse_configmap_key
 from modelherd.storage.verify import verify_deep
 
 from tests.agent_fleet import Fleet, eventually
@@ -203,6 +203,40 @@ def test_deleted_configmap_comes_back_with_its_labels(fleet: Fleet, hub: HubServ
         return cm is not None and cm["metadata"].get("labels", {}).get("models.ome/basemodel-status") == "true" \
             and json.loads(cm["data"][cm_key]) == before
     eventually(restored, timeout=30, what="ConfigMap restored with labels and entry")
+
+
+def test_a_restart_keeps_the_entry_of_a_live_model_whose_configmap_key_is_truncated(
+        fleet: Fleet, hub: HubServer, tmp_path: Path) -> None:
+    """A 250-character name gets a truncated key (OME's ``<hash>-<suffix>``), which parses into a name no CR has:
+    the orphan sweep at start-up compares keys, so it keeps the live model's entry and removes only orphans."""
+    root = _shared_root(tmp_path)
+    node = fleet.add_node("trunc")
+    agent = fleet.start(node, root, "--storage-mode", "local", "--coordination", "none")
+    fleet.wait_ready(agent)
+    live, gone, short = (f"{what}-{fleet.tag}-" for what in ("live", "gone", "short"))
+    live, gone = (prefix + "a" * (250 - len(prefix)) for prefix in (live, gone))
+    short = short + "m"
+    keys = {n: configmap_key("ClusterBaseModel", "", n) for n in (live, gone, short)}
+    for n in (live, gone):
+        assert len(keys[n]) == 253 and parse_configmap_key(keys[n]) != ("ClusterBaseModel", "", n)
+    for i, n in enumerate((live, gone, short)):
+        fleet.create_cbm(n, f"hf://{REPO}", path=str(root / f"copy{i}"))
+    eventually(lambda: all((fleet.entry(node, k) or {}).get("status") == "Ready" for k in keys.values()),
+               timeout=90, what="three Ready entries")
+    label = node_label_key("ClusterBaseModel", "", live)
+    before = fleet.entry(node, keys[live])
+
+    assert fleet.stop(node) == 0
+    fleet.delete_model("clusterbasemodels", gone)  # deleted while the agent is down: orphans at the restart
+    fleet.delete_model("clusterbasemodels", short)
+    agent = fleet.start(node, root, "--storage-mode", "local", "--coordination", "none")
+    fleet.wait_ready(agent)
+    eventually(lambda: fleet.entry(node, keys[gone]) is None and fleet.entry(node, keys[short]) is None,
+               timeout=30, what="the orphans' entries removed by the sweep")
+    time.sleep(3.0)  # every worker has had its turn at what the sweep enqueued
+    assert fleet.entry(node, keys[live]) == before
+    assert fleet.labels(node).get(label) == "Ready"
+    assert (root / "copy0").is_dir()
 
 
 def test_bad_models_fail_with_their_reason_and_the_agent_keeps_serving_others(

@@ -6,6 +6,7 @@ events (with the previous object), the store, request counts, restarts, and stop
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import uuid
@@ -313,17 +314,44 @@ def test_a_watch_that_times_out_is_reopened_from_the_last_resource_version_witho
     assert inf.restarts == 0
 
 
+def _request_rises(inf: Informer, n: int, timeout_each: float) -> list[tuple[float, float, int]]:
+    """Watch ``inf.requests`` until it has gone up ``n`` times; for each rise ``(after, by, count)``: the request
+    was counted after monotonic time ``after`` and by ``by`` (a bracket measured by the polls either side of it,
+    however late a loaded machine runs them), and ``count`` is what the poll that saw it read."""
+    rises: list[tuple[float, float, int]] = []
+    after = time.monotonic()
+    last = inf.requests
+    deadline = after + timeout_each
+    while len(rises) < n:
+        before_read = time.monotonic()
+        now = inf.requests
+        read_by = time.monotonic()
+        if now == last:
+            after = before_read  # not counted yet when this poll read it
+            assert read_by < deadline, f"requests stayed at {now} for {timeout_each} s (rises so far: {rises})"
+        else:
+            rises.append((after, read_by, now))
+            last, after, deadline = now, read_by, read_by + timeout_each
+        time.sleep(0.005)
+    return rises
+
+
 @pytest.mark.usefixtures("ome_crds")
-@pytest.mark.flaky(reruns=2)  # timing-sensitive on a loaded 2-core machine: seen failing once in ten runs
 def test_idle_informer_makes_one_request_per_watch_timeout_not_a_loop(start_informer: Callable[..., Any]) -> None:
     inf, _ = start_informer(CLUSTERBASEMODELS, watch_timeout_s=2)  # timeoutSeconds in {2, 3}
     assert inf.wait_synced(15)
-    _wait_requests(inf, 1, 5)
-    start, t0 = inf.requests, time.monotonic()
-    time.sleep(9)
-    made = inf.requests - start
-    elapsed = time.monotonic() - t0
-    assert elapsed / 3 - 1 <= made <= elapsed / 2 + 1, made  # between 9/3 and 9/2 re-watches
+    start = _wait_requests(inf, 1, 5)  # the list, then the first watch
+    # Each re-watch is timed, not assumed: a fixed 9 s window cut the third 3 s watch short once in ~ten runs.
+    rises = _request_rises(inf, 4, timeout_each=3 + 10)
+    assert [c for _, _, c in rises] == list(range(start + 1, start + 5)), f"one request per rise: {rises}"
+    for (a0, b0, _), (a1, b1, _) in itertools.pairwise(rises):
+        shortest, longest = a1 - b0, b1 - a0  # the true gap between two re-watches lies within these
+        # the API server ends a watch no sooner than its timeoutSeconds (>= 2): a shorter gap is a loop
+        assert longest >= 2.0, f"re-watched after at most {longest:.3f} s: {rises}"
+        # and at most a re-connect (1.5 s, generous on a loaded machine) after the longest timeoutSeconds (3):
+        # the informer re-watches when the server ends the watch, it does not wait for a read timeout or back off
+        assert shortest <= 3.0 + 1.5, f"re-watched only after at least {shortest:.3f} s: {rises}"
+    assert inf.requests == start + 4
     assert inf.restarts == 0
     assert inf.healthy(max_age_s=1)  # a quiet open watch is healthy
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubernetes import client
+from kubernetes import client, watch
 from modelherd.agent.reporting.keys import configmap_key, node_label_key
 from modelherd.storage.cleanup import staging_key
 from modelherd.storage.manifest import MANIFEST_NAME
@@ -83,6 +83,78 @@ def _staging_of(root: Path, dest: Path) -> list[str]:
     return sorted(n for n in os.listdir(folder) if n.startswith(key + ".")) if folder.is_dir() else []
 
 
+class LabelHistory:
+    """Every value one label takes on the given nodes, from a watch on Nodes that starts at a list made in
+    ``__init__``: every write the API server accepts after that list is delivered (a 50 ms poll can miss a short
+    ``Updating``). ``values[node]`` holds the distinct consecutive values (``None``: absent), the first one from the
+    list; :meth:`caught_up` tells whether the watch has delivered a given resourceVersion of a node yet."""
+
+    def __init__(self, fleet: Fleet, nodes: list[str], key: str) -> None:
+        self.core, self.nodes, self.key = fleet.core, set(nodes), key
+        self.selector = f"mh-test={fleet.tag}"
+        self.values: dict[str, list[str | None]] = {n: [] for n in nodes}
+        self.rv: dict[str, int] = dict.fromkeys(nodes, 0)
+        self.relists = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._w = watch.Watch()
+        rv = self._list()
+        self._t = threading.Thread(target=self._run, args=(rv,), daemon=True)
+        self._t.start()
+
+    def _record(self, node: Any) -> None:
+        name = node.metadata.name
+        if name not in self.nodes:
+            return
+        value = (node.metadata.labels or {}).get(self.key)
+        with self._lock:
+            self.rv[name] = max(self.rv[name], int(node.metadata.resource_version))
+            if not self.values[name] or self.values[name][-1] != value:
+                self.values[name].append(value)
+
+    def _list(self) -> str:
+        listed = self.core.list_node(label_selector=self.selector)
+        for node in listed.items:
+            self._record(node)
+        return str(listed.metadata.resource_version)
+
+    def _run(self, rv: str) -> None:
+        while not self._stop.is_set():
+            try:
+                for ev in self._w.stream(self.core.list_node, label_selector=self.selector, resource_version=rv,
+                                         timeout_seconds=5):
+                    if ev["type"] in ("ADDED", "MODIFIED"):
+                        self._record(ev["object"])
+                    rv = ev["object"].metadata.resource_version or rv
+                    if self._stop.is_set():
+                        return
+            except Exception:  # the watch broke or its resourceVersion expired: carry on from a new list
+                if self._stop.is_set():
+                    return
+                with self._lock:
+                    self.relists += 1
+                rv = self._list()
+
+    def caught_up(self, node: str, rv: int) -> bool:
+        with self._lock:
+            return self.rv[node] >= rv
+
+    def of(self, node: str) -> list[str | None]:
+        with self._lock:
+            return list(self.values[node])
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._w.stop()
+        self._t.join(10)
+
+
+def _label_and_rv(fleet: Fleet, node: str, key: str) -> tuple[str | None, int]:
+    """The label's value on the API server now, and the Node's resourceVersion it was read at."""
+    meta = json.loads(fleet.core.read_node(node, _preload_content=False).data)["metadata"]
+    return (meta.get("labels") or {}).get(key), int(meta["resourceVersion"])
+
+
 def _start_all(fleet: Fleet, nodes: list[str], root: Path | dict[str, Path], *args: str) -> None:
     for n in nodes:
         fleet.start(n, root[n] if isinstance(root, dict) else root, *args)
@@ -91,7 +163,6 @@ def _start_all(fleet: Fleet, nodes: list[str], root: Path | dict[str, Path], *ar
 
 
 # --------------------------------------------------------------------------------------------------- spec changes
-@pytest.mark.flaky(reruns=2)  # timing-sensitive on a loaded 2-core machine: seen failing once in ten runs
 def test_revision_change_on_shared_storage_downloads_once_keeps_open_files_and_is_ready_again(
         fleet: Fleet, hub: HubServer, tmp_path: Path, revisions: dict[str, tuple[Path, int]]) -> None:
     root = _root(tmp_path)
@@ -114,20 +185,9 @@ def test_revision_change_on_shared_storage_downloads_once_keeps_open_files_and_i
         assert hub.stats()["requests"] == {}, "a metadata-only change must not reach the origin"
         assert all(_label(fleet, n, key) == "Ready" for n in nodes)
 
-        seen: dict[str, list[str]] = {n: [] for n in nodes}
-        stop = threading.Event()
-
-        def sample() -> None:
-            while not stop.is_set():
-                for n in nodes:
-                    value = str(_label(fleet, n, key))
-                    if not seen[n] or seen[n][-1] != value:
-                        seen[n].append(value)
-                time.sleep(0.05)
-
-        hub.throttle("cdn", bytes_per_s=600 * KiB)  # the download takes seconds: Updating must be visible
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
+        hub.throttle("cdn", bytes_per_s=600 * KiB)  # the download takes a while
+        # every label write from here on, from a watch (a poll can miss a short Updating on a loaded machine)
+        history = LabelHistory(fleet, nodes, key)
         try:
             fleet.patch_model("clusterbasemodels", name, {"spec": {"storage": {"storageUri": f"hf://{REPO}@v2"}}})
 
@@ -136,12 +196,20 @@ def test_revision_change_on_shared_storage_downloads_once_keeps_open_files_and_i
                            (fleet.entry(n, cm_key) or {}).get("modelherd", {}).get("storageUri") == f"hf://{REPO}@v2"
                            for n in nodes)
             eventually(v2_ready, timeout=120, what="v2 Ready on both nodes")
+            # the final state is what the API server says now, not the last thing a sampler happened to see
+            final = {n: _label_and_rv(fleet, n, key) for n in nodes}
+            # the history is complete up to that read once the watch has delivered the Node's resourceVersion
+            eventually(lambda: all(history.caught_up(n, final[n][1]) for n in nodes), timeout=30,
+                       what="the label watch caught up with the final read")
         finally:
-            stop.set()
-            sampler.join(5)
+            history.stop()
         for n in nodes:
-            assert "Updating" in seen[n], f"{n} kept a stale Ready across the spec change: {seen[n]}"
-            assert seen[n][-1] == "Ready"
+            seen = history.of(n)
+            assert final[n][0] == "Ready", f"{n} is {final[n][0]} after v2 Ready: {seen}"
+            assert seen[0] == "Ready", f"{n} was not Ready before the spec change: {seen}"
+            assert "Updating" in seen, f"{n} kept a stale Ready across the spec change: {seen}" + (
+                f" (the watch re-listed {history.relists} times)" if history.relists else "")
+            assert set(seen) <= {"Ready", "Updating"}, f"{n}'s label left Ready/Updating: {seen}"
         assert hub.stats()["bytes_served"] == revisions["v2"][1], "exactly one download of v2 for both nodes"
         held.seek(0)
         assert held.read() == old_bytes, "an open file of the old revision must stay readable, unchanged"

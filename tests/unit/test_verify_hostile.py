@@ -15,18 +15,22 @@ import socket
 import stat
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from modelherd.storage.errors import SourceError, VerificationError
+from modelherd.storage import verify
+from modelherd.storage.engine import EngineOptions
+from modelherd.storage.errors import MalformedListingError, SourceError, VerificationError
 from modelherd.storage.manifest import MANIFEST_NAME, read_manifest
 from modelherd.storage.ready import published_model
 from modelherd.storage.sources.local import LocalSource
 from modelherd.storage.types import RemoteFile
 from modelherd.storage.untrusted import UntrustedInputError, load_json, open_regular
 from modelherd.storage.uri import parse_uri
-from modelherd.storage.verify import DTYPE_BITS, Problem, check_safetensors, verify_deep, verify_quick
+from modelherd.storage.verify import DTYPE_BITS, MAX_FILES, Problem, check_safetensors, verify_deep, verify_quick
 from safetensors import SafetensorError, deserialize, safe_open
 
 from tests.modelgen import make_diffusers_model, make_sharded_model, write_test_manifest
@@ -395,3 +399,95 @@ def test_diffusers_class_name_with_a_newline_cannot_forge_a_line(tmp_path: Path)
     problems = verify_quick(tmp_path)
     assert len(problems) == 1 and "'ghost'" in problems[0].message
     assert "\n" not in str(problems[0])
+
+
+# ---- bounds: a tree that is no model folder (local:///, local:///proc/self) stops the walk at once ------------
+
+
+def _empty_files(folder: Path, n: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        os.close(os.open(folder / f"f{i:05d}", os.O_CREAT | os.O_WRONLY, 0o644))
+
+
+def test_more_files_than_a_model_may_have_is_one_problem_quickly(tmp_path: Path) -> None:
+    assert MAX_FILES == EngineOptions().max_files == 20_000
+    _empty_files(tmp_path / "a", MAX_FILES // 2)
+    _empty_files(tmp_path / "b", MAX_FILES // 2 + 1)
+    t0 = time.monotonic()
+    problems = verify_quick(tmp_path)
+    assert time.monotonic() - t0 < 10
+    assert [str(p) for p in problems] == [f".: more than {MAX_FILES} files: not a model folder"]
+
+
+def test_walk_stops_at_the_first_file_too_many(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _empty_files(tmp_path, 500)
+    stats = 0
+    real_stat = os.stat
+
+    def counting_stat(*args: Any, **kwargs: Any) -> os.stat_result:
+        nonlocal stats
+        stats += 1
+        return real_stat(*args, **kwargs)
+
+    monkeypatch.setattr(verify.os, "stat", counting_stat)
+    problems = verify_quick(tmp_path, max_files=10)
+    monkeypatch.undo()
+    assert [p.message for p in problems] == ["more than 10 files: not a model folder"]
+    assert stats <= 12  # the folder itself, ten files: never the other 490
+
+
+def test_exactly_max_files_plus_the_manifest_verifies(tmp_path: Path) -> None:
+    _empty_files(tmp_path / "sub", 9)
+    (tmp_path / "config.json").write_text("{}")
+    write_test_manifest(tmp_path)
+    assert verify_quick(tmp_path, require_manifest=True, max_files=10) == []
+    assert verify_deep(tmp_path, require_manifest=True, max_files=10) == []
+    (tmp_path / "extra").write_text("")
+    assert [p.message for p in verify_quick(tmp_path, max_files=10)] == ["more than 10 files: not a model folder"]
+    # past its bounds deep verification hashes nothing: the one problem, no manifest findings
+    assert [p.message for p in verify_deep(tmp_path, max_files=10)] == ["more than 10 files: not a model folder"]
+
+
+def test_a_tree_of_empty_folders_is_bounded_too(tmp_path: Path) -> None:
+    deep = tmp_path
+    for i in range(30):
+        deep = deep / f"d{i}"
+    deep.mkdir(parents=True)
+    assert [p.message for p in verify_quick(tmp_path, max_files=20)] == ["more than 20 folders: not a model folder"]
+
+
+def test_a_deadline_of_zero_stops_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_sharded_model(tmp_path, n_shards=2)
+    write_test_manifest(tmp_path)
+    assert verify_quick(tmp_path, require_manifest=True) == []
+
+    def no_walk(*_: Any, **__: Any) -> Any:
+        raise AssertionError("scandir after the deadline")
+
+    monkeypatch.setattr(verify.os, "scandir", no_walk)
+    for check in (verify_quick, verify_deep):
+        problems = check(tmp_path, deadline_s=0)
+        assert len(problems) == 1 and problems[0].path == "."
+        assert problems[0].message.startswith("not verified within 0 s: stopped")
+
+
+def test_deadline_stops_a_walk_that_is_under_way(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _empty_files(tmp_path, 200)
+    clock = iter(range(10_000))  # every look at the clock is one second later
+    monkeypatch.setattr(verify.time, "monotonic", lambda: float(next(clock)))
+    problems = verify_quick(tmp_path, deadline_s=50)
+    monkeypatch.undo()
+    assert [p.message for p in problems] == ["not verified within 50 s: stopped (too many or too slow files for a "
+                                             "model folder)"]
+    assert next(clock) < 60  # it stopped at the deadline, not after the 200 files
+
+
+def test_local_source_listing_is_bounded(tmp_path: Path) -> None:
+    _empty_files(tmp_path / "m", 11)
+    with pytest.raises(MalformedListingError, match="more than 10 files: not a model folder"):
+        LocalSource(parse_uri(f"local://{tmp_path}"), max_files=10).list_files()
+    (tmp_path / "m" / "f00000").unlink()
+    write_test_manifest(tmp_path)  # modelherd's own files do not count
+    listed = LocalSource(parse_uri(f"local://{tmp_path}"), max_files=10).list_files().files
+    assert len(listed) == 10
