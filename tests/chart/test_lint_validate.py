@@ -153,6 +153,41 @@ def test_the_agent_reads_the_gpu_shape_and_instance_type_map_the_chart_sets(
                                                       "p5.48xlarge": "H100x8"}
 
 
+TENANCY_ENV = {"MODELHERD_BASEMODEL_PATH_PREFIXES", "MODELHERD_LOCAL_SOURCE_ROOTS",
+               "MODELHERD_AMBIENT_CREDENTIAL_NAMESPACES"}
+
+
+def test_the_agent_reads_the_tenancy_settings_the_chart_sets(
+        chart_tools: ChartTools, monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelherd.agent.settings import Settings
+
+    path = CHART / "ci" / "tenancy-values.yaml"
+    tenancy = yaml.safe_load(path.read_text())["tenancy"]
+    (ds,) = [o for o in render(chart_tools.helm, path) if o["kind"] == "DaemonSet"]
+    (container,) = ds["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    assert set(env) >= TENANCY_ENV, env
+    for name in [n for n in os.environ if n.startswith("MODELHERD_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert settings.basemodel_path_prefixes == tenancy["basemodelPathPrefixes"] == ["{namespace}"]
+    assert settings.local_source_roots == [Path(p) for p in tenancy["localSourceRoots"]]
+    assert settings.ambient_credential_namespaces == tenancy["ambientCredentialNamespaces"]
+
+    # every local source root is readable in the pod, read-only, at the same path as on the node
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in ds["spec"]["template"]["spec"]["volumes"]}
+    for root in tenancy["localSourceRoots"]:
+        assert mounts[root].get("readOnly") is True, mounts[root]
+        assert volumes[mounts[root]["name"]]["hostPath"] == {"path": root, "type": "Directory"}
+
+    # by default none is set: OME's behaviour
+    (default,) = _containers(render(chart_tools.helm), "DaemonSet")
+    assert not TENANCY_ENV & {e["name"] for e in default["env"]}
+
+
 @pytest.mark.parametrize("values", [p for p in CI_VALUES if "prometheusRule" in p.read_text()],
                          ids=lambda p: ci_id(p))
 def test_the_rendered_prometheus_rule_passes_promtool(

@@ -384,3 +384,121 @@ def test_a_reserve_annotation_keeps_the_files_of_a_deleted_model(cluster: Cluste
                what="the labels removed")
     time.sleep(1)
     assert (c.root / "keep/llama/.modelherd-manifest.json").is_file(), "reserved files were deleted"
+
+
+def test_a_status_write_the_api_server_forbids_is_named_in_an_event_and_fails_readyz(cluster: Cluster) -> None:
+    """RBAC taken away (the agent's Role loses ConfigMap writes): one typed reason naming the verb and resource,
+    an Event, /readyz failing on ``status-writes``; RBAC back: the model Ready and /readyz passing again."""
+    c = cluster
+    rbac = client.RbacAuthorizationV1Api(c.fleet.api)
+    role_name = c.release.agent_sa  # the chart names the agent's Role after the release's full name
+    role: Any = json.loads(rbac.read_namespaced_role(role_name, c.release.namespace, _preload_content=False).data)
+    original = json.loads(json.dumps(role["rules"]))
+    reduced = [dict(r, verbs=["get", "list", "watch"]) if "configmaps" in r.get("resources", []) else r
+               for r in role["rules"]]
+    name = f"forbidden-{c.fleet.tag}"
+    rbac.patch_namespaced_role(role_name, c.release.namespace, {"rules": reduced})
+    try:
+        time.sleep(1)  # the authorizer's cache
+        c.fleet.create_cbm(name, f"hf://{PLATFORM}", path=str(c.root / "forbidden/llama"))
+
+        def refused() -> str | None:
+            status, body = next(iter(c.fleet.agents.values())).get("/readyz?verbose")
+            return body if status != 200 and "[-]status-writes failed" in body else None
+        eventually(refused, timeout=60, what="/readyz failing on status-writes")
+        assert "may not" in c.fleet.logs() and "configmaps in " + c.release.namespace in c.fleet.logs()
+
+        def forbidden_event() -> dict[str, Any] | None:
+            return next((e for e in c.events("default") if e["involvedObject"]["name"] == name
+                         and e["reason"] == "Forbidden"), None)
+        event = eventually(forbidden_event, timeout=30, what="a Forbidden Event")
+        assert "may not" in event["message"] and "configmaps" in event["message"], event["message"]
+        logs = c.fleet.logs()
+        assert "Traceback" not in logs and "reconcile failed unexpectedly" not in logs, logs[-3000:]
+    finally:
+        rbac.patch_namespaced_role(role_name, c.release.namespace, {"rules": original})
+    eventually(lambda: all(c.label(n, "ClusterBaseModel", name) == "Ready" for n in c.nodes)
+               and all((c.entry(n, "ClusterBaseModel", name) or {}).get("status") == "Ready" for n in c.nodes),
+               timeout=120, what="Ready once the RBAC is back")
+    eventually(lambda: all(a.get("/readyz")[0] == 200 for a in c.fleet.agents.values()), timeout=60,
+               what="/readyz passing again")
+
+
+def _hostile_specs(root: Path, ns: str, outside: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(name, storage) pairs: hostile values for every field of spec.storage the agent reads."""
+    long = "a" * 5000
+    uris = ["hf://../../etc", "hf://acme/llama@../../x", "local:///etc/../etc", "file:///etc/passwd",
+            "hf://" + "a" * 300, "oci://n/../b/x/o/y", "hf://acme/llama?x=1", "http://169.254.169.254/latest",
+            f"local://{outside}", f"local://{root}/../{outside.name}", "s3://bucket/x", "hf://acme/llama@main\n",
+            "oci://n/ns/b/bucket/o/prefix"]
+    paths = ["../../../../" + outside.name, str(outside), f"{root}/../{outside.name}", f"{root}/.modelherd-staging/x",
+             f"{root}/acme/llama/sub", f"{root}/acme", " ", long, str(root), f"{root}/", f"{root}/\u202eevil",
+             "~root/x", f"{root}/./acme/../acme/llama"]
+    keys = ["../x", "a" * 300, "kube-system/x", f"../../{ns}/secrets/cluster-hf", "cluster-hf"]
+    params: list[dict[str, str]] = [{"secretKey": "../../x"}, {"token": PEM}, {"auth": "InstancePrincipal"},
+                                    {"region": "../x"}, {"token": PLATFORM_TOKEN + "\r\nX-Evil: 1"}]
+    out: list[tuple[str, dict[str, Any]]] = []
+    out += [(f"uri-{i}", {"storageUri": u}) for i, u in enumerate(uris)]
+    out += [(f"path-{i}", {"storageUri": f"hf://{EVIL}", "path": p}) for i, p in enumerate(paths)]
+    out += [(f"key-{i}", {"storageUri": f"hf://{PRIVATE}", "key": k}) for i, k in enumerate(keys)]
+    out += [(f"param-{i}", {"storageUri": "oci://n/ns/b/bucket/o/p" if "auth" in p else f"hf://{PRIVATE}",
+                            "parameters": p}) for i, p in enumerate(params)]
+    terms = [{"matchExpressions": [{"key": "x", "operator": "Gt", "values": ["abc"]}]},
+             {"matchFields": [{"key": "metadata.name", "operator": "In", "values": []}]}]
+    affinity = {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}
+    out += [("selector-0", {"storageUri": f"hf://{EVIL}", "nodeAffinity": affinity}),
+            ("selector-1", {"storageUri": f"hf://{EVIL}", "nodeSelector": {"a" * 300: long}})]
+    out += [("n" * 253, {"storageUri": f"hf://{EVIL}", "path": f"{root}/{ns}/long"})]
+    return out
+
+
+def test_hostile_values_in_every_field_reach_nothing_outside_and_disturb_no_other_model(
+        cluster: Cluster, tmp_path: Path) -> None:
+    c = cluster
+    cbm = _platform_ready(c)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("the platform's")
+    before_outside = sorted(p.name for p in tmp_path.iterdir())
+    inode = (c.root / "acme/llama").stat().st_ino
+    c.hub.reset_counters()  # from here on only the tenant's models can make the agents reach the Hub
+    c.tenant_core.create_namespaced_secret(c.release.tenant, client.V1Secret(
+        metadata=client.V1ObjectMeta(name="cluster-hf"), data={"token": base64.b64encode(PEM.encode()).decode()}))
+    created: list[str] = []
+    with LabelSampler(c, node_label_key("ClusterBaseModel", "", cbm)) as sampler:
+        for name, storage in _hostile_specs(c.root, c.release.namespace, outside):
+            body = c.fleet.model_body("BaseModel", name, "x", namespace=c.release.tenant)
+            body["spec"]["storage"] = {**storage, **{k: v for k, v in body["spec"]["storage"].items()
+                                                    if k == "nodeSelector" and "nodeSelector" not in storage}}
+            try:
+                c.tenant.create_namespaced_custom_object("ome.io", "v1beta1", c.release.tenant, "basemodels", body)
+            except client.ApiException as e:
+                assert e.status in (400, 422), e  # the CRD's schema refused it: nothing reaches the agents
+                continue
+            c.fleet.models.append(("basemodels", c.release.tenant, name))
+            created.append(name)
+
+        def settled() -> bool:  # every selected hostile model has a final state on every node
+            for node in c.nodes:
+                data = (c.fleet.configmap(node) or {}).get("data") or {}
+                states = [json.loads(v)["status"] for k, v in data.items() if ".basemodel." in k]
+                if any(s == "Updating" for s in states):
+                    return False
+            return True
+        eventually(settled, timeout=120, what="every hostile model settled")
+        time.sleep(3)
+    assert len(created) >= 20, f"most hostile values reach the agents ({len(created)})"
+    assert sampler.seen == {"Ready"}, f"the platform's model left Ready: {sampler.seen}"
+    assert (c.root / "acme/llama").stat().st_ino == inode
+    assert sorted(p.name for p in tmp_path.iterdir()) == before_outside, "something was written outside the root"
+    assert sorted(p.name for p in outside.iterdir()) == ["keep.txt"]
+    assert all(a.proc.poll() is None and a.get("/livez")[0] == 200 for a in c.fleet.agents.values())
+    text = c.everything_written()
+    assert PLATFORM_TOKEN not in text
+    for line in PEM.splitlines():
+        if len(line) >= 8:
+            assert line not in text, f"a line of a Secret leaked: {line[:12]}..."
+    assert "passwd" not in text.replace("file:///etc/passwd", ""), "a file name from /etc reached an output"
+    tokened = [r for r in c.hub.request_log if PLATFORM_TOKEN in r.headers.get("authorization", "")]
+    assert tokened == [], "a tenant's model reached the Hub with the platform's token"
+    assert not list(c.root.glob("**/mh-evil*"))
