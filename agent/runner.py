@@ -187,6 +187,15 @@ class NodeAgent:
         labels = (obj.get("metadata") or {}).get("labels") or {}
         if etype == "DELETED" or labels.get(STATUS_LABEL) != "true":
             self._restore.set()
+            return
+        # an entry of ours edited by someone else: its model's reconcile writes it back (serialised per model,
+        # so it never races our own write of the same key)
+        data = obj.get("data") or {}
+        edited = {k for k, v in self.configmap.remembered().items() if data.get(k) != v}
+        if edited:
+            for ref in self._all_refs():
+                if ref.cm_key in edited:
+                    self.queue.add(ref)
 
     def _watch_restarted(self, resource: str, why: str) -> None:
         self.metrics.watch_restarts.labels(resource=resource).inc()

@@ -458,6 +458,7 @@ class Reconciler:
         entry_changed = True
         if cached is not None and render(cached) == cached and not label_changed:
             entry_changed = False  # the ConfigMap already says exactly this: no request at all
+            self.cm.own(ref.cm_key, cached)  # ...and it is ours to restore (a restart writes nothing)
         else:
             before = cached
             stored = self.cm.update(ref.cm_key, render)

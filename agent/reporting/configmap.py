@@ -7,7 +7,8 @@ Invariants:
 - A delete of our key retries on conflict like any write (OME bug §11.2).
 - The ConfigMap always carries ``models.ome/basemodel-status: "true"`` and ``node``, and OME's annotations,
   also when it is re-created after someone deleted it (OME bug §11.3): :meth:`restore` puts back every entry
-  this process last wrote.
+  this process last wrote or found already in place (:meth:`own`: after a restart nothing needs writing, yet
+  every entry is ours to restore).
 """
 
 from __future__ import annotations
@@ -142,6 +143,12 @@ class StatusConfigMap:
                 self._ours.pop(key, None)
             else:
                 self._ours[key] = value
+
+    def own(self, key: str, value: str) -> None:
+        """``value`` is what we would write for ``key`` and the server already holds it (e.g. after a restart):
+        it is ours to restore from now on, with no request."""
+        with self._lock:
+            self._ours[key] = value
 
     def remembered(self) -> dict[str, str]:
         with self._lock:

@@ -402,3 +402,34 @@ def test_local_tensorrt_llm_model_keeps_only_this_nodes_engines(fleet: Fleet, hu
     assert (root / "org" / "trt" / "tokenizer.json").is_file()
     other_shapes = [p for p in hub.stats()["bytes_served_by_path"] if "H100x8" in p or "A100x4" in p]
     assert other_shapes == [], "the origin must not send engines of other GPU shapes"
+
+
+def test_after_a_restart_the_agent_owns_every_entry_it_found_ready_and_restores_a_deleted_or_edited_configmap(
+        fleet: Fleet, hub: HubServer, tmp_path: Path) -> None:
+    root = _shared_root(tmp_path)
+    node = fleet.add_node("a")
+    agent = fleet.start(node, root, "--storage-mode", "shared", "--coordination", "none")
+    fleet.wait_ready(agent)
+    name = f"owned-{fleet.tag}"
+    fleet.create_cbm(name, f"hf://{REPO}")
+    key = node_label_key("ClusterBaseModel", "", name)
+    cm_key = configmap_key("ClusterBaseModel", "", name)
+    eventually(lambda: _label(fleet, node, key) == "Ready", timeout=60, what="Ready")
+    entry = fleet.entry(node, cm_key)
+    assert fleet.stop(node) == 0
+    agent = fleet.start(node, root, "--storage-mode", "shared", "--coordination", "none")
+    fleet.wait_ready(agent)
+    time.sleep(1)  # the restarted agent found the model Ready on disk and wrote nothing
+    assert fleet.entry(node, cm_key) == entry
+
+    fleet.core.delete_namespaced_config_map(node, fleet.namespace)
+    restored = eventually(lambda: fleet.configmap(node), timeout=15, what="the ConfigMap re-created")
+    eventually(lambda: fleet.entry(node, cm_key) == entry, timeout=15, what="the entry restored")
+    restored = fleet.configmap(node) or {}
+    assert restored["metadata"]["labels"].get("models.ome/basemodel-status") == "true"
+
+    edited = dict(entry or {}, status="Failed")
+    fleet.core.patch_namespaced_config_map(node, fleet.namespace, {"data": {cm_key: json.dumps(edited)}})
+    eventually(lambda: (fleet.entry(node, cm_key) or {}).get("status") == "Ready", timeout=15,
+               what="a hand-edited entry written back")
+    assert _label(fleet, node, key) == "Ready"
