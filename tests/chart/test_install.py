@@ -109,6 +109,8 @@ def test_install_is_accepted_and_uninstall_leaves_nothing_behind(
         values: Path, ome_crds_before: dict[str, dict[str, dict[str, str]] | None]) -> None:
     spec = _values(values)
     ensure_namespaces(api_client, (spec.get("rbac") or {}).get("secretNamespaces") or [])
+    if spec.get("statusNamespace"):  # OME's namespace: its install creates it, the chart does not
+        ensure_namespaces(api_client, [spec["statusNamespace"]])
     crds = spec.get("crds") or {}
     installs_crds = bool(crds.get("install"))
     extra: list[str] = []

@@ -72,3 +72,9 @@ the 63 characters: truncating the whole would give a long release's controller t
 host: {{ .Values.agent.bindAddress }}
 {{- end }}
 {{- end }}
+
+{{/* Where the agents' status ConfigMaps, Leases and ClusterBaseModel token Secrets live (and where the controller
+reads them and holds its Lease): statusNamespace, else the release namespace. */}}
+{{- define "modelherd.statusNamespace" -}}
+{{- default .Release.Namespace .Values.statusNamespace }}
+{{- end }}
