@@ -504,15 +504,16 @@ class Reconciler:
         before it is used; no message quotes it."""
         if spec.secret_name:
             ns = ref.namespace or self.env.namespace
-            where = f"Secret {ns}/{spec.secret_name} (spec.storage.key)"
+            where = f"Secret {ns}/{spec.secret_name}"
             try:
                 secret = request(self.env.api, "GET", api_path("api", "v1", "namespaces", ns, "secrets",
                                                                spec.secret_name))
             except UnsafeApiPathError:
-                raise ConfigError(f"{where} is not a Secret name", hint="fix spec.storage.key") from None
+                raise ConfigError(f"{where} (spec.storage.key) is not a Secret name", hint="fix spec.storage.key") \
+                    from None
             except ApiError as e:
                 if e.status == 404:
-                    raise ConfigError(f"{where} does not exist",
+                    raise ConfigError(f"{where} (spec.storage.key) does not exist",
                                       hint="create it in the model's namespace, or fix spec.storage.key") from None
                 if e.status == 403:
                     raise ConfigError(f"reading {where} is forbidden",
@@ -524,7 +525,7 @@ class Reconciler:
             if not isinstance(raw, str):
                 raise ConfigError(f"{where} has no key {spec.secret_key!r}",
                                   hint="set spec.storage.parameters.secretKey, or add the key to the Secret")
-            what = f"{where} key {spec.secret_key!r}"
+            what = f"{where} (spec.storage.key) key {spec.secret_key!r}"
             try:
                 value = base64.b64decode(raw, validate=True).decode()
             except (ValueError, UnicodeDecodeError):

@@ -192,8 +192,9 @@ def test_origin_answering_403_fires_model_failed_and_download_failing(
 
 def test_corrupt_shard_of_a_local_model_fires_verification_failed(
         fleet: Fleet, prometheus: Prometheus, tmp_path: Path) -> None:
+    fleet.env_extra["MODELHERD_LOCAL_SOURCE_ROOTS"] = str(tmp_path / "local")  # local:// outside the models root
     (node,) = _start(fleet, prometheus, ["verify"], *LOCAL)
-    intact, corrupt = tmp_path / "intact", tmp_path / "corrupt"
+    intact, corrupt = tmp_path / "local/intact", tmp_path / "local/corrupt"
     make_sharded_model(intact, n_shards=2, shard_bytes=64 * KiB)
     shards = make_sharded_model(corrupt, n_shards=2, shard_bytes=64 * KiB)
     shard = next(p for p in shards if p.name.endswith(".safetensors"))
