@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Never
 
 from ..storage import fsdetect
 from ..storage.destination import check_destination, ensure_writable, prepare_models_root
-from ..storage.errors import ConfigError, VerificationError
+from ..storage.errors import ConfigError, ModelherdError, VerificationError
+from ..storage.fsid import filesystem_id
 from ..storage.manifest import Manifest
 from ..storage.paths import quote_name
 from ..storage.ready import published_model
@@ -260,7 +261,11 @@ def cmd_detect(args: argparse.Namespace, settings: Settings, cancel: threading.E
     if args.instance_type_map:
         settings = settings.model_copy(update={"instance_type_map": args.instance_type_map})
     shape = resolve_gpu_shape(settings.gpu_shape, settings)
-    print(json.dumps({"path": str(args.path), "storage": kind, "fstype": fs.fstype,
+    try:  # the id every node of this filesystem shares (read only: detect never writes)
+        fs_id = filesystem_id(Path(args.path), create=False) or None
+    except (OSError, ModelherdError):
+        fs_id = None
+    print(json.dumps({"path": str(args.path), "storage": kind, "filesystem_id": fs_id, "fstype": fs.fstype,
                       "magic": None if fs.magic is None else hex(fs.magic), "mountpoint": fs.mountpoint,
                       "evidence": fs.evidence, "gpu_shape": shape.name if shape else None}))
     return 0

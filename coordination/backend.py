@@ -58,6 +58,7 @@ class LeaseRecord:
     dest: str = ""
     updated: str = ""
     status: LeaseStatus = LeaseStatus()
+    filesystem: str = ""  # the id of the filesystem the destination is on (storage/fsid.py)
 
     @property
     def held(self) -> bool:

@@ -37,6 +37,7 @@ from typing import Literal
 
 from ..storage import engine
 from ..storage.errors import CancelledError, ModelherdError
+from ..storage.fsid import filesystem_id
 from ..storage.manifest import Manifest
 from ..storage.ready import published_model
 from ..storage.staging import remove_tree
@@ -418,11 +419,14 @@ def run_coordinated(lease: LeaseBackend, *, source: Source, listing_fn: Callable
 
 
 def identity_for(source_uri: str, revision: str | None, dest: Path, models_root: Path) -> ModelIdentity:
-    """The lease identity: canonical source URI, requested revision, destination relative to the root."""
+    """The lease identity: canonical source URI, requested revision, destination relative to the root, and the id
+    of the filesystem holding the root (created there by the first node to ask; ``""`` on a read-only root that has
+    none yet)."""
     root = Path(models_root).resolve()
     real = Path(dest).resolve()
     try:
         rel = real.relative_to(root).as_posix()
     except ValueError:
         rel = real.as_posix()
-    return ModelIdentity(source_uri=source_uri, revision=revision or "", dest=rel)
+    return ModelIdentity(source_uri=source_uri, revision=revision or "", dest=rel,
+                         filesystem=filesystem_id(models_root))

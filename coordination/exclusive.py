@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..storage.errors import CancelledError
+from ..storage.fsid import filesystem_id
 from .backend import LeaseBackend, LeaseRecord, LeaseStatus, Observation
 from .errors import CoordinationError, LeaseLostError, LeaseUnavailableError
 
@@ -114,14 +115,17 @@ def _observe(lease: LeaseBackend, cancel: threading.Event, deadline: float) -> L
 def held_destinations(kind: str, *, models_root: Path, namespace: str = "default",
                       kubeconfig: Path | None = None) -> set[str] | None:
     """Destinations (relative to the models root, as leases record them) of every modelherd lease someone holds
-    now, expired or not; ``None`` when the lease store cannot be read (then nothing may be collected)."""
+    now, expired or not, on this filesystem; ``None`` when the lease store cannot be read (then nothing may be
+    collected)."""
     try:
+        here = filesystem_id(models_root, create=False)
         if kind == "kubernetes":
             from .kube import api_client, list_leases
 
             api = api_client(kubeconfig)
             try:
-                return {v.dest for v in list_leases(api, namespace or "default") if v.holder}
+                return {v.dest for v in list_leases(api, namespace or "default")
+                        if v.holder and (not v.filesystem or not here or v.filesystem == here)}
             finally:
                 api.close()  # type: ignore[no-untyped-call]
         if kind == "file":

@@ -57,6 +57,7 @@ def _to_json(record: LeaseRecord, counter: int) -> str:
         "duration_s": record.duration_s, "acquire_time": record.acquire_time, "renew_time": record.renew_time,
         "source": record.source, "dest": record.dest, "updated": record.updated, "phase": str(s.phase),
         "bytes_done": s.bytes_done, "bytes_total": s.bytes_total, "staging": s.staging, "message": s.message,
+        "filesystem": record.filesystem,
     }, sort_keys=True)
 
 
@@ -69,7 +70,7 @@ def _from_json(text: str) -> LeaseRecord:
                        transitions=int(d.get("transitions", 0)), duration_s=int(d.get("duration_s", 0)),
                        acquire_time=str(d.get("acquire_time", "")), renew_time=str(d.get("renew_time", "")),
                        source=str(d.get("source", "")), dest=str(d.get("dest", "")),
-                       updated=str(d.get("updated", "")), status=status)
+                       updated=str(d.get("updated", "")), status=status, filesystem=str(d.get("filesystem", "")))
 
 
 def read_record(path: Path) -> LeaseRecord | None:
@@ -126,7 +127,8 @@ class FileLease:
         now = now_microtime()
         return LeaseRecord(name=self.name, version="", holder=holder, transitions=transitions,
                            duration_s=self.duration_s, acquire_time=acquire_time, renew_time=now,
-                           source=self.identity.source_uri, dest=self.identity.dest, updated=now, status=status)
+                           source=self.identity.source_uri, dest=self.identity.dest, updated=now, status=status,
+                           filesystem=self.identity.filesystem)
 
     def _write_temp(self, record: LeaseRecord, counter: int) -> str:
         tmp = str(self.dir / f".{self.name}.{uuid.uuid4().hex}.tmp")

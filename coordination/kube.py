@@ -34,6 +34,7 @@ from .identity import (
     A_BYTES_DONE,
     A_BYTES_TOTAL,
     A_DEST,
+    A_FILESYSTEM,
     A_MESSAGE,
     A_PHASE,
     A_SOURCE,
@@ -123,6 +124,7 @@ def record_from_raw(raw: dict[str, Any]) -> LeaseRecord:
         dest=str(ann.get(A_DEST, "")),
         updated=str(ann.get(A_UPDATED, "")),
         status=status,
+        filesystem=str(ann.get(A_FILESYSTEM, "")),
     )
 
 
@@ -194,6 +196,7 @@ class KubernetesLease:
             "annotations": {
                 A_SOURCE: self.identity.source_uri,
                 A_DEST: self.identity.dest,
+                **({A_FILESYSTEM: self.identity.filesystem} if self.identity.filesystem else {}),
                 A_PHASE: str(status.phase),
                 A_BYTES_DONE: str(status.bytes_done),
                 A_BYTES_TOTAL: str(status.bytes_total),

@@ -23,6 +23,7 @@ class LeaseView:
     dest: str
     updated: str
     message: str = ""
+    filesystem: str = ""
 
     @property
     def percent(self) -> float | None:
@@ -33,7 +34,8 @@ def view_of(record: LeaseRecord) -> LeaseView:
     return LeaseView(name=record.name, holder=record.holder, phase=record.phase,
                      bytes_done=record.status.bytes_done, bytes_total=record.status.bytes_total,
                      transitions=record.transitions, source=record.source, dest=record.dest,
-                     updated=record.updated or record.renew_time, message=record.status.message)
+                     updated=record.updated or record.renew_time, message=record.status.message,
+                     filesystem=record.filesystem)
 
 
 def _size(n: int) -> str:
@@ -49,14 +51,14 @@ def format_leases(rows: list[LeaseView]) -> str:
     """A fixed-column table, one lease per line; ``(none)`` when empty."""
     if not rows:
         return "no modelherd leases"
-    header = ("NAME", "HOLDER", "PHASE", "PROGRESS", "TRANSITIONS", "UPDATED", "SOURCE", "DEST")
+    header = ("NAME", "HOLDER", "PHASE", "PROGRESS", "TRANSITIONS", "UPDATED", "SOURCE", "DEST", "FILESYSTEM")
     table = [header]
     for r in rows:
         pct = r.percent
         progress = (f"{_size(r.bytes_done)}/{_size(r.bytes_total)}" + (f" {pct:.0f}%" if pct is not None else "")
                     if r.bytes_total else "-")
         table.append((r.name, r.holder or "-", r.phase or "-", progress, str(r.transitions), r.updated or "-",
-                      r.source, r.dest))
+                      r.source, r.dest, r.filesystem[:8] or "-"))
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
                      for row in table)

@@ -166,6 +166,11 @@ def test_detect_reports_filesystem_and_instance_type_shape(tmp_path: Path) -> No
         assert out["gpu_shape"] == "H200x8"
     forced = json.loads(run_cli("detect", str(tmp_path), "--storage-mode", "shared").stdout)
     assert forced["storage"] == "shared"
+    assert out["filesystem_id"] is None and not (tmp_path / ".modelherd-filesystem-id").exists(), \
+        "detect never writes: no id until an agent or a pull names the filesystem"
+    from modelherd.storage.fsid import filesystem_id
+    made = filesystem_id(tmp_path)
+    assert json.loads(run_cli("detect", str(tmp_path)).stdout)["filesystem_id"] == made
 
 
 def test_leases_shows_who_downloaded_what_with_file_leases(sharded_repo: tuple[HubServer, Path],
