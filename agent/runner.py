@@ -265,9 +265,9 @@ class NodeAgent:
         root = self.models_root
         if not root.is_dir():
             return f"{root} is not a directory"
-        if not os.access(root, os.W_OK):
+        if not os.access(root, os.W_OK) and self.storage_kind != "shared":
             return f"{root} is not writable"
-        return None
+        return None  # shared and read-only: this node follows (waits, verifies, never downloads)
 
     def _check_loops(self) -> str | None:
         bound = self.settings.heartbeat_max_age_s

@@ -44,6 +44,11 @@ def prepare_models_root(models_root: Path) -> Path:
     return root
 
 
+def root_writable(models_root: Path) -> bool:
+    """Can this node write into the models root (a read-only mount, EROFS, answers no even to root)?"""
+    return os.access(models_root, os.W_OK | os.X_OK)
+
+
 def ensure_writable(models_root: Path) -> None:
     """The models root can take a download: its staging folder exists (created here) and is writable."""
     root = prepare_models_root(models_root)

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ...storage.credentials import check_token
-from ...storage.destination import ensure_writable, fs_error
+from ...storage.destination import ensure_writable, fs_error, root_writable
 from ...storage.errors import CancelledError, ConfigError, ModelherdError, RateLimitedError, SourceNotFoundError
 from ...storage.manifest import Manifest
 from ...storage.ready import published_model
@@ -260,6 +260,8 @@ class Reconciler:
             self._ready(ref, spec, manifest, role="ready")
             return True
         self._lost_verification(ref, spec)
+        if self.env.storage_kind == "shared" and not root_writable(self.env.models_root):
+            return self._follow_read_only(ref, spec)
         ensure_writable(self.env.models_root)  # a read-only root is a typed ModelsRootError, not a traceback
         if spec.uri.scheme == "oci" and not spec.ambient:
             raise PermanentFailure(
@@ -290,6 +292,34 @@ class Reconciler:
         self.metrics.downloads_success.labels(**ref.metric_labels()).inc()
         self.metrics.download_duration.labels(**ref.metric_labels()).observe(time.monotonic() - task.started)
         self._ready(ref, spec, manifest, role=role)
+        return True
+
+    def _follow_read_only(self, ref: ModelRef, spec: ModelSpec) -> bool:
+        """A shared models root mounted read-only here (sites mount it read-write on a few nodes): this node never
+        takes a Lease nor touches the origin; it waits until a writable node has published (or repaired) the model,
+        verifies it, and is Ready. Cancelled like a pull (delete, deselect, spec change, SIGTERM)."""
+        assert spec.uri is not None and spec.dest is not None
+        task = Task(uid=spec.uid, identity=spec.identity)
+        with self._lock:
+            self._tasks[ref] = task
+        try:
+            if self.labels.current(ref.label_key) != "Failed":
+                self._set(ref, spec, "Updating", progress=None,
+                          message="read-only models root: waiting for a writable node to publish it")
+            log.info("%s: read-only models root: waiting for a writable node to publish %s", ref.display, spec.dest)
+            self.metrics.set_role(ref.metric_labels(), "follower")
+            interval = min(2.0, self.env.settings.poll_interval_s)
+            while True:
+                manifest = published_model(spec.dest, spec.uri.canonical, spec.uri.revision)
+                if manifest is not None:
+                    break
+                if task.cancel.wait(interval) or self.shutdown.is_set():
+                    raise CancelledError(task.why or "cancelled")
+        finally:
+            with self._lock:
+                self._tasks.pop(ref, None)
+        self.metrics.verifications.labels(**ref.metric_labels(), result="success").inc()
+        self._ready(ref, spec, manifest, role="follower")
         return True
 
     def _lost_verification(self, ref: ModelRef, spec: ModelSpec) -> None:

@@ -34,6 +34,7 @@ from typing import Any
 
 from ...coordination import Phase, choose_backend, held_destinations, open_lease, run_exclusive
 from ...storage.cleanup import Removal, collect_staging, remove_published, remove_staging_of, staging_key
+from ...storage.destination import root_writable
 from ...storage.paths import STAGING_DIRNAME
 from ...storage.uri import ModelURI, parse_uri
 from ..models import OPEN, RESERVE_LABEL, ModelRef, ModelSpec, SpecPolicy, model_spec
@@ -96,6 +97,8 @@ class Remover:
             return "local:// files are never modified"
         if self.storage_kind == "shared" and not deleted:
             return "shared storage: files kept for the other nodes"
+        if self.storage_kind == "shared" and not root_writable(self.models_root):
+            return "read-only models root: a writable node removes the files"
         keep = self._keep(ref, target)
         if keep:
             return keep
@@ -172,6 +175,8 @@ class StagingCollector:
     def collect_once(self) -> list[str]:
         """One round; returns the staging entries removed."""
         root = self.models_root
+        if not root_writable(root):
+            return []  # a read-only node collects nothing; a writable one does
         if self.storage_kind != "shared":
             return self._collect(set())
         backend = choose_backend(self.settings.coordination, "shared", self.settings.kubeconfig)
