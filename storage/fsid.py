@@ -9,7 +9,8 @@ digits, and every node that mounts the same filesystem reads the same id.
 Invariants:
 - the marker is created atomically and never replaced: it is written to a private temporary name, flushed, then
   ``link(2)``ed to the marker name, which fails with ``EEXIST`` when another node was first (``link`` is atomic on
-  NFS too, unlike ``O_EXCL`` on old clients); the loser reads the winner's id;
+  NFS too, unlike ``O_EXCL`` on old clients); the loser reads the winner's id. A filesystem without hard links
+  (some FUSE, SMB) gets an ``O_EXCL`` create instead, and a reader that finds it still empty waits for its id;
 - a root that cannot be written (a read-only mount) and has no marker yet has no id (``""``): such a node waits and
   verifies, it never downloads;
 - a marker that is not exactly one id (edited, truncated) is an error naming the file, never silently replaced;
@@ -20,14 +21,18 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import re
 import secrets
 import threading
+import time
 from pathlib import Path
 
 from .errors import ModelsRootError
 from .untrusted import UntrustedInputError, read_limited
+
+log = logging.getLogger(__name__)
 
 MARKER_NAME = ".modelherd-filesystem-id"
 _ID = re.compile(r"[0-9a-f]{32}")
@@ -35,14 +40,20 @@ _cache: dict[tuple[str, int, int], str] = {}
 _lock = threading.Lock()
 
 
-def _read(marker: Path) -> str | None:
-    try:
-        raw = read_limited(marker, max_bytes=256)
-    except FileNotFoundError:
-        return None
-    except (OSError, UntrustedInputError) as e:
-        raise ModelsRootError(f"the filesystem id {marker} cannot be read ({e})",
-                              hint="it must be a regular file holding 32 hex digits; restore or remove it") from None
+def _read(marker: Path, *, settle_s: float = 2.0) -> str | None:
+    deadline = time.monotonic() + settle_s
+    while True:
+        try:
+            raw = read_limited(marker, max_bytes=256)
+        except FileNotFoundError:
+            return None
+        except (OSError, UntrustedInputError) as e:
+            raise ModelsRootError(f"the filesystem id {marker} cannot be read ({e})",
+                                  hint="it must be a regular file holding 32 hex digits; restore or remove it") \
+                from None
+        if raw or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)  # created exclusively by another node a moment ago, not yet written
     text = raw.decode("ascii", errors="replace").strip()
     if not _ID.fullmatch(text):
         raise ModelsRootError(f"the filesystem id {marker} does not hold one id (32 hex digits)",
@@ -70,6 +81,9 @@ def _create(root: Path, marker: Path) -> str | None:
             os.link(tmp, marker)
         except FileExistsError:
             return _read(marker)
+        except OSError as e:  # a filesystem without hard links (some FUSE, SMB): exclusive create instead
+            log.debug("link(2) refused in %s (%s): creating the filesystem id exclusively", root, e.strerror)
+            return _create_exclusive(marker, value)
         with contextlib.suppress(OSError):
             dfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
             try:
@@ -80,6 +94,20 @@ def _create(root: Path, marker: Path) -> str | None:
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+
+
+def _create_exclusive(marker: Path, value: str) -> str | None:
+    """``O_EXCL`` create, write, fsync: a reader that comes in between finds it empty and waits (:func:`_read`)."""
+    try:
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except FileExistsError:
+        return _read(marker)
+    try:
+        os.write(fd, (value + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return value
 
 
 def filesystem_id(models_root: Path, *, create: bool = True) -> str:

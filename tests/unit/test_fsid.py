@@ -72,3 +72,24 @@ def test_a_read_only_root_without_a_marker_has_no_id_and_reads_one_once_it_exist
     assert list(root.iterdir()) == []
     made = fsid.filesystem_id(root)  # a writable node creates it
     assert read_only_view() == repr(made)
+
+
+def test_a_filesystem_without_hard_links_gets_one_id_by_exclusive_create(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno as _errno
+
+    def no_links(*_a: object, **_k: object) -> None:
+        raise OSError(_errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(os, "link", no_links)
+    made = fsid.filesystem_id(tmp_path)
+    assert len(made) == 32 and (tmp_path / fsid.MARKER_NAME).read_text().strip() == made
+    assert sorted(p.name for p in tmp_path.iterdir()) == [fsid.MARKER_NAME]
+    fsid._cache.clear()
+    assert fsid.filesystem_id(tmp_path) == made
+
+
+def test_an_empty_marker_being_written_is_waited_for_then_refused(tmp_path: Path) -> None:
+    (tmp_path / fsid.MARKER_NAME).write_text("")
+    fsid._cache.clear()
+    with pytest.raises(ModelsRootError):
+        fsid._read(tmp_path / fsid.MARKER_NAME, settle_s=0.2)
