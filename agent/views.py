@@ -142,7 +142,8 @@ def cluster_status(api: Any, *, namespace: str) -> list[dict[str, Any]]:
                     row["storageUri"].split("@")[0].rstrip("/") == lease.source.split("@")[0].rstrip("/"):
                 row["lease"] = {"name": lease.name, "holder": lease.holder, "phase": lease.phase,
                                 "bytesDone": lease.bytes_done, "bytesTotal": lease.bytes_total,
-                                "transitions": lease.transitions, "updated": lease.updated}
+                                "transitions": lease.transitions, "updated": lease.updated,
+                                "filesystem": lease.filesystem}
         for s in ("Ready", "Updating", "Failed"):
             row[s].sort()
     return [models[k] for k in sorted(models)]
