@@ -6,6 +6,7 @@ chart passes; the PrometheusRule passes promtool; the chart's version follows th
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -186,6 +187,42 @@ def test_the_agent_reads_the_tenancy_settings_the_chart_sets(
     # by default none is set: OME's behaviour
     (default,) = _containers(render(chart_tools.helm), "DaemonSet")
     assert not TENANCY_ENV & {e["name"] for e in default["env"]}
+
+
+def test_the_read_only_daemonset_differs_from_the_main_one_only_where_it_must(
+        rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """storage.readOnlyNodes (ci/read-only-values.yaml): the second DaemonSet is the first but for its name, its
+    component, `In` for `NotIn` on the node label in each required term, and the read-only models root."""
+    path = CHART / "ci" / "read-only-values.yaml"
+    ro = yaml.safe_load(path.read_text())["storage"]["readOnlyNodes"]
+    main, follower = [o for o in rendered[ci_id(path)] if o["kind"] == "DaemonSet"]
+    assert (main["metadata"]["name"], follower["metadata"]["name"]) == ("mh-modelherd", "mh-modelherd-read-only")
+    label = {"key": ro["nodeLabel"], "values": [ro["value"]]}
+
+    def terms(ds: dict[str, Any]) -> list[dict[str, Any]]:
+        spec = ds["spec"]["template"]["spec"]
+        return spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert terms(main) and all({**label, "operator": "NotIn"} in t["matchExpressions"] for t in terms(main))
+    assert terms(follower) and all({**label, "operator": "In"} in t["matchExpressions"] for t in terms(follower))
+
+    (pod_monitor,) = [o for o in rendered[ci_id(path)] if o["kind"] == "PodMonitor"]
+    selector = pod_monitor["spec"]["selector"]["matchLabels"]
+    for ds in (main, follower):  # both scraped: the PodMonitor's selector matches the pods of both
+        assert selector.items() <= ds["spec"]["template"]["metadata"]["labels"].items(), ds["metadata"]["name"]
+
+    expected = copy.deepcopy(main)
+    expected["metadata"]["name"] = "mh-modelherd-read-only"
+    for labels in (expected["metadata"]["labels"], expected["spec"]["selector"]["matchLabels"],
+                   expected["spec"]["template"]["metadata"]["labels"]):
+        assert labels["app.kubernetes.io/component"] == "agent"
+        labels["app.kubernetes.io/component"] = "agent-read-only"
+    for term in terms(expected):
+        term["matchExpressions"] = [{**e, "operator": "In"} if e == {**label, "operator": "NotIn"} else e
+                                    for e in term["matchExpressions"]]
+    models = expected["spec"]["template"]["spec"]["containers"][0]["volumeMounts"][0]
+    assert models["name"] == "models" and "readOnly" not in models
+    models["readOnly"] = True
+    assert follower == expected
 
 
 @pytest.mark.parametrize("values", [p for p in CI_VALUES if "prometheusRule" in p.read_text()],

@@ -78,3 +78,61 @@ reads them and holds its Lease): statusNamespace, else the release namespace. */
 {{- define "modelherd.statusNamespace" -}}
 {{- default .Release.Namespace .Values.statusNamespace }}
 {{- end }}
+
+{{/* storage.readOnlyNodes' DaemonSet, the suffix kept like the controller's. */}}
+{{- define "modelherd.readOnlyAgentName" -}}
+{{- printf "%s-read-only" (include "modelherd.fullname" . | trunc 53 | trimSuffix "-") }}
+{{- end }}
+
+{{/* The label every agent pod carries, of both DaemonSets (their selectors differ by component): the PodMonitor
+and the metrics Service select the agents with it. */}}
+{{- define "modelherd.agentPodLabel" -}}
+modelherd.io/agent: "true"
+{{- end }}
+
+{{/* What the PodMonitor and the metrics Service select: every agent pod (not the controller's). */}}
+{{- define "modelherd.agentPodSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "modelherd.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{ include "modelherd.agentPodLabel" . }}
+{{- end }}
+
+
+{{/*
+The agent's affinity as YAML (empty for none): `affinity` as is, else the gpuNodesOnly preset. With
+storage.readOnlyNodes.enabled, every required nodeSelectorTerm (one is created if there is none) gets
+{key: <nodeLabel>, operator: NotIn, values: [<value>]} in the main DaemonSet and `In` in the read-only one: the
+terms are ORed, so only an expression in each of them keeps the main agents off the read-only nodes, and the two
+DaemonSets split exactly the nodes that one would run on. Call with (dict "ctx" . "readOnly" bool).
+*/}}
+{{- define "modelherd.agentAffinity" -}}
+{{- $v := .ctx.Values }}
+{{- $affinity := dict }}
+{{- if $v.affinity }}
+{{- $affinity = deepCopy $v.affinity }}
+{{- else if $v.gpuNodesOnly }}
+{{- $gpu := list
+      (dict "matchExpressions" (list (dict "key" "nvidia.com/gpu.present" "operator" "In" "values" (list "true"))))
+      (dict "matchExpressions" (list (dict "key" "feature.node.kubernetes.io/pci-10de.present" "operator" "In" "values" (list "true")))) }}
+{{- $affinity = dict "nodeAffinity" (dict "requiredDuringSchedulingIgnoredDuringExecution" (dict "nodeSelectorTerms" $gpu)) }}
+{{- end }}
+{{- $ro := $v.storage.readOnlyNodes }}
+{{- if $ro.enabled }}
+{{- $node := $affinity.nodeAffinity | default dict }}
+{{- $required := $node.requiredDuringSchedulingIgnoredDuringExecution | default dict }}
+{{- $terms := $required.nodeSelectorTerms | default (list dict) }}
+{{- $expression := dict "key" $ro.nodeLabel "operator" (ternary "In" "NotIn" .readOnly) "values" (list $ro.value) }}
+{{- $withLabel := list }}
+{{- range $terms }}
+{{- $term := deepCopy . }}
+{{- $_ := set $term "matchExpressions" (append ($term.matchExpressions | default list) $expression) }}
+{{- $withLabel = append $withLabel $term }}
+{{- end }}
+{{- $_ := set $required "nodeSelectorTerms" $withLabel }}
+{{- $_ := set $node "requiredDuringSchedulingIgnoredDuringExecution" $required }}
+{{- $_ := set $affinity "nodeAffinity" $node }}
+{{- end }}
+{{- with $affinity }}
+{{- toYaml . }}
+{{- end }}
+{{- end }}
