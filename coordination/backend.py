@@ -24,6 +24,7 @@ from .identity import ModelIdentity
 
 
 class Phase(StrEnum):
+    ADOPTING = "Adopting"  # the holder hashes a copy modelherd did not publish (bytes = hashed of those to hash)
     DOWNLOADING = "Downloading"
     VERIFYING = "Verifying"
     COMPLETE = "Complete"

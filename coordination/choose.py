@@ -93,17 +93,19 @@ def coordinated_pull(
     result: list[PullResult] | None = None,
     selection: Selection = ALL_FILES,
     on_follow: Callable[[LeaseRecord | None], None] | None = None,
+    on_phase: engine.PhaseFn | None = None,
 ) -> Manifest:
     """Put ``uri`` at ``dest`` with at most one download per shared models root; return the manifest.
 
     ``backend="none"`` is a plain engine pull by this node. ``result``, when given, receives the
     :class:`PullResult` (role, epoch, lease request count) for callers that report it. ``selection`` is the
     file selection the source applies (``--allow``/``--ignore``), part of the model's identity. ``on_follow``
-    (see :func:`run_coordinated`) lets a caller watch the holder's progress while this node waits.
+    (see :func:`run_coordinated`) lets a caller watch the holder's progress while this node waits; ``on_phase``
+    (see :func:`run_coordinated`) tells when this node adopts a copy modelherd did not publish, and what it found.
     """
     if backend == "none":
         manifest: Manifest = engine.pull(source, listing_fn(), dest, models_root=models_root, options=options,
-                                         writer=node_name, cancel=cancel, progress=progress)
+                                         writer=node_name, cancel=cancel, progress=progress, on_phase=on_phase)
         return manifest
     timing = LeaseTiming(duration_s=lease_duration_s, renew_period_s=renew_period_s, jitter_s=jitter_s)
     lease = open_lease(backend, uri=uri, dest=dest, models_root=models_root, node_name=node_name,
@@ -112,7 +114,7 @@ def coordinated_pull(
     try:
         outcome = run_coordinated(lease, source=source, listing_fn=listing_fn, dest=dest, models_root=models_root,
                                   node=node_name, options=options, timing=timing, cancel=cancel, progress=progress,
-                                  selection=selection, on_follow=on_follow)
+                                  selection=selection, on_follow=on_follow, on_phase=on_phase)
     finally:
         lease.close()
     log.info("%s at %s: %s (epoch %s, %d lease requests)", uri.canonical, dest, outcome.role, outcome.epoch,

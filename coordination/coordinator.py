@@ -9,9 +9,11 @@ State machine (one model, one node)::
               released + Complete + dest verifies -> Ready (no origin request)
               released + Failed while we were waiting -> HolderFailedError (the holder already tried)
       acquire: create (none yet) or replace exactly the record we observed (released or expired); one wins
-      hold: adopt the previous holder's staging, download into our own staging (writer=node, epoch=transitions)
-            while a renewer thread renews every renew period; a missed deadline or a 409 stops the download
-            (``engine.stage``: a damaged published copy of the same listing is repaired, its good files kept)
+      hold: undo an earlier holder's publish killed mid-swap, adopt the previous holder's staging, download into
+            our own staging (writer=node, epoch=transitions) while a renewer thread renews every renew period; a
+            missed deadline or a 409 stops the download (``engine.stage``: a damaged published copy of the same
+            listing is repaired, its good files kept; a folder holding the model's files but no manifest is
+            adopted: phase Adopting with bytes hashed of those to hash, then Downloading for the rest)
             renew (phase Verifying) -> publish at once -> release with phase Complete -> Ready
 
 Invariants:
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..storage import engine
+from ..storage.adopt import Adoption
 from ..storage.errors import CancelledError, ModelherdError
 from ..storage.fsid import filesystem_id
 from ..storage.manifest import Manifest
@@ -119,11 +122,16 @@ class _Renewer(threading.Thread):
         self._stop_writing = stop_writing
         self._user_cancel = user_cancel
         self._done = threading.Event()
+        self._nudged = threading.Event()
         self._lock = threading.Lock()
         self.lost: str | None = None
 
     def deadline(self) -> float:
         return self.last_ok + self.timing.duration_s - self.timing.margin_s
+
+    def nudge(self) -> None:
+        """Renew within ~0.2 s instead of at the next period, so a new phase shows on the Lease at once."""
+        self._nudged.set()
 
     def _lose(self, why: str) -> None:
         with self._lock:
@@ -141,9 +149,10 @@ class _Renewer(threading.Thread):
             if now >= self.deadline():
                 self._lose("no successful renewal within the lease duration")
                 return
-            if now < next_at:
+            if now < next_at and not self._nudged.is_set():
                 self._done.wait(min(0.2, next_at - now))
                 continue
+            self._nudged.clear()
             sent = time.monotonic()
             try:
                 with self._lock:
@@ -177,9 +186,13 @@ class Coordinator:
     def __init__(self, lease: LeaseBackend, *, source: Source, listing_fn: Callable[[], Listing], dest: Path,
                  models_root: Path, node: str, options: engine.EngineOptions, timing: LeaseTiming,
                  cancel: threading.Event | None = None, progress: Progress | None = None,
-                 selection: Selection = ALL_FILES, on_follow: Follow | None = None) -> None:
+                 selection: Selection = ALL_FILES, on_follow: Follow | None = None,
+                 on_phase: engine.PhaseFn | None = None) -> None:
         timing.check()
         self._on_follow = on_follow
+        self._on_phase = on_phase
+        self._phase: str = Phase.DOWNLOADING
+        self._renewer: _Renewer | None = None
         self.selection = selection
         self.lease, self.source, self.listing_fn = lease, source, listing_fn
         self.models_root = Path(models_root)
@@ -317,6 +330,17 @@ class Coordinator:
             log.info("adopting %s's staging %s (epoch %s)", writer, old.name, epoch)
             engine.adopt_staging(old, staging)
 
+    def _phase_changed(self, name: str, adoption: Adoption | None) -> None:
+        """``engine.stage`` reports a phase: the Lease shows Adopting while the holder hashes a copy it adopts, then
+        Downloading; the caller's ``on_phase`` hears every report."""
+        phase = {"adopting": Phase.ADOPTING, "downloading": Phase.DOWNLOADING}.get(name)
+        if phase is not None and phase != self._phase:
+            self._phase = phase
+            if self._renewer is not None:
+                self._renewer.nudge()
+        if self._on_phase is not None:
+            self._on_phase(name, adoption)
+
     def _status(self, phase: str, staging_tag: str, message: str = "") -> LeaseStatus:
         return LeaseStatus(phase=phase, bytes_done=self.progress.done, bytes_total=self.progress.total,
                            staging=staging_tag, message=message)
@@ -335,18 +359,22 @@ class Coordinator:
         log.info("lease %s acquired by %s (epoch %d)%s", self.lease.name, self.node, epoch,
                  " by takeover" if took_over else "")
         stop_writing = threading.Event()
+        self._phase = Phase.DOWNLOADING
         renewer = _Renewer(self.lease, held, acquired_at, self.timing,
-                           lambda: self._status(Phase.DOWNLOADING, tag), stop_writing, self.cancel)
+                           lambda: self._status(self._phase, tag), stop_writing, self.cancel)
+        self._renewer = renewer
         renewer.start()
         try:
             owned.enter_context(engine.own_staging(staging, wait=False))
+            engine.recover_interrupted_publish(self.models_root, self.dest)  # we alone publish dest now
             manifest = self._ready()  # someone finished between our look and our acquisition
             if manifest is None:
                 self._adopt_previous(previous, staging)
                 listing = self.listing_fn()
                 self.progress(0, listing.total_bytes)
                 staged = engine.stage(self.source, listing, staging, dest=self.dest, writer=self.node,
-                                      options=self.options, cancel=stop_writing, progress=self.progress)
+                                      options=self.options, cancel=stop_writing, progress=self.progress,
+                                      on_phase=self._phase_changed)
         except BaseException as e:
             held, _ = renewer.finish()
             if self._lost(renewer):
@@ -367,18 +395,20 @@ class Coordinator:
         if manifest is not None:
             self._release(held, self._status(Phase.COMPLETE, tag))
             return PullResult(manifest, "holder", epoch, took_over, self.lease.counter.total)
-        held = self._renew_then_publish(held, staging, staged, tag)
+        held, published = self._renew_then_publish(held, staging, staged, tag)
         self._release(held, self._status(Phase.COMPLETE, tag))
         log.info("published %s at %s (epoch %d)", listing.uri, self.dest, epoch)
-        return PullResult(staged, "holder", epoch, took_over, self.lease.counter.total)
+        return PullResult(published, "holder", epoch, took_over, self.lease.counter.total)
 
     @staticmethod
     def _lost(renewer: _Renewer) -> bool:
         """We lost the lease, or can no longer prove we hold it (our renewal deadline has passed)."""
         return renewer.lost is not None or time.monotonic() >= renewer.deadline()
 
-    def _renew_then_publish(self, held: LeaseRecord, staging: Path, manifest: Manifest, tag: str) -> LeaseRecord:
-        """Publish only right after a renewal proves we still hold the lease (else :class:`_Lost`)."""
+    def _renew_then_publish(self, held: LeaseRecord, staging: Path, manifest: Manifest,
+                            tag: str) -> tuple[LeaseRecord, Manifest]:
+        """Publish only right after a renewal proves we still hold the lease (else :class:`_Lost`); returns the record
+        and the manifest written."""
         budget = self.timing.duration_s - self.timing.margin_s
         for _attempt in range(5):
             sent = time.monotonic()
@@ -393,8 +423,7 @@ class Coordinator:
                 continue
             if time.monotonic() - sent >= budget / 2:
                 continue  # the renewal took too long to trust; renew again
-            engine.publish(staging, self.dest, manifest)
-            return held
+            return held, engine.publish(staging, self.dest, manifest)
         raise _Lost()
 
     def _release(self, held: LeaseRecord, status: LeaseStatus) -> None:
@@ -407,15 +436,19 @@ class Coordinator:
 def run_coordinated(lease: LeaseBackend, *, source: Source, listing_fn: Callable[[], Listing], dest: Path,
                     models_root: Path, node: str, options: engine.EngineOptions, timing: LeaseTiming,
                     cancel: threading.Event | None = None, progress: Progress | None = None,
-                    selection: Selection = ALL_FILES, on_follow: Follow | None = None) -> PullResult:
+                    selection: Selection = ALL_FILES, on_follow: Follow | None = None,
+                    on_phase: engine.PhaseFn | None = None) -> PullResult:
     """Run the state machine with an already opened backend (tests and benchmarks use this directly).
 
     ``selection`` is the file selection asked for (the source's ``--allow``/``--ignore``): a published copy of
     another selection is not this model. ``on_follow`` is called with the record each time this node sees
-    another node holding the lease while it waits, and with ``None`` when it acquires the lease itself."""
+    another node holding the lease while it waits, and with ``None`` when it acquires the lease itself. ``on_phase``
+    (``engine.PhaseFn``) hears the holder's phases: ``("adopting", None)`` when it starts hashing a folder it adopts
+    (``progress`` then counts bytes hashed, not downloaded), ``("adopted", Adoption)`` with what it kept and what it
+    fetches, ``("downloading", None)`` when fetching starts."""
     return Coordinator(lease, source=source, listing_fn=listing_fn, dest=dest, models_root=models_root, node=node,
                        options=options, timing=timing, cancel=cancel, progress=progress, selection=selection,
-                       on_follow=on_follow).run()
+                       on_follow=on_follow, on_phase=on_phase).run()
 
 
 def identity_for(source_uri: str, revision: str | None, dest: Path, models_root: Path) -> ModelIdentity:

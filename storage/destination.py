@@ -4,7 +4,10 @@ Invariants:
 - :func:`check_destination` accepts a destination only when publishing there can destroy nothing but an older
   copy of a model: it is inside the models root, no segment below the root is reserved (``.modelherd-*``) or
   longer than ``NAME_MAX``, no folder above it is a file or a published model, and it is absent, an empty
-  folder, or a folder with a completion manifest at its top and no other published model below it.
+  folder, or a folder with no other published model below it: one with a completion manifest at its top (an
+  earlier copy), or one without (a copy made by another tool, with no reserved ``.modelherd-*`` entry at its top:
+  only a candidate for adoption, which :mod:`~.adopt` accepts only if it holds the model's files, and whose other
+  entries every publish keeps).
 - :func:`fs_error` turns the ``OSError`` of a filesystem that cannot hold what modelherd writes (read-only,
   no permission, a name too long, a file where a folder must be) into a typed error with a hint; anything
   else is returned unchanged.
@@ -84,9 +87,11 @@ def check_destination(models_root: Path, dest: Path) -> Path:
     """Return ``dest`` resolved if a published model may be put there; else raise :class:`DestinationError`.
 
     See the module invariant for what is accepted. A folder holding a published model *and* files of the
-    user's is still that model's folder (it is replaced whole, as before); a folder holding other models or
-    only foreign files is refused, as are the reserved ``.modelherd-*`` names where modelherd keeps its
-    staging, leases and state.
+    user's is still that model's folder; a folder without a manifest is accepted as a candidate for adoption
+    (the engine refuses it with :func:`~.adopt.check_adoptable` unless it holds the model's files, before anything
+    is written); publishing keeps every entry that is not the model's. A folder holding other models is refused,
+    as are the reserved ``.modelherd-*`` names where modelherd keeps its staging, leases and state, and a folder
+    without a manifest that holds such a name at its top (another models root).
     """
     root_given = Path(models_root)
     if not root_given.is_dir():
@@ -135,10 +140,11 @@ def check_destination(models_root: Path, dest: Path) -> Path:
                                f"{more}); replacing it would delete them",
                                hint="pass the model's own folder as --dest, e.g. --dest ORG/MODEL")
     if MANIFEST_NAME not in entries:
-        more = f" and {len(entries) - _SHOWN} more" if len(entries) > _SHOWN else ""
-        raise DestinationError(f"destination {shown} holds files modelherd did not publish "
-                               f"({', '.join(entries[:_SHOWN])}{more}); replacing it would delete them",
-                               hint="pass an empty or new folder as --dest, or move those files away")
+        reserved = [e for e in entries if e.startswith(RESERVED_PREFIX)]
+        if reserved:
+            raise DestinationError(f"destination {shown} holds modelherd's reserved {', '.join(reserved[:_SHOWN])} "
+                                   "but no completion manifest: it is a models root, not a model folder",
+                                   hint="pass the model's own folder as --dest, e.g. --dest ORG/MODEL")
     return real
 
 

@@ -19,6 +19,10 @@ Invariants:
   that shows damage is repaired: its undamaged files are hard-linked into staging (reflink or copy where links
   fail), re-verified against their checksums, only the rest is fetched, and the whole is published atomically.
   A file fetched into staging is always a new inode, so nothing is ever written into a published file.
+- A destination holding files but no manifest is adopted the same way (:mod:`~.adopt`): refused unless it holds
+  this model, its files of their listed size hard-linked into staging and hashed in parallel (one thread per file
+  up to the stream slots, one buffer each), only the rest fetched. Every publish keeps in place what the destination
+  holds that is not the model's (hard links into the new tree before the swap), and records it in the manifest.
 - One owner per staging folder (:func:`~modelherd.storage.staging.own_staging`, held by :func:`pull` from
   before its fast-path check until staging is published or cleaned), and staging holds only the listing's
   files (:func:`~modelherd.storage.staging.tidy_staging`). :func:`publish` publishes a file only if it is
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -50,7 +55,7 @@ from typing import overload
 
 import urllib3.exceptions
 
-from . import capacity
+from . import adopt, capacity
 from .destination import NAME_MAX, PATH_MAX, check_destination, fs_error
 from .directio import DirectMode, FileWriter, aligned_buffer
 from .errors import (
@@ -63,6 +68,7 @@ from .errors import (
     ModelsRootError,
     RateLimitedError,
     SourceError,
+    StagingBusyError,
     TransientSourceError,
     UnsafePathError,
     VerificationError,
@@ -70,11 +76,12 @@ from .errors import (
 from .findings import read_findings
 from .hashcursor import HashCursor
 from .hashing import MultiHasher, checkable, hash_file
-from .manifest import MANIFEST_NAME, Manifest, ManifestFile, read_manifest, write_manifest
-from .paths import STAGING_DIRNAME, contained, safe_relpath
+from .manifest import Manifest, ManifestFile, read_manifest, write_manifest
+from .paths import STAGING_DIRNAME, contained, safe_relpath, staging_root
 from .ready import damage
 from .retry import RetryPolicy, call_with_retry
 from .staging import (
+    ASIDE_SUFFIX,
     RESERVED_PREFIX,
     STATE_DIRNAME,
     FileState,
@@ -92,8 +99,9 @@ from .staging import (
 from .types import ByteStream, Listing, RemoteFile, Source
 from .verify import MAX_FILES, verify_quick
 
-__all__ = ["EngineOptions", "adopt_staging", "check_destination", "check_listing", "fetch_into", "manifest_matches",
-           "own_staging", "publish", "pull", "stage", "staging_dir_for"]
+__all__ = ["EngineOptions", "PhaseFn", "adopt_staging", "check_destination", "check_listing", "fetch_into",
+           "manifest_matches", "own_staging", "publish", "pull", "recover_interrupted_publish", "stage",
+           "staging_dir_for"]
 
 log = logging.getLogger(__name__)
 MiB = 1024 * 1024
@@ -259,6 +267,10 @@ def _plan(staging: Path, rf: RemoteFile, options: EngineOptions, buf: memoryview
         if not saved.done and st.st_nlink > 1:
             return job  # shares its inode with another name (a published file?): never resume into it
         if saved.done:
+            if saved.digests and len(saved.verified_stat) == 4 and saved.verified_stat == stat_key(st):
+                # verified in this staging folder and untouched since (inode, size, mtime, ctime): as publish trusts it
+                job.kept, job.digests, job.state = True, dict(saved.digests), saved
+                return job
             check = fresh.expect or {a: saved.digests[a] for a in saved.digests}
             if check and hash_file(str(target), list(check), rf.size) == check:
                 job.kept, job.digests, job.state = True, dict(saved.digests), saved
@@ -286,6 +298,76 @@ def _plan(staging: Path, rf: RemoteFile, options: EngineOptions, buf: memoryview
         if all(got[a] == v for a, v in fresh.expect.items()):
             job.kept, job.digests = True, got
     return job
+
+
+def _verify_present(staging: Path, files: list[RemoteFile], options: EngineOptions, cancel: threading.Event | None,
+                    progress: Progress | None = None) -> tuple[list[str], list[str]]:
+    """Hash, in parallel, every file of ``files`` that is in ``staging`` with its listed size and no resume state
+    (seeded by a repair or an adoption, or left by a run whose state was lost): what :func:`_plan` would otherwise
+    hash one file at a time. Returns ``(kept, failed)``: a kept file is recorded as verified (its state done, its
+    ``stat_key`` from before the hash, so :func:`_plan` and :func:`publish` trust it while it is untouched) and, with
+    ``options.fsync``, flushed (a copy another tool just wrote may not be on the disk yet); a failed
+    file's name is removed from staging (only that name: a seeded hard link's published twin is never touched), so
+    it is fetched into a new inode.
+
+    Threads: one per file up to the engine's stream slots (``concurrency * multipart_concurrency``), else
+    ``concurrency`` (hashlib releases the GIL, so files hash on every core); memory: one ``chunk_size`` buffer per
+    thread. ``progress(hashed, total)`` counts the bytes hashed of those to hash; a set ``cancel`` stops every
+    thread at its next read (:class:`CancelledError`)."""
+    todo: list[tuple[RemoteFile, Path, FileState]] = []
+    for rf in files:
+        target = contained(staging, rf.path, what="file name")
+        try:
+            st = os.lstat(target)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        fresh = _layout(rf, options, split=False)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != rf.size or not fresh.expect:
+            continue
+        if load_state(staging, rf.path) is not None:
+            continue  # resume state: _plan checks its checkpoints
+        todo.append((rf, target, fresh))
+    if not todo:
+        return [], []
+    throttle = _Throttle(sum(rf.size for rf, _, _ in todo), 0, progress, options.progress_interval_s)
+
+    def paced(n: int) -> None:
+        if cancel is not None and cancel.is_set():
+            raise CancelledError("pull cancelled", hint="staging is removed; run the pull again to restart")
+        throttle.add(n)
+
+    def one(item: tuple[RemoteFile, Path, FileState]) -> bool:
+        rf, target, state = item
+        algos = list(state.expect)
+        if options.record_sha256 and "sha256" not in algos:
+            algos.append("sha256")
+        try:
+            before = stat_key(os.stat(target))
+            got = hash_file(str(target), algos, rf.size, chunk=options.chunk_size, throttle=paced)
+            same = before == stat_key(os.stat(target))  # not written while we read it
+            if same and options.fsync:
+                _fsync_file(target)  # a copy just made by another tool may still be in the page cache only
+        except OSError as e:
+            log.warning("cannot read %s (%s): fetching it", rf.path, e.strerror or e)
+            before, got, same = [], {}, False
+        if not same or any(got.get(a) != v for a, v in state.expect.items()):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(target)
+            return False
+        state.done, state.digests, state.verified_stat = True, got, before
+        save_state(staging, state)
+        return True
+
+    todo.sort(key=lambda t: -t[0].size)  # biggest first: the threads finish together
+    pool = ThreadPoolExecutor(_files_in_flight(len(todo), options), thread_name_prefix="modelherd-hash")
+    try:
+        results = list(pool.map(one, todo))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    throttle.final()
+    kept = [t[0].path for t, ok in zip(todo, results, strict=True) if ok]
+    failed = [t[0].path for t, ok in zip(todo, results, strict=True) if not ok]
+    return kept, failed
 
 
 # --------------------------------------------------------------------------------------------------- running
@@ -696,6 +778,7 @@ def _fetch_owned(source: Source, listing: Listing, staging: Path, options: Engin
     _check_listing(staging, listing)
     tidy_staging(staging, [safe_relpath(rf.path) for rf in listing.files], _listing_id(listing))
     started = time.monotonic()
+    _verify_present(staging, list(listing.files), options, cancel)  # seeded or stateless files: in parallel
 
     missing = 0
     for rf in listing.files:
@@ -774,6 +857,14 @@ def _first_real_error(futures: list[Future[None]] | set[Future[None]]) -> BaseEx
 
 
 # --------------------------------------------------------------------------------------------------- publish
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -847,25 +938,53 @@ def _check_staged(staging: Path, manifest: Manifest) -> None:
                                 hint="another writer touched the staging folder; run the pull again")
 
 
-def publish(staging: Path, dest: Path, manifest: Manifest, *, models_root: Path | None = None) -> None:
-    """Make ``staging`` the model at ``dest`` in one step; the manifest is written last, just before.
+def publish(staging: Path, dest: Path, manifest: Manifest, *, models_root: Path | None = None) -> Manifest:
+    """Make ``staging`` the model at ``dest`` in one step; the manifest is written last, just before. Returns the
+    manifest written (``manifest`` with the ``foreign`` entries kept).
 
     ``dest`` is only ever absent, the old complete model, or the new complete model (swapped with
     ``renameat2(RENAME_EXCHANGE)`` where the filesystem has it, else moved aside into the staging root first).
-    ``dest`` must pass :func:`check_destination` (checked again here: the agent calls this directly) and every
-    file of ``manifest`` must be the one ``fetch_into`` verified (:func:`_check_staged`). ``models_root``
-    defaults to the root whose staging folder holds ``staging``.
+    ``dest`` must pass :func:`check_destination` (checked again here: the agent calls this directly); a folder
+    without a completion manifest must hold one of the manifest's files with its size (it is adopted). Every
+    file of ``manifest`` must be the one ``fetch_into`` verified (:func:`_check_staged`). Whatever ``dest`` holds
+    that is not the model's (:func:`~.adopt.foreign_entries`: not a file of the new manifest nor of the old one) is
+    kept in place (:func:`~.adopt.carry_foreign`) and recorded in the manifest. ``models_root`` defaults to the
+    root whose staging folder holds ``staging``.
     """
     staging, dest = Path(staging), Path(dest)
     root = Path(models_root) if models_root is not None else _models_root_of(staging)
     with own_staging(staging, wait=False):
         dest = check_destination(root, dest)
+        if adopt.unpublished(dest) and not adopt.holds_any(dest, ((f.path, f.size) for f in manifest.files)):
+            raise DestinationError(f"destination {dest} holds files modelherd did not publish and none of "
+                                   f"{manifest.source_uri}'s files: it is not a copy of this model",
+                                   hint="pass an empty or new folder as --dest, or move those files away")
         _check_staged(staging, manifest)
-        _publish_owned(staging, dest, manifest)
+        return _publish_owned(staging, dest, manifest)
 
 
-def _publish_owned(staging: Path, dest: Path, manifest: Manifest) -> None:
+def _foreign_at(dest: Path, manifest: Manifest) -> list[str]:
+    """What ``dest`` holds that is not the model's: neither a file of ``manifest`` (the new copy) nor of the manifest
+    already there (the old copy: a file an update drops is the model's, and goes with the old tree)."""
+    try:
+        if not stat.S_ISDIR(os.lstat(dest).st_mode):
+            return []
+    except FileNotFoundError:
+        return []
+    old = _read_manifest_quietly(dest)
+    model = {f.path for f in manifest.files} | ({f.path for f in old.files} if old is not None else set())
+    return adopt.foreign_entries(dest, model)
+
+
+def _publish_owned(staging: Path, dest: Path, manifest: Manifest) -> Manifest:
     remove_tree(staging / STATE_DIRNAME)
+    foreign = _foreign_at(dest, manifest)
+    # linked before the swap: a kill anywhere leaves them in dest (and only extra names in staging, tidied later)
+    unlinked = adopt.carry_foreign(dest, staging, foreign) if foreign else []
+    if foreign:
+        log.info("keeping %d entr%s of %s that %s not the model's: %s", len(foreign), "y" if len(foreign) == 1 else
+                 "ies", dest, "is" if len(foreign) == 1 else "are", ", ".join(foreign[:5]))
+    manifest = dataclasses.replace(manifest, foreign=tuple(foreign))
     write_manifest(staging, manifest)
     _fsync_dir(staging)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -873,6 +992,7 @@ def _publish_owned(staging: Path, dest: Path, manifest: Manifest) -> None:
         if not os.path.lexists(dest):
             os.rename(staging, dest)
         elif _exchange(staging, dest):
+            adopt.move_foreign(staging, dest, unlinked)
             remove_tree(staging)  # now holds the old model
         else:
             aside = aside_path(staging)
@@ -883,6 +1003,7 @@ def _publish_owned(staging: Path, dest: Path, manifest: Manifest) -> None:
             except BaseException:
                 os.rename(aside, dest)
                 raise
+            adopt.move_foreign(aside, dest, unlinked)
             remove_tree(aside)
     except OSError as e:
         if e.errno == errno.EXDEV:
@@ -890,19 +1011,50 @@ def _publish_owned(staging: Path, dest: Path, manifest: Manifest) -> None:
                               hint="destinations must be on the models root's own filesystem") from None
         raise
     _fsync_dir(dest.parent)
+    return manifest
 
 
 def _recover_aside(staging: Path, dest: Path) -> None:
-    """Undo a publish killed between moving the old model aside and moving the new one in (the caller owns
-    ``staging``): the old model goes back to an empty ``dest``, else the aside copy is removed."""
+    """Undo a publish killed between moving the old tree aside and moving the new one in, or finish one killed after
+    (the caller owns ``staging``): an absent ``dest`` gets the old tree back (a published model, or a folder being
+    adopted: never lost); else the foreign entries the published manifest records and ``dest`` lacks are moved in
+    from the old tree (what would not link) and the old tree is removed. With anything else at ``dest`` (no
+    manifest) the old tree is left where it is."""
     aside = aside_path(staging)
     if not os.path.lexists(aside):
         return
-    if not os.path.lexists(dest) and (aside / MANIFEST_NAME).is_file():
+    if not os.path.lexists(dest):
         log.warning("restoring %s from %s (a publish was interrupted)", dest, aside.name)
+        dest.parent.mkdir(parents=True, exist_ok=True)
         os.rename(aside, dest)
-    else:
-        remove_tree(aside)
+        return
+    published = _read_manifest_quietly(dest)
+    if published is None:
+        log.warning("not removing %s: %s has no completion manifest", aside, dest)
+        return
+    adopt.move_foreign(aside, dest, [n for n in published.foreign if not os.path.lexists(dest / n)])
+    remove_tree(aside)
+
+
+def recover_interrupted_publish(models_root: Path, dest: Path) -> None:
+    """:func:`_recover_aside` for every writer's staging of ``dest`` (staging names carry writer and epoch, so a
+    Lease holder finds what an earlier holder's killed publish left); the caller must be the only one publishing
+    ``dest`` (it holds the model's Lease). A staging folder whose writer still owns it is left alone."""
+    from .cleanup import staging_key
+
+    root = staging_root(models_root)
+    prefix = staging_key(models_root, dest) + "."
+    try:
+        names = [n for n in os.listdir(root) if n.startswith(prefix) and n.endswith(ASIDE_SUFFIX)]
+    except FileNotFoundError:
+        return
+    for name in names:
+        staging = root / name[: -len(ASIDE_SUFFIX)]
+        try:
+            with own_staging(staging, wait=False):
+                _recover_aside(staging, dest)
+        except StagingBusyError:
+            continue
 
 
 # --------------------------------------------------------------------------------------------------- pull
@@ -959,6 +1111,35 @@ def _link_or_copy(src: Path, dst: Path) -> str:
             return "copy"
 
 
+def _seed(listing: Listing, staging: Path, dest: Path, paths: set[str], cancel: threading.Event | None) -> int:
+    """Bring the files ``paths`` of ``listing`` from ``dest`` into ``staging``: each a regular file of its listed
+    size there, and not already in staging (a resumed run's files win). A hard link (the same inode, nothing
+    written), else a reflink, else a copy; its resume state is dropped, so :func:`_verify_present` hashes it
+    against its checksum before it is kept. Returns how many files were seeded."""
+    staging.mkdir(parents=True, exist_ok=True)
+    seeded: dict[str, int] = {}
+    for rf in listing.files:
+        _check_cancel(cancel)
+        if rf.path not in paths:
+            continue
+        try:
+            src, dst = contained(dest, rf.path, what="file name"), contained(staging, rf.path, what="file name")
+            st = os.lstat(src)
+            if not stat.S_ISREG(st.st_mode) or st.st_size != rf.size or os.path.lexists(dst):
+                continue
+            drop_state(staging, rf.path)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            how = _link_or_copy(src, dst)
+        except (OSError, UnsafePathError) as e:
+            if capacity.is_no_space(e):
+                raise
+            log.debug("not seeding %s from %s: %s", rf.path, dest, e)
+            continue
+        seeded[how] = seeded.get(how, 0) + 1
+    log.info("%s: seeded %s", dest, ", ".join(f"{n} by {how}" for how, n in seeded.items()) or "nothing")
+    return sum(seeded.values())
+
+
 def _seed_from_published(listing: Listing, staging: Path, dest: Path, cancel: threading.Event | None) -> int:
     """Repair support: bring the undamaged files of the published copy at ``dest`` into ``staging``.
 
@@ -966,8 +1147,8 @@ def _seed_from_published(listing: Listing, staging: Path, dest: Path, cancel: th
     file still of its listed size is seeded except those a deep pass recorded as mismatching
     (:mod:`~.findings`), so what :func:`fetch_into` fetches is exactly what differs from the origin. Files
     already in staging win (a resumed repair). Their resume state is dropped: :func:`fetch_into` re-verifies a
-    seeded file against its checksum before keeping it, and rewrites only new inodes, so the published files
-    are never written. Returns how many files were seeded.
+    seeded file against its checksum before keeping it (:func:`_verify_present`, in parallel), and rewrites only
+    new inodes, so the published files are never written. Returns how many files were seeded.
     """
     published = _read_manifest_quietly(dest)
     if published is None or not manifest_matches(published, listing):
@@ -982,46 +1163,81 @@ def _seed_from_published(listing: Listing, staging: Path, dest: Path, cancel: th
     bad = {path for path, _ in recorded.problems} if recorded else set()
     log.warning("%s at %s does not verify (%s): repairing it, fetching only the damaged files", listing.uri,
                 dest, problems[0])
-    staging.mkdir(parents=True, exist_ok=True)
-    seeded: dict[str, int] = {}
+    return _seed(listing, staging, dest, {rf.path for rf in listing.files} - bad, cancel)
+
+
+PhaseFn = Callable[[str, adopt.Adoption | None], None]
+"""``on_phase(name, adoption)``: ``("adopting", None)`` when the hashing of a folder being adopted starts,
+``("adopted", Adoption)`` when it ends (what is kept, what is fetched), ``("downloading", None)`` when fetching
+starts (every stage)."""
+
+
+def _adopt_into(listing: Listing, staging: Path, dest: Path, options: EngineOptions, cancel: threading.Event | None,
+                progress: Progress | None, on_phase: PhaseFn | None) -> adopt.Adoption:
+    """Adoption (:mod:`~.adopt`): ``dest`` holds files but no completion manifest. Refuse it unless it holds this
+    model (:func:`~.adopt.check_adoptable`, before anything is written; after hashing, at least one file with the
+    origin's checksum), else seed staging with hard links of its files of their listed size and hash them in
+    parallel; what fails or is missing is left for :func:`fetch_into`. The caller owns ``staging``."""
+    survey = adopt.check_adoptable(dest, listing)
+    _check_listing(staging, listing)
+    tidy_staging(staging, [safe_relpath(rf.path) for rf in listing.files], _listing_id(listing))
+    log.info("adopting %s at %s: %d of %d files there with their size, %d entr%s kept as not the model's",
+             listing.uri, dest, len(survey.present), len(listing.files), len(survey.foreign),
+             "y" if len(survey.foreign) == 1 else "ies")
+    _seed(listing, staging, dest, set(survey.present), cancel)
+    if on_phase is not None:
+        on_phase("adopting", None)
+    started = time.monotonic()
+    present = [rf for rf in listing.files if rf.path in set(survey.present)]
+    _, failed = _verify_present(staging, present, options, cancel, progress)
+    kept = []
     for rf in listing.files:
-        _check_cancel(cancel)
-        if rf.path in bad:
-            continue
-        try:
-            src, dst = contained(dest, rf.path, what="file name"), contained(staging, rf.path, what="file name")
-            st = os.lstat(src)
-            if not stat.S_ISREG(st.st_mode) or st.st_size != rf.size or os.path.lexists(dst):
-                continue
-            drop_state(staging, rf.path)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            how = _link_or_copy(src, dst)
-        except (OSError, UnsafePathError) as e:
-            if capacity.is_no_space(e):
-                raise
-            log.debug("not seeding %s from the published copy: %s", rf.path, e)
-            continue
-        seeded[how] = seeded.get(how, 0) + 1
-    log.info("repair of %s: seeded %s from the published copy", dest,
-             ", ".join(f"{n} by {how}" for how, n in seeded.items()) or "nothing")
-    return sum(seeded.values())
+        state = load_state(staging, rf.path)
+        if state is not None and state.done:
+            kept.append(rf.path)
+    if not kept:
+        remove_tree(staging)
+        raise DestinationError(f"destination {dest} holds files modelherd did not publish, and none of the "
+                               f"{len(present)} named like {listing.uri}'s (revision {listing.revision}) files has "
+                               "the origin's bytes: it is not a copy of this model",
+                               hint="pass an empty or new folder as --dest, or move those files away")
+    done = set(kept) | set(failed)
+    result = adopt.Adoption(kept=tuple(kept), failed=tuple(failed),
+                            missing=tuple(rf.path for rf in listing.files if rf.path not in done),
+                            foreign=survey.foreign)
+    hashed = sum(rf.size for rf in present)
+    log.info("adopting %s at %s: %d files kept in place (%.1f MiB hashed in %.2fs), %d failed their checksum, %d "
+             "missing: fetching %d", listing.uri, dest, len(result.kept), hashed / MiB, time.monotonic() - started,
+             len(result.failed), len(result.missing), len(result.failed) + len(result.missing))
+    if on_phase is not None:
+        on_phase("adopted", result)
+    return result
 
 
 def stage(source: Source, listing: Listing, staging: Path, *, dest: Path, writer: str,
           options: EngineOptions | None = None, cancel: threading.Event | None = None,
-          progress: Progress | None = None) -> Manifest:
+          progress: Progress | None = None, on_phase: PhaseFn | None = None) -> Manifest:
     """Make ``staging`` a complete, verified copy of ``listing`` and return the manifest to publish it with.
 
     A published copy of this very listing at ``dest`` that shows damage seeds staging with its undamaged files
-    (repair: only the damaged ones are fetched). The manifest records the listing's selection and the
-    quick-verification problems of the staged copy, which are the origin's own (every byte was checked against
-    the listing); :func:`~.ready.damage` later counts only what differs from them. Nothing outside ``staging``
-    is written.
+    (repair: only the damaged ones are fetched). A ``dest`` that holds files but no completion manifest is adopted
+    (:func:`_adopt_into`: refused with :class:`DestinationError` unless it holds this model; its files of their
+    listed size are hard-linked in and hashed in parallel, ``progress`` counting the bytes hashed, ``on_phase``
+    told; only the rest is fetched). The manifest records the listing's selection and the quick-verification
+    problems of the staged copy, which are the origin's own (every byte was checked against the listing);
+    :func:`~.ready.damage` later counts only what differs from them. Nothing outside ``staging`` is written.
     """
     options = options or EngineOptions()
     check_listing(listing, options)
     _check_cancel(cancel)
-    _seed_from_published(listing, Path(staging), Path(dest), cancel)
+    staging, dest = Path(staging), Path(dest)
+    if adopt.unpublished(dest):
+        with own_staging(staging, wait=False):
+            _adopt_into(listing, staging, dest, options, cancel, progress, on_phase)
+    else:
+        _seed_from_published(listing, staging, dest, cancel)
+    if on_phase is not None:
+        on_phase("downloading", None)
     digests = fetch_into(source, listing, staging, options=options, cancel=cancel, progress=progress)
     # the resume state is not part of the model (publish removes it); nor are its files' findings. Our own
     # staging holds the checked listing and at most one state file per listed file: bounded, so no deadline.
@@ -1046,18 +1262,18 @@ _CLEAN_ON = (CancelledError, VerificationError, InsufficientSpaceError, UnsafePa
 @overload
 def pull(source: Source, dest: Path, /, *, models_root: Path, writer: str, listing: Listing | None = None,
          options: EngineOptions | None = None, epoch: int = 0, cancel: threading.Event | None = None,
-         progress: Progress | None = None, wait: bool = True) -> Manifest: ...
+         progress: Progress | None = None, wait: bool = True, on_phase: PhaseFn | None = None) -> Manifest: ...
 
 
 @overload
 def pull(source: Source, listing: Listing, dest: Path, /, *, models_root: Path, writer: str,
          options: EngineOptions | None = None, epoch: int = 0, cancel: threading.Event | None = None,
-         progress: Progress | None = None, wait: bool = True) -> Manifest: ...
+         progress: Progress | None = None, wait: bool = True, on_phase: PhaseFn | None = None) -> Manifest: ...
 
 
 def pull(source: Source, *args: Path | Listing, models_root: Path, writer: str, listing: Listing | None = None,
          options: EngineOptions | None = None, epoch: int = 0, cancel: threading.Event | None = None,
-         progress: Progress | None = None, wait: bool = True) -> Manifest:
+         progress: Progress | None = None, wait: bool = True, on_phase: PhaseFn | None = None) -> Manifest:
     """Put the model of ``source`` at ``dest`` (inside ``models_root``) and return its manifest.
 
     Called as ``pull(source, dest, ...)`` (the listing is fetched, or passed as ``listing=``) or
@@ -1066,7 +1282,10 @@ def pull(source: Source, *args: Path | Listing, models_root: Path, writer: str, 
     and publishes. On a source error staging is kept (a rerun resumes); on cancel, verification failure,
     lack of space or unsafe names it is removed.
 
-    ``dest`` must pass :func:`check_destination` (checked before the listing is fetched). The staging folder is
+    ``dest`` must pass :func:`check_destination` (checked before the listing is fetched); a folder holding files
+    but no completion manifest is adopted (:func:`stage`; ``on_phase`` and ``progress`` tell the hashing) or
+    refused with :class:`~modelherd.storage.errors.DestinationError` when it is not a copy of this model, before
+    anything is written. The staging folder is
     owned (:func:`own_staging`) from the fast-path check until it is published or cleaned: a second pull of the
     same model by the same writer waits for the first (until ``cancel``) and then finds the model published,
     or, with ``wait=False``, raises :class:`~modelherd.storage.errors.StagingBusyError`.
@@ -1094,7 +1313,8 @@ def pull(source: Source, *args: Path | Listing, models_root: Path, writer: str, 
             existing = _already_published(dest, listing, progress)  # the pull we waited for published it
             if existing is not None:
                 return existing
-            return _pull_owned(source, listing, dest, staging, models_root, writer, options, cancel, progress)
+            return _pull_owned(source, listing, dest, staging, models_root, writer, options, cancel, progress,
+                               on_phase)
     except OSError as e:
         raise fs_error(e, staging, what="staging folder") from None
 
@@ -1113,12 +1333,13 @@ def _already_published(dest: Path, listing: Listing, progress: Progress | None) 
 
 
 def _pull_owned(source: Source, listing: Listing, dest: Path, staging: Path, models_root: Path, writer: str,
-                options: EngineOptions, cancel: threading.Event | None, progress: Progress | None) -> Manifest:
+                options: EngineOptions, cancel: threading.Event | None, progress: Progress | None,
+                on_phase: PhaseFn | None) -> Manifest:
     try:
         _recover_aside(staging, dest)
-        manifest = stage(source, listing, staging, dest=dest, writer=writer, options=options, cancel=cancel,
-                         progress=progress)
-        publish(staging, dest, manifest, models_root=models_root)
+        staged = stage(source, listing, staging, dest=dest, writer=writer, options=options, cancel=cancel,
+                       progress=progress, on_phase=on_phase)
+        manifest = publish(staging, dest, staged, models_root=models_root)
     except (DestinationError, ModelsRootError):
         raise  # the user fixes the destination or the mount; what was downloaded stays for the rerun
     except _CLEAN_ON:

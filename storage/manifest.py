@@ -4,8 +4,10 @@ Invariant: a folder that holds ``.modelherd-manifest.json`` was published by the
 file listed in it was verified; the manifest is written atomically (temp file + rename + fsync).
 It records the model's identity (source, revision, the file ``selection``) and the quick-verification
 problems the origin's own bytes have (``origin_problems``: what the copy looked like when published, so
-that only problems that appeared since count as damage). Manifests written before those two fields read
-as "all files" and "no problems".
+that only problems that appeared since count as damage), and the entries of the folder that are not the model's
+(``foreign``: an operator's notes, a download tool's metadata — kept in place by adoption, repairs and updates,
+ignored by verification; they are never among ``files``). Manifests written before those fields read as "all
+files", "no problems" and "nothing foreign".
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ class Manifest:
     selection: Selection = ALL_FILES
     # (path, message) of each quick-verification problem of the model exactly as the origin serves it
     origin_problems: tuple[tuple[str, str], ...] = ()
+    # relative names (files or whole folders) in the model folder that are not the model's: kept, never verified
+    foreign: tuple[str, ...] = ()
 
     @property
     def total_bytes(self) -> int:
@@ -58,6 +62,7 @@ class Manifest:
         d["files"] = [asdict(f) for f in self.files]
         d["selection"] = self.selection.to_json()
         d["origin_problems"] = [list(p) for p in self.origin_problems]
+        d["foreign"] = list(self.foreign)
         return json.dumps(d, indent=1, sort_keys=True)
 
     @classmethod
@@ -76,7 +81,8 @@ class Manifest:
                        writer=_string(d["writer"]), completed_at=_string(d["completed_at"]),
                        version=_count(d.get("version", FORMAT_VERSION), "version"),
                        selection=Selection.from_json(d.get("selection")),
-                       origin_problems=tuple((_string(p), _string(m)) for p, m in d.get("origin_problems", [])))
+                       origin_problems=tuple((_string(p), _string(m)) for p, m in d.get("origin_problems", [])),
+                       foreign=_names(d.get("foreign", [])))
         except KeyError as e:
             raise VerificationError(f"malformed completion manifest: no field {e}", hint=_HINT) from None
         except UntrustedInputError as e:
@@ -101,6 +107,12 @@ def _count(v: object, what: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**63:
         raise ValueError(f"{what} must be an integer in [0, 2**63), got {show(v)}")
     return v
+
+
+def _names(v: object) -> tuple[str, ...]:
+    if not isinstance(v, list):
+        raise ValueError(f"foreign must be a list of names, got {show(v)}")
+    return tuple(safe_relpath(_string(x), what="manifest foreign entry") for x in v)
 
 
 def _checksums(v: object) -> dict[str, str]:

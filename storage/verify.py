@@ -13,7 +13,10 @@ Invariants:
   (:func:`~.untrusted.open_regular`; a FIFO, socket or device is reported from its ``stat``), sizes are
   computed with exact integers; only :func:`verify_or_raise` raises, with a
   :class:`~.errors.VerificationError`;
-- a :class:`Problem` prints as one line whatever the names in it (:func:`~.paths.quote_name`).
+- a :class:`Problem` prints as one line whatever the names in it (:func:`~.paths.quote_name`);
+- what is not the model's is neither read nor reported: download tools' metadata (:data:`TOOL_METADATA`,
+  ``.cache/huggingface/``) always, and the entries the manifest records as ``foreign`` (kept by adoption), unless
+  the name is, or leads to, one of the manifest's files (:func:`ignored_names`).
 """
 
 from __future__ import annotations
@@ -57,6 +60,9 @@ MAX_FILES = 20_000
 # a worker; metadata of a real model takes seconds even on shared storage.
 LOCAL_DEADLINE_S = 60.0
 DEADLINE_S: float | None = None  # published models: no clock (a slow filesystem is not damage); local:// passes one
+# What download tools leave inside a model folder (``huggingface-cli download --local-dir``: ``.cache/huggingface/``
+# with a ``.gitignore`` and per-file ``.metadata``): never the model's, never damage, never read.
+TOOL_METADATA = (".cache/huggingface",)
 
 
 @dataclass(frozen=True)
@@ -119,14 +125,27 @@ class _Budget:
             raise _OutOfBounds(Problem(".", f"more than {self.max_files} {what}: not a model folder"))
 
 
-def _walk(model_dir: Path, budget: _Budget) -> tuple[dict[str, _Found], list[Problem]]:
+def ignored_names(manifest: Manifest | None) -> frozenset[str]:
+    """Relative names (files or whole folders) verification neither reads nor reports: :data:`TOOL_METADATA` and
+    the manifest's ``foreign`` entries, less any that is, or leads to, a file of the manifest."""
+    names = set(TOOL_METADATA) | set(manifest.foreign if manifest is not None else ())
+    if manifest is not None and names:
+        for f in manifest.files:
+            parts = f.path.split("/")
+            names -= {"/".join(parts[:i]) for i in range(1, len(parts) + 1)}
+    return frozenset(names)
+
+
+def _walk(model_dir: Path, budget: _Budget, skip: frozenset[str] = frozenset()) -> tuple[dict[str, _Found],
+                                                                                        list[Problem]]:
     """Regular files under ``model_dir`` by relative POSIX name (symlinks to regular files inside it included;
     symlinked folders are not descended into) and problems for links leaving it, dangling links, and anything
     that is neither a regular file nor a folder (FIFO, socket, device: reported from ``stat``, never opened).
 
     One ``scandir`` a folder and one ``stat`` a file (symlinks alone cost a ``realpath``), so a folder reached
     here without a link is inside ``model_dir`` by construction. Entries are taken from ``scandir`` one at a
-    time and counted (the top-level manifest aside): past ``budget`` it raises :class:`_OutOfBounds` at once."""
+    time and counted (the top-level manifest aside): past ``budget`` it raises :class:`_OutOfBounds` at once. Names
+    in ``skip`` (:func:`ignored_names`) are passed over: not counted, not descended into, not reported."""
     files: dict[str, _Found] = {}
     problems: list[Problem] = []
     real_base = Path(os.path.realpath(model_dir))
@@ -140,6 +159,8 @@ def _walk(model_dir: Path, budget: _Budget) -> tuple[dict[str, _Found], list[Pro
                 for e in it:
                     budget.check_time()
                     rel = prefix + e.name
+                    if rel in skip:
+                        continue
                     try:
                         link = e.is_symlink()
                         if not link and e.is_dir(follow_symlinks=False):
@@ -435,12 +456,15 @@ def _quick_within(model_dir: Path, budget: _Budget, *, require_manifest: bool, a
                   manifest: Manifest | None) -> tuple[list[Problem], Manifest | None]:
     if not _is(model_dir, stat.S_ISDIR):
         return [Problem(".", f"{model_dir} is not a directory")], None
-    found, problems = _walk(model_dir, budget)
+    unreadable: Problem | None = None
     if manifest is None:
         try:
             manifest = read_manifest(model_dir)
         except ModelherdError as e:
-            problems.append(Problem(MANIFEST_NAME, e.message))
+            unreadable = Problem(MANIFEST_NAME, e.message)
+    found, problems = _walk(model_dir, budget, ignored_names(manifest))
+    if unreadable is not None:
+        problems.append(unreadable)
     if manifest is not None:
         problems += _check_manifest(model_dir, manifest, found, allow_extra=allow_extra, budget=budget)
     elif require_manifest and not any(p.path == MANIFEST_NAME for p in problems):
@@ -474,7 +498,8 @@ def verify_quick(model_dir: Path, *, require_manifest: bool = False, allow_extra
     Bounds: more than ``max_files`` files (the top-level manifest aside) or folders, or ``deadline_s`` seconds
     (``None``: no deadline), stop the pass at once; the result is then that one :class:`Problem` (path ``.``).
 
-    With a manifest: every entry exists with its size, and (unless ``allow_extra``) no other file is there.
+    With a manifest: every entry exists with its size, and (unless ``allow_extra``) no other file is there but
+    the :func:`ignored_names` (download tools' metadata, the manifest's ``foreign`` entries), never read.
     Always: shard indexes name existing shards holding their tensors, safetensors headers are consistent
     and end exactly at end of file, diffusers components exist, no symlink leaves the folder.
     """

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -186,6 +187,32 @@ def test_eight_nodes_cause_exactly_one_download(herd: Herd, hub: HubServer, mode
     assert time.monotonic() - started < 10
     assert hub.stats()["requests"] == {} and hub.bytes_served == 0
     assert herd.wait_for(lambda r: True).version == final.version
+
+
+def test_three_nodes_adopt_a_prestaged_copy_once_without_an_origin_byte(herd: Herd, hub: HubServer,
+                                                                       model_src: tuple[Path, int]) -> None:
+    """Issue #17: a copy staged by another tool (no completion manifest) is hashed by one node under the Lease and
+    published in place; the others follow; the origin serves the listing only."""
+    shutil.copytree(model_src[0], herd.dest)
+    (herd.dest / "NOTES.md").write_text("staged by rsync from the old cluster\n")
+    (herd.dest / ".cache" / "huggingface").mkdir(parents=True)
+    (herd.dest / ".cache" / "huggingface" / ".gitignore").write_text("*\n")
+    inodes = {p.name: p.stat().st_ino for p in herd.dest.iterdir() if p.is_file() and p.name != "NOTES.md"}
+    for i in range(3):
+        herd.start(f"node-{i}")
+    ready = _ready_lines(herd.finish())
+    assert hub.bytes_served == 0
+    adopters = [n for n in herd.procs if "adopting hf://" in herd.log(n)]
+    assert len(adopters) == 1 and _published_by(herd) == adopters
+    assert ready[adopters[0]]["how"] == "holder"
+    assert {r["how"] for n, r in ready.items() if n not in adopters} <= {"follower", "ready"}
+    _assert_model_is_whole(herd)
+    assert {p.name: p.stat().st_ino for p in herd.dest.iterdir() if p.name in inodes} == inodes
+    assert (herd.dest / "NOTES.md").read_text().startswith("staged by rsync")
+    manifest = read_manifest(herd.dest)
+    assert manifest is not None and manifest.foreign == (".cache", "NOTES.md")
+    final = herd.wait_for(lambda r: True)
+    assert final.holder == "" and final.phase == "Complete"
 
 
 def test_a_killed_holder_is_replaced_after_expiry_and_the_download_resumes(

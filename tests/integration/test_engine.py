@@ -128,13 +128,13 @@ def test_new_revision_replaces_existing_destination_and_leaves_nothing_aside(
     dest = models_root / "m"
     engine.pull(RangeSource(server.url, files[2:], revision="old"), dest, models_root=models_root, writer="a",
                 options=SMALL)
-    (dest / "stale-only-in-old.bin").write_bytes(b"x")
+    (dest / "operators-notes.bin").write_bytes(b"x")  # not the model's: an update keeps it (issue #17)
     engine.pull(RangeSource(server.url, files, revision="new"), dest, models_root=models_root, writer="a",
                 options=SMALL)
     _assert_published(dest, origin_dir, files)
-    assert not (dest / "stale-only-in-old.bin").exists()
+    assert (dest / "operators-notes.bin").read_bytes() == b"x"
     manifest = read_manifest(dest)
-    assert manifest is not None and manifest.revision == "new"
+    assert manifest is not None and manifest.revision == "new" and manifest.foreign == ("operators-notes.bin",)
     assert _staging_is_empty(models_root)
 
 
