@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from ...storage.adopt import looks_adoptable, unpublished
 from ...storage.credentials import check_token
 from ...storage.destination import ensure_writable, fs_error, root_writable
 from ...storage.errors import CancelledError, ConfigError, ModelherdError, RateLimitedError, SourceNotFoundError
@@ -81,6 +82,7 @@ class Task:
     total: int = 0
     files: int = 0
     started: float = field(default_factory=time.monotonic)
+    keep_ready: bool = False  # migration: the node already serves this copy (OME's Ready); adopting keeps it Ready
 
     def stop(self, why: str) -> None:
         self.why = self.why or why
@@ -267,12 +269,18 @@ class Reconciler:
             raise PermanentFailure(
                 f"oci:// models of namespace {ref.namespace} may not use the node's OCI identity; a "
                 "ClusterBaseModel may, or the operator opts the namespace in (ambient_credential_namespaces)")
-        self._wait_startup_jitter(ref)
-        task = Task(uid=spec.uid, identity=spec.identity)
+        migrating = self._serving_unpublished(ref, spec)
+        if not migrating:
+            self._wait_startup_jitter(ref)
+        task = Task(uid=spec.uid, identity=spec.identity, keep_ready=migrating)
         with self._lock:
             self._tasks[ref] = task
         try:
-            if self.labels.current(ref.label_key) != "Failed":
+            if migrating:
+                log.info("%s: %s holds a copy this node already serves (Ready) that modelherd did not publish: "
+                         "adopting it in place; the label stays Ready unless the copy is damaged", ref.display,
+                         spec.dest)
+            elif self.labels.current(ref.label_key) != "Failed":
                 self._set(ref, spec, "Updating", progress=None, message="downloading")
             # a retry after a failure stays Failed until bytes move (the progress reporter flips it to
             # Updating), so an origin that keeps answering 404 does not make the label flap
@@ -321,6 +329,31 @@ class Reconciler:
         self.metrics.verifications.labels(**ref.metric_labels(), result="success").inc()
         self._ready(ref, spec, manifest, role="follower")
         return True
+
+    def _serving_unpublished(self, ref: ModelRef, spec: ModelSpec) -> bool:
+        """Migration from OME's agent (or any earlier copy a node already serves): the label and the entry say
+        Ready, and the destination holds files but no completion manifest. Then the pull adopts the copy in place
+        while the label stays Ready; :meth:`_adoption_gate` takes it out of service if the copy does not even look
+        whole (sizes, safetensors headers)."""
+        assert spec.dest is not None
+        if self.labels.current(ref.label_key) != "Ready":
+            return False
+        entry = parse_entry(self.cm.current(ref.cm_key) or "") or {}
+        return entry.get("status") == "Ready" and unpublished(spec.dest)
+
+    def _adoption_gate(self, ref: ModelRef, spec: ModelSpec, task: Task, listing: Listing) -> None:
+        """Before a migration adoption hashes anything: a copy that does not look whole leaves Ready (Failed with
+        the reason, an Event) and is then adopted and repaired as any damage; one that does stays Ready."""
+        assert spec.dest is not None
+        if not task.keep_ready:
+            return
+        verdict = looks_adoptable(spec.dest, listing)
+        if verdict:
+            return
+        task.keep_ready = False
+        self.metrics.verifications.labels(**ref.metric_labels(), result="failure").inc()
+        self._failed(ref, spec, f"verification failed: the copy at {spec.dest} is not whole ({verdict.reason}); "
+                                "repairing", reason="VerificationFailed", download=False)
 
     def _lost_verification(self, ref: ModelRef, spec: ModelSpec) -> None:
         """A model this node reported Ready (same destination and source) no longer verifies: Failed with the
@@ -598,6 +631,7 @@ class Reconciler:
                 raise SourceNotFoundError(f"{canonical} has no files to download",
                                           hint="check the repository, revision or prefix")
             task.files = len(listing.files)
+            self._adoption_gate(ref, spec, task, listing)
             return listing
 
         backend = choose_backend(settings.coordination, self.env.storage_kind, settings.kubeconfig)
@@ -684,7 +718,7 @@ class _ProgressReporter:
         interval = self.rec.env.settings.progress_interval_s
         while not self._stop.wait(interval):
             done, total = self.task.done, self.task.total
-            if done == self._written or total <= 0 or self.task.cancel.is_set():
+            if done == self._written or total <= 0 or self.task.cancel.is_set() or self.task.keep_ready:
                 continue
             now = time.monotonic()
             speed = max(0.0, (done - self._last_done) / max(now - self._last_t, 1e-6))
