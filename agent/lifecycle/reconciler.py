@@ -34,11 +34,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from ...storage.adopt import looks_adoptable, unpublished
+from ...storage.adopt import Adoption, looks_adoptable, unpublished
 from ...storage.credentials import check_token
 from ...storage.destination import ensure_writable, fs_error, root_writable
 from ...storage.errors import CancelledError, ConfigError, ModelherdError, RateLimitedError, SourceNotFoundError
 from ...storage.manifest import Manifest
+from ...storage.paths import quote_name
 from ...storage.ready import published_model
 from ...storage.types import Listing
 from ..kubeapi import ApiError, UnsafeApiPathError, api_path, request
@@ -644,7 +645,8 @@ class Reconciler:
                 node_name=self.env.node_name, namespace=self.env.namespace, kubeconfig=settings.kubeconfig,
                 lease_duration_s=settings.lease_duration_s, renew_period_s=settings.lease_renew_period_s,
                 jitter_s=settings.wait_jitter_s, poll_interval_s=settings.poll_interval_s,
-                cancel=task.cancel, progress=progress, result=results, on_follow=progress.follow)
+                cancel=task.cancel, progress=progress, result=results, on_follow=progress.follow,
+                on_phase=progress.phase)
         finally:
             progress.stop()
             source.close()
@@ -677,13 +679,14 @@ class _ProgressReporter:
         self._last_done, self._last_t = 0, time.monotonic()
         self._first: int | None = None
         self._followed: tuple[str, int] | None = None
+        self._hashing = False  # adopting: progress counts bytes hashed in place, not bytes from the origin
 
     def __call__(self, done: int, total: int) -> None:
         labels = self.ref.metric_labels()
         if self._first is None:
             self._first = done
             self.rec.metrics.download_last_progress.labels(**labels).set(time.time())
-        else:
+        elif not self._hashing:
             delta = done - self.task.done
             if delta > 0:
                 self.rec.metrics.origin_bytes.labels(**labels).inc(delta)
@@ -692,6 +695,20 @@ class _ProgressReporter:
         self.task.done, self.task.total = done, total
         self.rec.metrics.download_progress.labels(**self.ref.metric_labels()).set(done)
         self.rec.metrics.download_total.labels(**self.ref.metric_labels()).set(total)
+
+    def phase(self, name: str, adoption: Adoption | None) -> None:
+        """The engine's phases of this pull (``adopting`` → ``adopted`` → ``downloading``). A migration adoption
+        whose hashing found damage takes the copy out of service before it is repaired."""
+        self._hashing = name == "adopting"
+        if name != "adopting":
+            self._first = None  # the next progress call re-bases: hashed bytes are not origin bytes
+        if name == "adopted" and adoption is not None and not adoption.intact and self.task.keep_ready:
+            self.task.keep_ready = False
+            bad = [*adoption.failed, *adoption.missing]
+            self.rec.metrics.verifications.labels(**self.ref.metric_labels(), result="failure").inc()
+            self.rec._failed(self.ref, self.spec, f"verification failed: {len(bad)} file(s) of the copy at "
+                             f"{self.spec.dest} are not the origin's ({quote_name(bad[0])}); repairing",
+                             reason="VerificationFailed", download=False)
 
     def follow(self, record: Any) -> None:
         """The coordinator saw ``record`` (a ``LeaseRecord`` held by another node) while we wait; ``None``: we

@@ -112,3 +112,41 @@ def test_a_leftover_copy_that_is_not_whole_leaves_ready_and_is_repaired_fetching
     eventually(lambda: (fleet.entry(node, cm_key) or {}).get("status") == "Ready" and fleet.labels(node).get(key)
                == "Ready", timeout=60, what="repaired and Ready")
     assert hub.stats()["bytes_served"] == (model_src / shard.name).stat().st_size, "only the damaged shard"
+
+
+def test_a_leftover_shard_with_other_bytes_of_the_same_size_is_taken_out_of_service_by_the_hash_and_repaired(
+        fleet: Fleet, hub: HubServer, model_src: Path, tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    dest = root / REPO
+    shutil.copytree(model_src, dest)
+    shard = sorted(dest.glob("*.safetensors"))[-1]
+    with shard.open("r+b") as f:  # same size, headers intact: only hashing can tell
+        f.seek(shard.stat().st_size - 10)
+        f.write(b"\xff" * 10)
+    name = f"flip-{fleet.tag}"
+    key, cm_key = node_label_key("ClusterBaseModel", "", name), configmap_key("ClusterBaseModel", "", name)
+    node = fleet.add_node("a", {key: "Ready"})
+    fleet.core.create_namespaced_config_map(fleet.namespace, {
+        "metadata": {"name": node, "labels": {"models.ome/basemodel-status": "true", "node": node}},
+        "data": {cm_key: render_entry(None, name=name, status="Ready", config=None, progress=None)}})
+    fleet.create_cbm(name, f"hf://{REPO}", path=str(dest))
+    seen: list[str | None] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.05):
+            with contextlib.suppress(Exception):
+                seen.append(fleet.labels(node).get(key))
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        fleet.start(node, root, "--storage-mode", "shared", "--coordination", "kubernetes")
+        eventually(lambda: (dest / ".modelherd-manifest.json").is_file() and fleet.labels(node).get(key) == "Ready"
+                   and "modelherd" in (fleet.entry(node, cm_key) or {}), timeout=60, what="repaired and Ready")
+    finally:
+        stop.set()
+        sampler.join(5)
+    events = [e for e in fleet.core.list_namespaced_event("default").items
+              if e.involved_object.name == name and e.reason == "Failed"]
+    assert events and "not the origin's" in events[0].message, [e.message for e in events]
+    assert hub.stats()["bytes_served"] == (model_src / shard.name).stat().st_size, "only the damaged shard"
