@@ -44,6 +44,20 @@ def hub(model_src: Path) -> Iterator[HubServer]:
         yield server
 
 
+
+def _ome_leftovers(fleet: Fleet, name: str, dest: Path, shorts: tuple[str, ...]) -> tuple[str, str, list[str]]:
+    """What OME's agent leaves for a ClusterBaseModel ``name`` at ``dest``: nodes labelled Ready, a per-node
+    ConfigMap with OME's Ready entry, and the CR. Returns (label key, ConfigMap key, nodes)."""
+    key, cm_key = node_label_key("ClusterBaseModel", "", name), configmap_key("ClusterBaseModel", "", name)
+    nodes = [fleet.add_node(s, {key: "Ready"}) for s in shorts]
+    ome_entry = render_entry(None, name=name, status="Ready", config=None, progress=None)  # OME's, no metadata
+    for node in nodes:
+        fleet.core.create_namespaced_config_map(fleet.namespace, {
+            "metadata": {"name": node, "labels": {"models.ome/basemodel-status": "true", "node": node}},
+            "data": {cm_key: ome_entry}})
+    fleet.create_cbm(name, f"hf://{REPO}", path=str(dest))
+    return key, cm_key, nodes
+
 def test_agents_started_over_omes_leftovers_keep_every_label_ready_and_fetch_no_body(
         fleet: Fleet, hub: HubServer, model_src: Path, tmp_path: Path) -> None:
     root = tmp_path / "models"
@@ -51,15 +65,7 @@ def test_agents_started_over_omes_leftovers_keep_every_label_ready_and_fetch_no_
     shutil.copytree(model_src, dest)  # what OME's agent left: the files, no completion manifest
     (dest / "NOTES.md").write_text("staged by the platform team\n")
     inodes = {p.name: p.stat().st_ino for p in dest.iterdir()}
-    name = f"llama-{fleet.tag}"
-    key, cm_key = node_label_key("ClusterBaseModel", "", name), configmap_key("ClusterBaseModel", "", name)
-    nodes = [fleet.add_node(s, {key: "Ready"}) for s in ("a", "b", "c")]
-    ome_entry = render_entry(None, name=name, status="Ready", config=None, progress=None)  # OME's, no metadata
-    for node in nodes:
-        fleet.core.create_namespaced_config_map(fleet.namespace, {
-            "metadata": {"name": node, "labels": {"models.ome/basemodel-status": "true", "node": node}},
-            "data": {cm_key: ome_entry}})
-    fleet.create_cbm(name, f"hf://{REPO}", path=str(dest))
+    key, cm_key, nodes = _ome_leftovers(fleet, f"llama-{fleet.tag}", dest, ("a", "b", "c"))
 
     seen: set[str | None] = set()
     stop = threading.Event()
@@ -101,12 +107,7 @@ def test_a_leftover_copy_that_is_not_whole_leaves_ready_and_is_repaired_fetching
     with shard.open("r+b") as f:
         f.truncate(shard.stat().st_size // 2)
     name = f"cut-{fleet.tag}"
-    key, cm_key = node_label_key("ClusterBaseModel", "", name), configmap_key("ClusterBaseModel", "", name)
-    node = fleet.add_node("a", {key: "Ready"})
-    fleet.core.create_namespaced_config_map(fleet.namespace, {
-        "metadata": {"name": node, "labels": {"models.ome/basemodel-status": "true", "node": node}},
-        "data": {cm_key: render_entry(None, name=name, status="Ready", config=None, progress=None)}})
-    fleet.create_cbm(name, f"hf://{REPO}", path=str(dest))
+    key, cm_key, (node,) = _ome_leftovers(fleet, name, dest, ("a",))
     fleet.start(node, root, "--storage-mode", "shared", "--coordination", "kubernetes")
     eventually(lambda: fleet.labels(node).get(key) == "Failed", timeout=60, what="the damaged copy out of service")
     eventually(lambda: (fleet.entry(node, cm_key) or {}).get("status") == "Ready" and fleet.labels(node).get(key)
@@ -124,12 +125,7 @@ def test_a_leftover_shard_with_other_bytes_of_the_same_size_is_taken_out_of_serv
         f.seek(shard.stat().st_size - 10)
         f.write(b"\xff" * 10)
     name = f"flip-{fleet.tag}"
-    key, cm_key = node_label_key("ClusterBaseModel", "", name), configmap_key("ClusterBaseModel", "", name)
-    node = fleet.add_node("a", {key: "Ready"})
-    fleet.core.create_namespaced_config_map(fleet.namespace, {
-        "metadata": {"name": node, "labels": {"models.ome/basemodel-status": "true", "node": node}},
-        "data": {cm_key: render_entry(None, name=name, status="Ready", config=None, progress=None)}})
-    fleet.create_cbm(name, f"hf://{REPO}", path=str(dest))
+    key, cm_key, (node,) = _ome_leftovers(fleet, name, dest, ("a",))
     seen: list[str | None] = []
     stop = threading.Event()
 
