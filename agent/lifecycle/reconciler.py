@@ -699,8 +699,10 @@ class _ProgressReporter:
     def phase(self, name: str, adoption: Adoption | None) -> None:
         """The engine's phases of this pull (``adopting`` → ``adopted`` → ``downloading``). A migration adoption
         whose hashing found damage takes the copy out of service before it is repaired."""
-        self._hashing = name == "adopting"
-        if name != "adopting":
+        if name == "adopting":
+            self._hashing = True  # until the download starts, progress counts bytes hashed in place
+        elif name == "downloading" and self._hashing:
+            self._hashing = False
             self._first = None  # the next progress call re-bases: hashed bytes are not origin bytes
         if name == "adopted" and adoption is not None and not adoption.intact and self.task.keep_ready:
             self.task.keep_ready = False

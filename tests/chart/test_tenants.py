@@ -322,6 +322,7 @@ def test_colliding_label_keys_make_no_patch_storm_and_leave_the_victims_label_al
         before = [int(a.get("/metrics")[1].split('modelherd_api_requests{verb="patch"}')[1].split()[0].split(".")[0])
                   if 'modelherd_api_requests{verb="patch"}' in a.get("/metrics")[1] else 0
                   for a in c.fleet.agents.values()]
+        time.sleep(1.1)  # creationTimestamp has 1 s resolution: the victim is senior by time, not by the tie-break
         with LabelSampler(c, key) as sampler:
             c.fleet.create_bm(name, f"hf://{EVIL}", namespace=evil_ns)
             entry = eventually(lambda: (e := c.fleet.entry(c.nodes[0], configmap_key("BaseModel", evil_ns, name)))

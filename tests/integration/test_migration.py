@@ -109,9 +109,11 @@ def test_a_leftover_copy_that_is_not_whole_leaves_ready_and_is_repaired_fetching
     name = f"cut-{fleet.tag}"
     key, cm_key, (node,) = _ome_leftovers(fleet, name, dest, ("a",))
     fleet.start(node, root, "--storage-mode", "shared", "--coordination", "kubernetes")
-    eventually(lambda: fleet.labels(node).get(key) == "Failed", timeout=60, what="the damaged copy out of service")
-    eventually(lambda: (fleet.entry(node, cm_key) or {}).get("status") == "Ready" and fleet.labels(node).get(key)
-               == "Ready", timeout=60, what="repaired and Ready")
+    eventually(lambda: (dest / ".modelherd-manifest.json").is_file() and fleet.labels(node).get(key) == "Ready"
+               and "modelherd" in (fleet.entry(node, cm_key) or {}), timeout=60, what="repaired and Ready")
+    failed = [e for e in fleet.core.list_namespaced_event("default").items  # Failed may last only a moment
+              if e.involved_object.name == name and e.reason == "Failed"]
+    assert failed and "is not whole" in failed[0].message, [e.message for e in failed]
     assert hub.stats()["bytes_served"] == (model_src / shard.name).stat().st_size, "only the damaged shard"
 
 
