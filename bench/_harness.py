@@ -217,6 +217,32 @@ def wait_disk_quiet(quiet_s: float = 0.5, limit_s: float = 8.0) -> None:
             return
 
 
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+
+def drop_caches() -> bool:
+    """``sync``, let the disk settle, drop the page cache, settle again; False when this process may not (not root,
+    read-only /proc): then the next run reads from memory, and the caller says so."""
+    os.sync()
+    wait_disk_quiet()
+    try:
+        DROP_CACHES.write_text("3\n")
+    except OSError:
+        return False
+    wait_disk_quiet()
+    return True
+
+
+def relink(folder: Path, copy: Path) -> None:
+    """``copy``: the model's files as hard links of ``folder``'s, no manifest: an intact copy modelherd did not
+    publish (OME's leftovers, a ``--local-dir`` download), rebuilt in milliseconds."""
+    shutil.rmtree(copy, ignore_errors=True)
+    for p in model_files(folder):
+        target = copy / p.relative_to(folder)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.link(p, target)
+
+
 def clean(path: Path) -> None:
     """Remove ``path``, flush dirty pages and let the disk settle, so the next run starts from a quiet disk.
 

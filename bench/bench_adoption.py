@@ -36,41 +36,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import (
+    DROP_CACHES,
     OUT,
     Result,
     best,
     cached_model,
+    drop_caches,
     interleave,
     median,
     model_files,
+    relink,
     run_child,
     save_json,
     verdict,
-    wait_disk_quiet,
 )
-
-DROP = Path("/proc/sys/vm/drop_caches")
-
-
-def drop_caches() -> bool:
-    """Flush dirty pages and drop the page cache; False when this process may not (not root, read-only /proc)."""
-    os.sync()
-    try:
-        DROP.write_text("3\n")
-    except OSError:
-        return False
-    wait_disk_quiet()
-    return True
-
-
-def relink(folder: Path, copy: Path) -> None:
-    """``copy``: the model's files as hard links of ``folder``'s (no manifest): an intact copy modelherd did not
-    publish, rebuilt in milliseconds."""
-    shutil.rmtree(copy, ignore_errors=True)
-    for p in model_files(folder):
-        target = copy / p.relative_to(folder)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.link(p, target)
 
 
 def main() -> int:
@@ -93,7 +72,7 @@ def main() -> int:
     cold = not args.no_drop_caches and drop_caches()
     caches = "page cache dropped before every run" if cold else (
         "page cache kept (--no-drop-caches)" if args.no_drop_caches else
-        f"page cache NOT dropped (cannot write {DROP}: not root?): both tools read from memory")
+        f"page cache NOT dropped (cannot write {DROP_CACHES}: not root?): both tools read from memory")
 
     with HubServer() as hub:
         hub.add_repo(repo_id, folder, lfs_min_size=100_000)

@@ -63,40 +63,28 @@ from modelherd.agent.reporting.entry import render_entry  # noqa: E402
 from modelherd.agent.reporting.keys import configmap_key, node_label_key  # noqa: E402
 from modelherd.testing.hubserver import HubServer  # noqa: E402
 
-from bench._harness import OUT, cached_model, model_files, run_child, save_json, verdict, wait_disk_quiet  # noqa: E402
+from bench._harness import (  # noqa: E402
+    DROP_CACHES,
+    OUT,
+    cached_model,
+    drop_caches,
+    model_files,
+    relink,
+    run_child,
+    save_json,
+    verdict,
+)
 from tests.agent_fleet import MODELHERD, Fleet  # noqa: E402
 from tests.integration.test_controlplane import install_ome_crds  # noqa: E402
 from tests.k8s_fixtures import KubeCluster  # noqa: E402
 
 MiB = 1024 * 1024
 SHARED = ("--storage-mode", "shared", "--coordination", "kubernetes")
-DROP = Path("/proc/sys/vm/drop_caches")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MANIFEST = ".modelherd-manifest.json"
 
 
 # ------------------------------------------------------------------------------------------------ host helpers
-def drop_caches() -> bool:
-    """``sync``, drop the page cache, let the disk settle; False when this process may not (not root)."""
-    os.sync()
-    wait_disk_quiet()
-    try:
-        DROP.write_text("3\n")
-    except OSError:
-        return False
-    wait_disk_quiet()
-    return True
-
-
-def relink(folder: Path, copy: Path) -> None:
-    """``copy``: the model's files as hard links of ``folder``'s, no manifest (OME's leftovers)."""
-    shutil.rmtree(copy, ignore_errors=True)
-    for p in model_files(folder):
-        target = copy / p.relative_to(folder)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.link(p, target)
-
-
 def cpu_seconds(pid: int) -> float:
     """utime + stime of one process (``/proc/<pid>/stat``), in seconds; 0 when it is gone."""
     try:
@@ -299,7 +287,7 @@ def run(args: argparse.Namespace, fleet: Fleet, hub: HubServer, cluster: KubeClu
     relink(folder, base_dest)
     if cold and not drop_caches():
         cold = False
-        print(f"page cache NOT dropped (cannot write {DROP}: not root?)", flush=True)
+        print(f"page cache NOT dropped (cannot write {DROP_CACHES}: not root?)", flush=True)
     hub.reset_counters()
     env = {"HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_TELEMETRY": "1", "PATH": os.environ.get("PATH", "/usr/bin")}
     log = work / "baseline.log"

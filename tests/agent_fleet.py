@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -54,6 +56,20 @@ def eventually(fn: Callable[[], T | None], *, timeout: float = 60.0, interval: f
             last = e
         time.sleep(interval)
     raise AssertionError(f"{what} not reached within {timeout}s" + (f": {last}" if last else ""))
+
+
+def in_mount_namespace(path: Path, mounts: str, real: str) -> str:
+    """Write at ``path`` a stand-in for the ``modelherd`` binary ``real`` that runs it in a private mount namespace
+    (``unshare -m``) after the shell commands ``mounts`` (absolute paths, ``&&``-joined); returns ``path``. For
+    agents that must see another filesystem at the models root than this process does (needs root)."""
+    path.write_text("#!/bin/sh\n"
+                    f"exec unshare -m --propagation private sh -c '{mounts} && exec \"$@\"' sh {real} \"$@\"\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return str(path)
+
+
+def can_unshare_mounts() -> bool:
+    return os.geteuid() == 0 and shutil.which("unshare") is not None
 
 
 @dataclass

@@ -242,9 +242,8 @@ class Reconciler:
         if first:
             log.error("%s: %s", ref.display, message,
                       extra={"model": ref.display, "state": "Failed", "reason": message})
-        with contextlib.suppress(ApiError):
-            spec = model_spec(self.env.get_model(ref) or {}, self.env.models_root, self.env.policy)
-            self.events.record(ref, spec.uid, reason="Forbidden", message=message, warning=True)
+        uid = str(((self.env.get_model(ref) or {}).get("metadata") or {}).get("uid") or "")
+        self.events.record(ref, uid, reason="Forbidden", message=message, warning=True)  # best effort, never raises
 
     def status_write_denied(self) -> str | None:
         """The verb and resource of the last status write refused with 403, ``None`` once writes succeed."""
@@ -274,9 +273,8 @@ class Reconciler:
         if not migrating:
             self._wait_startup_jitter(ref)
         task = Task(uid=spec.uid, identity=spec.identity, keep_ready=migrating)
-        with self._lock:
-            self._tasks[ref] = task
         try:
+            self._track(ref, task)
             if migrating:
                 log.info("%s: %s holds a copy this node already serves (Ready) that modelherd did not publish: "
                          "adopting it in place; the label stays Ready unless the copy is damaged", ref.display,
@@ -293,8 +291,7 @@ class Reconciler:
             self.metrics.rate_limits.labels(**ref.metric_labels()).inc()
             raise
         finally:
-            with self._lock:
-                self._tasks.pop(ref, None)
+            self._untrack(ref)
             self.metrics.clear_progress(ref.metric_labels())
         if task.cancel.is_set():
             raise CancelledError(task.why or "cancelled")
@@ -303,15 +300,23 @@ class Reconciler:
         self._ready(ref, spec, manifest, role=role)
         return True
 
+    def _track(self, ref: ModelRef, task: Task) -> None:
+        """``task`` is this node's running work on ``ref``: :meth:`cancel` stops it, the verifier skips ``ref``."""
+        with self._lock:
+            self._tasks[ref] = task
+
+    def _untrack(self, ref: ModelRef) -> None:
+        with self._lock:
+            self._tasks.pop(ref, None)
+
     def _follow_read_only(self, ref: ModelRef, spec: ModelSpec) -> bool:
         """A shared models root mounted read-only here (sites mount it read-write on a few nodes): this node never
         takes a Lease nor touches the origin; it waits until a writable node has published (or repaired) the model,
         verifies it, and is Ready. Cancelled like a pull (delete, deselect, spec change, SIGTERM)."""
         assert spec.uri is not None and spec.dest is not None
         task = Task(uid=spec.uid, identity=spec.identity)
-        with self._lock:
-            self._tasks[ref] = task
         try:
+            self._track(ref, task)
             if self.labels.current(ref.label_key) != "Failed":
                 self._set(ref, spec, "Updating", progress=None,
                           message="read-only models root: waiting for a writable node to publish it")
@@ -325,8 +330,7 @@ class Reconciler:
                 if task.cancel.wait(interval) or self.shutdown.is_set():
                     raise CancelledError(task.why or "cancelled")
         finally:
-            with self._lock:
-                self._tasks.pop(ref, None)
+            self._untrack(ref)
         self.metrics.verifications.labels(**ref.metric_labels(), result="success").inc()
         self._ready(ref, spec, manifest, role="follower")
         return True

@@ -207,8 +207,9 @@ class StagingCollector:
     def _collect(self, protected: set[str]) -> list[str]:
         root = self.models_root
         wanted: set[str] = set()
+        policy = SpecPolicy.from_settings(self.settings)
         for obj in self.list_models():
-            spec = model_spec(obj, root, SpecPolicy.from_settings(self.settings))
+            spec = model_spec(obj, root, policy)
             if spec.dest is not None and not spec.deleting:
                 wanted.add(staging_key(root, spec.dest))
         protected = protected | {staging_key(root, Path(d)) for d in self.busy_dests() if d}

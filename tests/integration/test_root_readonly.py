@@ -12,16 +12,13 @@ mount, as a node that mounts the shared models filesystem read-only sees it.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import tests.agent_fleet as agent_fleet
-from tests.agent_fleet import Fleet, eventually
+from tests.agent_fleet import Fleet, can_unshare_mounts, eventually, in_mount_namespace
 from tests.hubserver import HubServer
 from tests.modelgen import make_sharded_model
 
@@ -41,17 +38,14 @@ def hub() -> Iterator[HubServer]:
 @pytest.fixture
 def readonly_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Make :meth:`Fleet.start` run the agent with ``root`` bind-mounted read-only in its own mount namespace."""
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
+    if not can_unshare_mounts():
         pytest.skip("needs root and unshare(1) for a private read-only bind mount")
     root = tmp_path / "models"
     root.mkdir()
-    wrapper = tmp_path / "modelherd-ro"
-    wrapper.write_text(
-        "#!/bin/sh\n"
-        f"exec unshare -m --propagation private sh -c 'mount --bind \"$0\" \"$0\" && "
-        f"mount -o remount,bind,ro \"$0\" \"$0\" && exec \"$@\"' {root} {agent_fleet.MODELHERD} \"$@\"\n")
-    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
-    monkeypatch.setattr(agent_fleet, "MODELHERD", str(wrapper))
+    wrapper = in_mount_namespace(tmp_path / "modelherd-ro",
+                                 f"mount --bind {root} {root} && mount -o remount,bind,ro {root} {root}",
+                                 agent_fleet.MODELHERD)
+    monkeypatch.setattr(agent_fleet, "MODELHERD", wrapper)
     return root
 
 

@@ -9,9 +9,6 @@ pools look to the agents. The filesystem id (``.modelherd-filesystem-id``) is wh
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +20,7 @@ from modelherd.agent.reporting.keys import node_label_key
 from modelherd.coordination.identity import FILESYSTEM_LABEL, MANAGED_BY, MANAGED_BY_LABEL
 
 import tests.agent_fleet as agent_fleet
-from tests.agent_fleet import Fleet, eventually
+from tests.agent_fleet import Fleet, can_unshare_mounts, eventually, in_mount_namespace
 from tests.hubserver import HubServer
 from tests.modelgen import make_sharded_model
 
@@ -47,18 +44,10 @@ def hub(model_src: tuple[Path, int]) -> Iterator[HubServer]:
         yield server
 
 
-def _wrapper(path: Path, pool: Path, root: Path, real: str) -> str:
-    path.write_text("#!/bin/sh\n"
-                    f"exec unshare -m --propagation private sh -c 'mount --bind \"$0\" \"$1\" && shift && exec \"$@\"' "
-                    f"{pool} {root} {real} \"$@\"\n")
-    path.chmod(path.stat().st_mode | stat.S_IXUSR)
-    return str(path)
-
-
 def test_two_filesystems_at_one_path_get_one_download_each_at_once_and_a_repair_and_removal_each(
         fleet: Fleet, hub: HubServer, api_client: object, tmp_path: Path, model_src: tuple[Path, int],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
+    if not can_unshare_mounts():
         pytest.skip("needs root and unshare(1) for a private bind mount per node pool")
     root = tmp_path / "mnt-models"  # the one path every agent is told; empty outside the agents' namespaces
     root.mkdir()
@@ -67,7 +56,8 @@ def test_two_filesystems_at_one_path_get_one_download_each_at_once_and_a_repair_
     nodes: dict[str, list[str]] = {}
     for pool, folder in pools.items():
         folder.mkdir()
-        monkeypatch.setattr(agent_fleet, "MODELHERD", _wrapper(tmp_path / f"modelherd-{pool}", folder, root, real))
+        monkeypatch.setattr(agent_fleet, "MODELHERD", in_mount_namespace(tmp_path / f"modelherd-{pool}",
+                                                                         f"mount --bind {folder} {root}", real))
         nodes[pool] = [fleet.add_node(f"{pool}{i}", {"pool": pool}) for i in (1, 2)]
         for node in nodes[pool]:
             fleet.start(node, root, "--storage-mode", "shared", "--coordination", "kubernetes",
