@@ -123,6 +123,8 @@ def test_a_read_only_node_on_shared_storage_follows_without_a_lease_and_a_writab
     # damage seen from the read-only node: Failed there, repaired by the writable node, Ready again on both
     shard = sorted((root / "ro/shared").glob("*.safetensors"))[0]
     hub.reset_counters()
+    # the writer's repair takes ~4 s, many of the reader's 0.5 s verification passes: the reader must see it
+    hub.throttle("any", bytes_per_s=16 * KiB)
     with shard.open("r+b") as f:
         f.truncate(shard.stat().st_size // 2)
     eventually(lambda: fleet.labels(reader).get(key) == "Failed", timeout=30, what="the reader reporting Failed")
