@@ -65,7 +65,7 @@ def test_two_filesystems_at_one_path_get_one_download_each_at_once_and_a_repair_
     for agent in fleet.agents.values():
         fleet.wait_ready(agent)
 
-    hub.throttle("cdn", bytes_per_s=512 * KiB)  # ~2 s per download: long enough to see both at once
+    hub.throttle("cdn", bytes_per_s=128 * KiB)  # ~2 s per 256 KiB shard: long enough to see both at once
     leases = client.CoordinationV1Api(api_client)
     held_at_once: list[int] = []
     stop = threading.Event()
