@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="TensorRT-LLM engines: 'auto' (NVML, then instance type), 'none', or e.g. H200x8")
     pull.add_argument("--coordination", choices=["auto", "kubernetes", "file", "none"])
     pull.add_argument("--node-name", help="holder identity (default NODE_NAME, else hostname)")
-    pull.add_argument("--namespace", help="namespace for Leases (default: the pod's, else 'default')")
+    pull.add_argument("--namespace", help="namespace for Leases (default: the pod's, else ome, as the agents)")
     pull.add_argument("--kubeconfig", type=Path, help="kubeconfig (default KUBECONFIG, else in-cluster)")
     pull.add_argument("--lease-duration", dest="lease_duration_s", type=float, help="seconds (default 30)")
     pull.add_argument("--renew-period", dest="lease_renew_period_s", type=float, help="seconds (default 10)")
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(ctl)
 
     leases = sub.add_parser("leases", help="list modelherd Leases: who downloads what, how far")
-    leases.add_argument("--namespace")
+    leases.add_argument("--namespace", help="namespace of the Leases (default: the pod's, else ome)")
     leases.add_argument("--kubeconfig", type=Path)
     leases.add_argument("--models-root-dir", "--models-root", dest="models_root_dir", type=Path,
                         help="for file leases (clusters without Kubernetes)")

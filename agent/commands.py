@@ -1,4 +1,12 @@
-"""The CLI's subcommands: thin glue from settings to the storage and coordination layers."""
+"""The CLI's subcommands: each maps its arguments onto the layers below and prints the result (one JSON line,
+a table, or a problem per line) with the exit code of the README.
+
+What a subcommand shares with the agent is not decided here: how bytes move (engine options, retries, sources,
+the GPU shape) is agent/transfer.py, the HF token agent/lifecycle/credentials.py, the namespace and node-name
+rules agent/settings.py, the agent and the controller agent/runner.py and agent/controller/. Only what the
+one-shot ``pull`` alone needs lives here: its destination under the models root, its ``--allow``/``--ignore``
+selection, its progress bar and its Ready line.
+"""
 
 from __future__ import annotations
 
@@ -23,101 +31,22 @@ from ..storage.ready import published_model
 from ..storage.types import ALL_FILES, Listing, Selection, Source
 from ..storage.uri import ModelURI, parse_uri
 from . import startup
-from .settings import Settings
+from .settings import Settings, TransferSettings
 
 if TYPE_CHECKING:
     from tqdm import tqdm
 
-    from ..storage import engine, gpu, verify
-    from ..storage.retry import RetryPolicy
+    from ..coordination import LeaseApi
+    from ..storage import verify
+    from .kube import KubeClient
 
-# The engine, the sources (huggingface_hub, oci) and coordination (kubernetes) are imported only when a
-# pull has to download or coordinate: the restart fast path stays cheap (32 nodes on one box).
+# The engine (through agent/transfer.py), the sources (huggingface_hub, oci) and coordination are imported only
+# when a pull has to download or coordinate: the restart fast path stays cheap (32 nodes on one box).
 
 log = logging.getLogger("modelherd.pull")
 
 
-def engine_options(settings: Settings, storage_kind: str) -> engine.EngineOptions:
-    """The engine's knobs from the settings. ``direct_io=auto`` follows the storage mode in force (the
-    operator's ``--storage-mode`` included): ``O_DIRECT`` on local storage, the page cache on shared storage."""
-    from ..storage import engine
-
-    direct_io = settings.direct_io
-    if direct_io == "auto":
-        direct_io = "on" if storage_kind == "local" else "off"
-
-    return engine.EngineOptions(
-        concurrency=settings.concurrency,
-        multipart_concurrency=settings.multipart_concurrency,
-        multipart_threshold=settings.multipart_threshold,
-        part_size=settings.part_size,
-        retry=retry_policy(settings),
-        fsync=settings.fsync,
-        direct_io=direct_io,
-    )
-
-
-def retry_policy(settings: Settings) -> RetryPolicy:
-    from ..storage.retry import RetryPolicy
-
-    return RetryPolicy(retries=settings.download_retry, backoff_s=settings.retry_backoff_s,
-                       backoff_max_s=settings.retry_backoff_max_s, retry_after_max_s=settings.retry_after_max_s)
-
-
-def make_source(uri: ModelURI, settings: Settings, *, allow: list[str] | None = None,
-                ignore: list[str] | None = None, cancel: threading.Event | None = None) -> Source:
-    """The source of ``uri``; ``cancel`` ends its own back-offs (the listing's) at once."""
-    from ..storage.sources import open_source
-
-    return open_source(
-        uri,
-        hf_token=settings.hf_token.get_secret_value() if settings.hf_token else None,
-        hf_endpoint=settings.hf_endpoint,
-        allow_patterns=allow,
-        ignore_patterns=ignore,
-        oci_auth=settings.oci_auth,
-        oci_config_file=str(settings.oci_config_file),
-        oci_profile=settings.oci_profile,
-        oci_region=settings.oci_region,
-        oci_endpoint=settings.oci_endpoint,
-        retry=retry_policy(settings),
-        pool_maxsize=max(32, settings.concurrency * settings.multipart_concurrency),
-        cancel=cancel,
-    )
-
-
-def resolve_gpu_shape(spec: str, settings: Settings) -> gpu.GpuShape | None:
-    """``auto``: NVML, then the instance-type map; ``none``: no filtering; else a literal shape."""
-    from ..storage import gpu
-
-    if spec == "none":
-        return None
-    if spec != "auto":
-        return gpu.parse_shape(spec)
-    type_map = gpu.load_instance_type_map(settings.instance_type_map) if settings.instance_type_map else None
-    return gpu.detect_gpu_shape(instance_type=settings.instance_type, instance_type_map=type_map)
-
-
-def filter_for_shape(listing: Listing, spec: str, settings: Settings) -> Listing:
-    """Keep only the TensorRT-LLM engines for this node's GPU shape (no-op for other layouts)."""
-    from ..storage import gpu
-
-    paths = [f.path for f in listing.files]
-    if not gpu.is_trtllm_layout(paths):
-        return listing
-    shape = resolve_gpu_shape(spec, settings)
-    if shape is None:
-        if spec == "none":
-            return listing
-        raise ConfigError("this model has per-GPU-shape TensorRT-LLM engines but no GPU shape could be detected",
-                          hint="pass --gpu-shape H200x8 (or set the node's instance type), or --gpu-shape none")
-    kept = gpu.trtllm_filter(list(listing.files), shape)
-    log.info("TensorRT-LLM layout: keeping %d of %d files for GPU shape %s", len(kept), len(listing.files),
-             shape.name)
-    return replace(listing, files=tuple(kept))
-
-
-class _Progress:
+class _ProgressBar:
     """A tqdm bar fed from worker threads (tqdm's own lock keeps it consistent)."""
 
     def __init__(self, enabled: bool, desc: str) -> None:
@@ -168,12 +97,20 @@ def cmd_pull(args: argparse.Namespace, settings: Settings, cancel: threading.Eve
         _print_ready(uri, ready, dest, settings, started, "ready")
         return 0
     ensure_writable(root)  # a read-only root still serves the models already published in it
-    source = make_source(uri, settings, allow=args.allow, ignore=args.ignore, cancel=cancel)
-    progress = _Progress(enabled=not args.no_progress and sys.stderr.isatty(), desc=uri.canonical)
+    from . import transfer
+    from .lifecycle.credentials import hf_token
+
+    move = replace(settings.transfer, gpu_shape=args.gpu_shape)  # --gpu-shape is the pull's own flag
+    token = hf_token(None, namespace=settings.cluster.namespace, read_secret=None,
+                     ambient=move.hf_token) if uri.scheme == "hf" else None
+    source = transfer.open_model_source(uri, move, hf_token=token, allow=args.allow, ignore=args.ignore,
+                                        cancel=cancel)
+    del token
+    progress = _ProgressBar(enabled=not args.no_progress and sys.stderr.isatty(), desc=uri.canonical)
     try:
         def listing_fn() -> Listing:
-            return filter_for_shape(source.list_files(), args.gpu_shape, settings)
-        manifest, extra = _pull(uri, source, listing_fn, dest, root, storage_kind, settings, cancel, progress,
+            return transfer.filter_for_shape(source.list_files(), move)
+        manifest, extra = _pull(uri, source, listing_fn, dest, root, storage_kind, settings, move, cancel, progress,
                                 selection)
     finally:
         progress.close()
@@ -203,33 +140,27 @@ def _print_ready(uri: ModelURI, manifest: Manifest, dest: Path, settings: Settin
 
 
 def _pull(uri: ModelURI, source: Source, listing_fn: Callable[[], Listing], dest: Path, root: Path,
-          storage_kind: str, settings: Settings, cancel: threading.Event,
+          storage_kind: str, settings: Settings, move: TransferSettings, cancel: threading.Event,
           progress: Callable[[int, int], None], selection: Selection = ALL_FILES) -> tuple[Manifest, dict[str, object]]:
     """Download (or wait for) the model; returns the manifest and what to report about how."""
-    from ..coordination import PullResult, choose_backend, coordinated_pull
-    from ..storage import engine
+    from ..coordination import choose_backend, coordinated_pull
+    from .transfer import engine_options
 
     startup.resume()  # the modules a pull needs are loaded; from here on the process may run for hours
-    backend = choose_backend(settings.coordination, storage_kind, settings.kubeconfig)
-    if backend == "none":
-        listing = listing_fn()
-        manifest = engine.pull(source, listing, dest, models_root=root, options=engine_options(settings, storage_kind),
-                               writer=settings.node_name, cancel=cancel, progress=progress)
-        return manifest, {"role": "pulled", "coordination": "none"}
-    results: list[PullResult] = []
-    manifest = coordinated_pull(
+    cluster, leases = settings.cluster, settings.leases
+    backend = choose_backend(leases.mode, storage_kind, cluster.kubeconfig)
+    result = coordinated_pull(
         backend=backend, uri=uri, source=source, listing_fn=listing_fn, dest=dest, models_root=root,
-        options=engine_options(settings, storage_kind), node_name=settings.node_name,
-        namespace=settings.effective_namespace(), kubeconfig=settings.kubeconfig,
-        lease_duration_s=settings.lease_duration_s, renew_period_s=settings.lease_renew_period_s,
-        jitter_s=settings.wait_jitter_s, poll_interval_s=settings.poll_interval_s,
-        cancel=cancel, progress=progress, result=results, selection=selection,
+        options=engine_options(move, storage_kind), node_name=cluster.node_name, namespace=cluster.namespace,
+        lease_api=_lease_api(_kube_api(settings)) if backend == "kubernetes" else None,
+        lease_duration_s=leases.lease_duration_s, renew_period_s=leases.lease_renew_period_s,
+        jitter_s=leases.wait_jitter_s, poll_interval_s=leases.poll_interval_s,
+        cancel=cancel, progress=progress, selection=selection,
     )
-    extra: dict[str, object] = {"coordination": backend}
-    if results:
-        r = results[0]
-        extra.update(role=r.role, epoch=r.epoch, took_over=r.took_over, lease_requests=r.lease_requests)
-    return manifest, extra
+    if backend == "none":
+        return result.manifest, {"role": "pulled", "coordination": "none"}
+    return result.manifest, {"coordination": backend, "role": result.role, "epoch": result.epoch,
+                             "took_over": result.took_over, "lease_requests": result.lease_requests}
 
 
 def _report(problems: list[verify.Problem], model_dir: Path) -> int:
@@ -254,13 +185,11 @@ def cmd_verify(args: argparse.Namespace, settings: Settings, cancel: threading.E
 
 
 def cmd_detect(args: argparse.Namespace, settings: Settings, cancel: threading.Event) -> int:
+    from .transfer import gpu_shape
+
     fs = fsdetect.detect_filesystem(Path(args.path))
     kind = fsdetect.resolve_storage_mode(settings.storage_mode, fs)
-    if args.instance_type:
-        settings = settings.model_copy(update={"instance_type": args.instance_type})
-    if args.instance_type_map:
-        settings = settings.model_copy(update={"instance_type_map": args.instance_type_map})
-    shape = resolve_gpu_shape(settings.gpu_shape, settings)
+    shape = gpu_shape(settings.transfer)  # --instance-type / --instance-type-map are settings flags
     try:  # the id every node of this filesystem shares (read only: detect never writes)
         fs_id = filesystem_id(Path(args.path), create=False) or None
     except (OSError, ModelherdError):
@@ -278,9 +207,9 @@ def cmd_leases(args: argparse.Namespace, settings: Settings, cancel: threading.E
     from ..coordination.choose import kubernetes_reachable
 
     if not args.file and kubernetes_reachable(settings.kubeconfig):
-        from ..coordination import kube
+        from ..coordination.kube import list_leases
 
-        rows = kube.list_leases(kube.api_client(settings.kubeconfig), settings.effective_namespace())
+        rows = list_leases(_lease_api(_kube_api(settings)), settings.cluster.namespace)
     else:
         from ..coordination.filelease import list_file_leases
         from ..coordination.views import view_of
@@ -290,30 +219,27 @@ def cmd_leases(args: argparse.Namespace, settings: Settings, cancel: threading.E
     return 0
 
 
-# ------------------------------------------------------------------------------------------- the node agent
-def _node_name_for_agent(args: argparse.Namespace) -> str:
-    import os
-
-    name = getattr(args, "node_name", None) or os.environ.get("MODELHERD_NODE_NAME") or os.environ.get("NODE_NAME")
-    if not name or not name.strip():
-        raise ConfigError("no node name: the agent must know which node it runs on",
-                          hint="set NODE_NAME from the downward API (spec.nodeName), or pass --node-name")
-    return name.strip()
-
-
-def _kube_api(settings: Settings) -> object:
-    from .kubeclient import load
+# ------------------------------------------------------------------------------------------- the cluster
+def _kube_api(settings: Settings) -> KubeClient:
+    """The process's one API client (credentials from ``--kubeconfig``, else in-cluster, else KUBECONFIG)."""
+    from .kube import load
 
     return load(settings.kubeconfig)
 
 
+def _lease_api(api: KubeClient) -> LeaseApi:
+    """Coordination's Lease store over the process's one client (no second pool, no second credential load)."""
+    from .kube.leases import KubeLeases
+
+    return KubeLeases(api)
+
+
 def cmd_agent(args: argparse.Namespace, settings: Settings, cancel: threading.Event) -> int:
-    node = _node_name_for_agent(args)
-    settings = settings.model_copy(update={"node_name": node})
+    settings = settings.model_copy(update={"node_name": settings.named_node()})
     from .runner import NodeAgent
 
     startup.resume()  # a long-running process: the garbage collector runs as usual from here on
-    agent = NodeAgent(settings, _kube_api(settings), node_name=node)
+    agent = NodeAgent(settings, _kube_api(settings))
     return agent.run(cancel)
 
 
@@ -321,10 +247,10 @@ def cmd_explain(args: argparse.Namespace, settings: Settings, cancel: threading.
     from .models import SpecPolicy
     from .views import explain, format_explain
 
-    node = _node_name_for_agent(args)
-    rows = explain(_kube_api(settings), node_name=node, namespace=settings.effective_namespace("ome"),
+    node = settings.named_node()
+    rows = explain(_kube_api(settings), node_name=node, namespace=settings.cluster.namespace,
                    models_root=Path(settings.models_root_dir), storage_mode=settings.storage_mode,
-                   policy=SpecPolicy.from_settings(settings))
+                   policy=SpecPolicy.from_settings(settings.tenancy))
     if args.output == "json":
         for row in rows:
             print(json.dumps(row))
@@ -336,7 +262,7 @@ def cmd_explain(args: argparse.Namespace, settings: Settings, cancel: threading.
 def cmd_status(args: argparse.Namespace, settings: Settings, cancel: threading.Event) -> int:
     from .views import cluster_status, format_status
 
-    rows = cluster_status(_kube_api(settings), namespace=settings.effective_namespace("ome"))
+    rows = cluster_status(_kube_api(settings), namespace=settings.cluster.namespace)
     if args.output == "json":
         for row in rows:
             print(json.dumps(row))
@@ -349,12 +275,7 @@ def cmd_controller(args: argparse.Namespace, settings: Settings, cancel: threadi
     from .controller.controller import ModelController
 
     startup.resume()  # a long-running process
-    controller = ModelController(
-        _kube_api(settings), namespace=settings.effective_namespace("ome"), port=settings.controller_port,
-        bind_address=settings.bind_address, leader_elect=settings.leader_elect,
-        lease_duration_s=settings.leader_elect_lease_duration_s,
-        renew_deadline_s=settings.leader_elect_renew_deadline_s,
-        retry_period_s=settings.leader_elect_retry_period_s, watch_timeout_s=settings.watch_timeout_s)
+    controller = ModelController(_kube_api(settings), settings.controller, settings.cluster)
     return controller.run(cancel)
 
 

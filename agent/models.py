@@ -28,7 +28,8 @@ from typing import Any
 from ..storage.errors import ModelherdError
 from ..storage.paths import ensure_inside_root, printable, safe_relpath
 from ..storage.uri import ModelURI, parse_uri
-from .reporting.keys import ModelKind, configmap_key, node_label_key
+from .ome.keys import ModelKind, configmap_key, node_label_key
+from .settings import TenancySettings
 
 GROUP = "ome.io"
 VERSION = "v1beta1"
@@ -89,9 +90,9 @@ class SpecPolicy:
     ambient_namespaces: frozenset[str] = frozenset()
 
     @classmethod
-    def from_settings(cls, settings: Any) -> SpecPolicy:
-        return cls(tuple(settings.basemodel_path_prefixes), tuple(Path(p) for p in settings.local_source_roots),
-                   frozenset(settings.ambient_credential_namespaces))
+    def from_settings(cls, tenancy: TenancySettings) -> SpecPolicy:
+        return cls(tenancy.basemodel_path_prefixes, tuple(Path(p) for p in tenancy.local_source_roots),
+                   frozenset(tenancy.ambient_credential_namespaces))
 
     def ambient_allowed(self, ref: ModelRef) -> bool:
         """May ``ref`` use the agent's own credentials (``HF_TOKEN``, the node's OCI identity)?"""

@@ -24,24 +24,29 @@ from prometheus_client import CollectorRegistry
 
 from ..storage import fsdetect
 from ..storage.errors import ConfigError
-from .kubeapi import REQUESTS
-from .lifecycle.reconciler import Env, Reconciler
-from .lifecycle.removal import StagingCollector
+from .kube import REQUESTS, KubeClient
+from .kube.leases import KubeLeases
+from .kube.secrets import read_secret_key
+from .lifecycle.claims import Claims
+from .lifecycle.puller import Puller
+from .lifecycle.reconciler import NodeContext, Reconciler
+from .lifecycle.removal import Remover, StagingCollector
 from .lifecycle.verifier import Verifier
 from .models import GROUP, PLURALS, VERSION, ModelRef, SpecPolicy, model_spec
+from .ome.keys import LABEL_DOMAIN, ModelKind, parse_configmap_key
+from .process import WatchProcess, reconcile_once
 from .reporting.configmap import STATUS_LABEL, StatusConfigMap
 from .reporting.events import EventRecorder
-from .reporting.keys import ModelKind, parse_configmap_key
 from .reporting.labels import NodeLabels
 from .reporting.metrics import AgentMetrics
-from .server import HealthServer
+from .reporting.status import ModelStatusWriter
 from .settings import Settings
-from .watching.informer import EventType, Informer
+from .watching.informer import EventType
 from .watching.selection import evaluate
 from .watching.workqueue import WorkQueue
 
 log = logging.getLogger("modelherd.agent")
-LABEL_PREFIX = "models.ome.io/"
+_MODEL_LABEL = LABEL_DOMAIN + "/"  # the prefix of the node labels the agent writes (one per model)
 
 
 def _version() -> str:
@@ -54,37 +59,39 @@ def _version() -> str:
 
 
 class NodeAgent:
-    def __init__(self, settings: Settings, api: Any, *, node_name: str, registry: CollectorRegistry | None = None
+    """The node agent of ``node_name`` (``settings.cluster``): the composition root that hands every collaborator
+    only its settings group (see the module docstring)."""
+
+    def __init__(self, settings: Settings, api: KubeClient | Any, *, registry: CollectorRegistry | None = None
                  ) -> None:
-        self.settings, self.api, self.node_name = settings, api, node_name
-        self.namespace = settings.effective_namespace("ome")
-        self.models_root = Path(os.path.realpath(Path(settings.models_root_dir).expanduser()))
+        cluster, agent = settings.cluster, settings.agent
+        self.settings, self.api, self.node_name = agent, api, cluster.node_name
+        node_name = self.node_name
+        self.namespace = cluster.namespace
+        self.models_root = Path(os.path.realpath(Path(cluster.models_root).expanduser()))
         if self.models_root.exists() and not self.models_root.is_dir():
             raise ConfigError(f"the models root {self.models_root} is not a directory",
                               hint="point --models-root-dir at a directory")
         self.models_root.mkdir(parents=True, exist_ok=True)
         fs = fsdetect.detect_filesystem(self.models_root)
+        leases = settings.leases
         self.storage_kind = fsdetect.resolve_storage_mode(settings.storage_mode, fs)
         log.info("models root %s: %s storage (%s)", self.models_root, self.storage_kind, fs.evidence)
 
         self.registry = registry or CollectorRegistry()
         self.metrics = AgentMetrics(self.registry)
         self.metrics.info.labels(node=node_name, version=_version()).set(1)
-        self.metrics.workers.set(settings.num_download_worker)
+        self.metrics.workers.set(agent.workers)
         for mode in ("shared", "local"):
             self.metrics.storage_mode.labels(mode=mode).set(1 if mode == self.storage_kind else 0)
         self.metrics.watch_root(self.models_root)
 
-        self.shutdown = threading.Event()
-        self.queue: WorkQueue[ModelRef] = WorkQueue(backoff_base_s=settings.model_retry_base_s,
-                                                    backoff_max_s=settings.model_retry_max_s)
-        timeout = settings.watch_timeout_s
-
-        def informer(path: str, name: str, handler: Any, **kw: Any) -> Informer:
-            def restarted(why: str) -> None:
-                self._watch_restarted(name, why)
-            return Informer(api, path, handler=handler, name=name, watch_timeout_s=timeout, on_restart=restarted, **kw)
-
+        self.process = WatchProcess(api, watch_timeout_s=agent.watch_timeout_s,
+                                    restarts=self.metrics.watch_restarts, log=log)
+        self.shutdown = self.process.shutdown
+        self.queue: WorkQueue[ModelRef] = WorkQueue(backoff_base_s=agent.model_retry_base_s,
+                                                    backoff_max_s=agent.model_retry_max_s)
+        informer = self.process.informer
         self.models = {
             kind: informer(f"/apis/{GROUP}/{VERSION}/{plural}", plural, self._model_handler(kind))
             for kind, plural in PLURALS.items()
@@ -93,32 +100,44 @@ class NodeAgent:
                                       field_selector=f"metadata.name={node_name}")
         self.cm_informer = informer(f"/api/v1/namespaces/{self.namespace}/configmaps", "configmap",
                                     self._on_configmap, field_selector=f"metadata.name={node_name}")
-        self.informers = [*self.models.values(), self.node_informer, self.cm_informer]
+        self.informers = self.process.informers
 
+        self.policy = SpecPolicy.from_settings(settings.tenancy)
         self.configmap = StatusConfigMap(api, self.namespace, node_name,
                                          cache=lambda: self.cm_informer.get(f"{self.namespace}/{node_name}"))
-        self.labels = NodeLabels(api, node_name, cache=self._node, attempts=settings.node_label_retry)
-        env = Env(settings=settings, api=api, node_name=node_name, namespace=self.namespace,
-                  models_root=self.models_root, storage_kind=self.storage_kind, get_model=self._model,
-                  get_node=self._node, list_models=self._all_models, policy=SpecPolicy.from_settings(settings))
-        self.reconciler = Reconciler(env, configmap=self.configmap, labels=self.labels,
+        self.labels = NodeLabels(api, node_name, cache=self._node, attempts=agent.node_label_retry)
+        lease_api = KubeLeases(api)
+        place: dict[str, Any] = {"models_root": self.models_root, "storage_kind": self.storage_kind,
+                                 "node_name": node_name, "namespace": self.namespace}
+        self.claims = Claims(self.models_root, self.policy, self._all_models)
+        self.reconciler = Reconciler(
+            NodeContext(node_name=node_name, namespace=self.namespace, models_root=self.models_root,
+                        storage_kind=self.storage_kind, get_model=self._model, get_node=self._node, policy=self.policy),
+            agent=agent, leases=leases, metrics=self.metrics, shutdown=self.shutdown, claims=self.claims,
+            status=ModelStatusWriter(configmap=self.configmap, labels=self.labels,
                                      events=EventRecorder(api, node_name), metrics=self.metrics,
-                                     shutdown=self.shutdown)
-        self.verifier = Verifier(node_name=node_name, quick_interval_s=settings.verify_interval_s,
-                                 deep_interval_s=settings.deep_verify_interval_s, max_mbps=settings.verify_max_mbps,
-                                 targets=self.reconciler.verify_targets, enqueue=self.queue.add, metrics=self.metrics,
-                                 shutdown=self.shutdown)
-        self.server = HealthServer(settings.bind_address, settings.port, registry=self.registry, checks={
+                                     node_name=node_name, storage_kind=self.storage_kind),
+            puller=Puller(settings.transfer, leases, kubeconfig=cluster.kubeconfig, lease_api=lease_api,
+                          read_secret=lambda ns, name, key: read_secret_key(api, ns, name, key),
+                          get_node=self._node, **place),
+            remover=Remover(leases, kubeconfig=cluster.kubeconfig, lease_api=lease_api, list_models=self._all_models,
+                            shutdown=self.shutdown, policy=self.policy, **place))
+        self.verifier = Verifier(settings.verification, node_name=node_name, targets=self.reconciler.verify_targets,
+                                 enqueue=self.queue.add, metrics=self.metrics, shutdown=self.shutdown)
+        self.collector = StagingCollector(agent, leases, kubeconfig=cluster.kubeconfig, lease_api=lease_api,
+                                          list_models=self._all_models, busy_dests=self._busy_dests,
+                                          shutdown=self.shutdown, policy=self.policy, **place)
+        self.server = self.process.serve(agent.bind_address, agent.port, registry=self.registry, checks={
             "healthz": {"models-root": self._check_root},
             "livez": {"ping": lambda: None, "loops": self._check_loops},
-            "readyz": {"informers-synced": self._check_synced, "api-server": self._check_api,
+            "readyz": {"informers-synced": self.process.unsynced, "api-server": self._check_api,
                        "status-writes": self._check_writes},
         }, before_scrape=self._before_scrape)
         self._restore = threading.Event()
         self._workers: list[threading.Thread] = []
         self._busy = 0
         self._busy_lock = threading.Lock()
-        self._beat = time.monotonic()
+        self._housekeeping_beat = time.monotonic()
         self._synced = False
 
     # ------------------------------------------------------------------------------------------ caches
@@ -146,12 +165,12 @@ class NodeAgent:
         if etype == "DELETED":
             self.reconciler.forget(ref, obj)
             self.reconciler.cancel(ref, "the model was deleted")
-            for other in self.reconciler.claims.sharing_keys(ref):  # a model refused for sharing its keys
+            for other in self.claims.sharing_keys(ref):  # a model refused for sharing its keys
                 self.queue.add(other)
         elif (obj.get("metadata") or {}).get("deletionTimestamp"):
             self.reconciler.cancel(ref, "the model is being deleted")
         elif old is not None and ref in self.reconciler.running():
-            policy = self.reconciler.env.policy
+            policy = self.policy
             new_id = model_spec(obj, self.models_root, policy).identity
             if new_id != model_spec(old, self.models_root, policy).identity:
                 self.reconciler.cancel(ref, "its storage changed")
@@ -162,14 +181,14 @@ class NodeAgent:
     def _on_node(self, etype: EventType, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
         def user_labels(o: Mapping[str, Any] | None) -> dict[str, str]:
             labels = ((o or {}).get("metadata") or {}).get("labels") or {}
-            return {k: v for k, v in labels.items() if not k.startswith(LABEL_PREFIX)}
+            return {k: v for k, v in labels.items() if not k.startswith(_MODEL_LABEL)}
 
         if old is not None and user_labels(old) == user_labels(obj):
             # only model labels moved (ours, or someone removed one): re-check the models whose label changed
             new_l = (obj.get("metadata") or {}).get("labels") or {}
             old_l = (old.get("metadata") or {}).get("labels") or {}
             changed = {k for k in set(new_l) | set(old_l)
-                       if k.startswith(LABEL_PREFIX) and new_l.get(k) != old_l.get(k)}
+                       if k.startswith(_MODEL_LABEL) and new_l.get(k) != old_l.get(k)}
             for ref in self._all_refs():
                 if ref.label_key in changed:
                     self.queue.add(ref)
@@ -197,38 +216,25 @@ class NodeAgent:
                 if ref.cm_key in edited:
                     self.queue.add(ref)
 
-    def _watch_restarted(self, resource: str, why: str) -> None:
-        self.metrics.watch_restarts.labels(resource=resource).inc()
-        log.warning("watch of %s restarted: %s", resource, why)
-
     # ------------------------------------------------------------------------------------------ loops
     def _worker(self) -> None:
         while not self.shutdown.is_set():
-            self._beat = time.monotonic()
             ref = self.queue.get(timeout=1.0)
             if ref is None:
                 continue
             with self._busy_lock:
                 self._busy += 1
             try:
-                ok = self.reconciler.reconcile(ref)
-                if ok:
-                    self.queue.forget(ref)
-                elif not self.shutdown.is_set():
-                    self.queue.add_rate_limited(ref)
-            except Exception:
-                log.exception("%s: reconcile failed unexpectedly; retrying with back-off", ref.display)
-                if not self.shutdown.is_set():
-                    self.queue.add_rate_limited(ref)
+                reconcile_once(self.queue, ref, self.reconciler.reconcile, self.shutdown, log)
             finally:
                 with self._busy_lock:
                     self._busy -= 1
                 self.queue.done(ref)
 
     def _housekeeping(self) -> None:
-        """Restores a deleted or relabelled ConfigMap; keeps the loop heartbeat."""
+        """Restores a deleted or relabelled ConfigMap; keeps the loop heartbeat (read by ``/livez``)."""
         while not self.shutdown.wait(0.5):
-            self._beat_hk = time.monotonic()
+            self._housekeeping_beat = time.monotonic()
             if self._restore.is_set():
                 self._restore.clear()
                 try:
@@ -271,8 +277,7 @@ class NodeAgent:
 
     def _check_loops(self) -> str | None:
         bound = self.settings.heartbeat_max_age_s
-        hk = getattr(self, "_beat_hk", time.monotonic())
-        if time.monotonic() - hk > bound:
+        if time.monotonic() - self._housekeeping_beat > bound:
             return "the housekeeping loop is stuck"
         dead = [t.name for t in self._workers if not t.is_alive()]
         if not self.verifier.alive():
@@ -280,21 +285,15 @@ class NodeAgent:
         if dead and not self.shutdown.is_set():
             return f"worker threads died: {dead}"
         watch_bound = max(bound, 2 * self.settings.watch_timeout_s + 60)
-        stale = [i.name for i in self.informers if self._synced and not i.healthy(watch_bound)]
+        stale = self.process.silent(watch_bound) if self._synced else []
         return f"watches without a heartbeat: {stale}" if stale else None
-
-    def _check_synced(self) -> str | None:
-        missing = [i.name for i in self.informers if not i.has_synced()]
-        return f"not synced yet: {missing}" if missing else None
 
     def _check_writes(self) -> str | None:
         denied = self.reconciler.status_write_denied()
         return f"the API server refuses the agent's status writes (403: may not {denied})" if denied else None
 
     def _check_api(self) -> str | None:
-        bound = max(self.settings.heartbeat_max_age_s, 2 * self.settings.watch_timeout_s + 60)
-        stale = [i.name for i in self.informers if not i.healthy(bound)]
-        return f"no answer from the API server for {stale}" if stale else None
+        return self.process.unanswered(max(self.settings.heartbeat_max_age_s, 2 * self.settings.watch_timeout_s + 60))
 
     def _before_scrape(self) -> None:
         self.metrics.queue_depth.set(len(self.queue))
@@ -306,57 +305,39 @@ class NodeAgent:
         self.metrics.last_heartbeat.set(time.time())
 
     # ------------------------------------------------------------------------------------------ run
-    def start(self) -> None:
-        self.server.start()
+    def _started(self) -> None:
         log.info("agent %s: serving /healthz /livez /readyz /metrics on %s:%d", self.node_name,
                  self.settings.bind_address, self.server.port)
-        for inf in self.informers:
-            inf.start()
         threading.Thread(target=self._housekeeping, name="modelherd-housekeeping", daemon=True).start()
-        collector = StagingCollector(self.settings, models_root=self.models_root, storage_kind=self.storage_kind,
-                                     node_name=self.node_name, namespace=self.namespace,
-                                     list_models=self._all_models, busy_dests=self._busy_dests,
-                                     shutdown=self.shutdown)
-        threading.Thread(target=collector.run, name="modelherd-staging-gc", daemon=True).start()
+        threading.Thread(target=self.collector.run, name="modelherd-staging-gc", daemon=True).start()
 
     def _busy_dests(self) -> list[str]:
         """Destinations this node downloads into now (the staging GC never touches them)."""
         return [t.identity.get("path", "") for t in self.reconciler.running().values()]
 
-    def wait_synced(self) -> bool:
-        while not self.shutdown.is_set():
-            if all(i.wait_synced(1.0) for i in self.informers):
-                self._synced = True
-                log.info("agent %s: initial lists synced (%d models known); starting %d workers", self.node_name,
-                         len(self._all_refs()), self.settings.num_download_worker)
-                self._enqueue_orphans()
-                for i in range(self.settings.num_download_worker):
-                    t = threading.Thread(target=self._worker, name=f"modelherd-worker-{i}", daemon=True)
-                    t.start()
-                    self._workers.append(t)
-                self.verifier.start()
-                return True
-        return False
+    def _synced_start_workers(self) -> None:
+        self._synced = True
+        log.info("agent %s: initial lists synced (%d models known); starting %d workers", self.node_name,
+                 len(self._all_refs()), self.settings.workers)
+        self._enqueue_orphans()
+        for i in range(self.settings.workers):
+            t = threading.Thread(target=self._worker, name=f"modelherd-worker-{i}", daemon=True)
+            t.start()
+            self._workers.append(t)
+        self.verifier.start()
 
-    def stop(self, grace_s: float = 10.0) -> None:
+    def _stopping(self, grace_s: float = 10.0) -> None:
         log.info("agent %s: shutting down", self.node_name)
-        self.shutdown.set()
         self.queue.shutdown()
         self.reconciler.cancel_all("the agent is shutting down")
         deadline = time.monotonic() + grace_s
         for t in self._workers:
             t.join(timeout=max(0.1, deadline - time.monotonic()))
         self.verifier.join(timeout=max(0.1, deadline - time.monotonic()))
-        for inf in self.informers:
-            inf.stop()
-        self.server.stop()
-        log.info("agent %s: stopped", self.node_name)
 
     def run(self, cancel: threading.Event) -> int:
-        self.start()
-        try:
-            threading.Thread(target=self.wait_synced, name="modelherd-sync", daemon=True).start()
-            cancel.wait()
-        finally:
-            self.stop()
-        return 0
+        """Serve, watch and work until ``cancel`` is set (SIGTERM), then stop in order (module docstring)."""
+        code = self.process.run(cancel, started=self._started, synced=self._synced_start_workers,
+                                stopping=self._stopping, sync_thread="modelherd-sync")
+        log.info("agent %s: stopped", self.node_name)
+        return code

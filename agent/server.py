@@ -1,7 +1,9 @@
-"""The agent's one HTTP server: ``/healthz``, ``/livez``, ``/readyz`` (k8s.io/apiserver healthz style, as OME's
-agent answers) and ``/metrics`` (Prometheus text format from the agent's registry).
+"""The one HTTP server of a long-running process (the node agent, the status controller): ``/healthz``,
+``/livez``, ``/readyz`` (k8s.io/apiserver healthz style, as OME's agent answers) and ``/metrics`` (Prometheus text
+format from the process's registry).
 
-Started by the agent's ``main`` only, never at import.
+Invariant: a failed check's reason is logged, never served (the body says only which check failed). Bound when
+built, serving once started (agent/process.py), never at import.
 """
 
 from __future__ import annotations

@@ -1,7 +1,15 @@
-"""All environment and defaults, parsed in one place.
+"""All environment and defaults, parsed in one place, then handed out by concern.
 
-Every knob is a field here; the CLI maps its flags (OME's names where OME has one) onto these fields,
-and lower layers receive plain values, never the environment.
+:class:`Settings` is the user's contract: every knob is one flat field, read from a ``MODELHERD_*`` variable (or
+OME's / Kubernetes' name where one exists) and overridden by the CLI's flag of the same meaning. Nothing below
+this module reads the environment for a modelherd knob.
+
+Invariant: a collaborator receives only the group of its concern — :class:`TransferSettings` (how bytes move),
+:class:`CoordinationSettings` (who may write), :class:`TenancySettings` (what a CR may ask for),
+:class:`VerificationSettings`, :class:`AgentSettings` (the node agent's loops), :class:`ControllerSettings` and
+:class:`ClusterSettings` (where this process runs) — frozen, so no room changes another's view. The namespace
+rule is one: ``--namespace``, else the pod's namespace, else OME's ``ome`` (for every command, so a CLI pull and
+the agents look for the same Leases).
 """
 
 from __future__ import annotations
@@ -9,18 +17,22 @@ from __future__ import annotations
 import json
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from ..storage.errors import ConfigError
 from .durations import Duration
 
 StorageMode = Literal["auto", "shared", "local"]
 CoordinationMode = Literal["auto", "kubernetes", "file", "none"]
 
 MiB = 1024 * 1024
+DEFAULT_NAMESPACE = "ome"  # OME's namespace: where its agent and controller run, and where its ConfigMaps live
+SERVICEACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
 def _default_node_name() -> str:
@@ -153,13 +165,176 @@ class Settings(BaseSettings):
     def part_size(self) -> int:
         return self.part_size_mib * MiB
 
-    def effective_namespace(self, fallback: str = "default") -> str:
-        """``--namespace``, else the pod's namespace (POD_NAMESPACE or the ServiceAccount's), else ``fallback``
-        (``default`` for pulls; OME's ``ome`` for the agent)."""
+    def effective_namespace(self) -> str:
+        """The one namespace rule: ``--namespace``, else the pod's namespace (POD_NAMESPACE, else the mounted
+        ServiceAccount's), else :data:`DEFAULT_NAMESPACE`."""
         if self.namespace:
             return self.namespace
-        sa_ns = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
         try:
-            return sa_ns.read_text().strip() or fallback
+            return SERVICEACCOUNT_NAMESPACE.read_text().strip() or DEFAULT_NAMESPACE
         except OSError:
-            return fallback
+            return DEFAULT_NAMESPACE
+
+    def named_node(self) -> str:
+        """The node rule of a process that must know which node it is about (the agent, ``explain``):
+        ``--node-name``, else ``MODELHERD_NODE_NAME`` / ``NODE_NAME`` — never the hostname default that a one-shot
+        ``pull`` uses as its holder identity. A :class:`~modelherd.storage.errors.ConfigError` when none is set."""
+        name = self.node_name.strip() if "node_name" in self.model_fields_set else ""
+        if not name:
+            raise ConfigError("no node name: the agent must know which node it runs on",
+                              hint="set NODE_NAME from the downward API (spec.nodeName), or pass --node-name")
+        return name
+
+    # ------------------------------------------------------------------ the groups, one per concern
+    @property
+    def cluster(self) -> ClusterSettings:
+        return ClusterSettings(models_root=self.models_root_dir, node_name=self.node_name,
+                               namespace=self.effective_namespace(), kubeconfig=self.kubeconfig)
+
+    @property
+    def transfer(self) -> TransferSettings:
+        return TransferSettings(
+            concurrency=self.concurrency, multipart_concurrency=self.multipart_concurrency,
+            multipart_threshold=self.multipart_threshold, part_size=self.part_size,
+            download_retry=self.download_retry, retry_backoff_s=self.retry_backoff_s,
+            retry_backoff_max_s=self.retry_backoff_max_s, retry_after_max_s=self.retry_after_max_s,
+            fsync=self.fsync, direct_io=self.direct_io,
+            hf_token=self.hf_token, hf_endpoint=self.hf_endpoint,
+            oci_auth=self.oci_auth, oci_config_file=self.oci_config_file, oci_profile=self.oci_profile,
+            oci_region=self.oci_region, oci_endpoint=self.oci_endpoint, gpu_shape=self.gpu_shape,
+            instance_type=self.instance_type, instance_type_map=self.instance_type_map)
+
+    @property
+    def leases(self) -> CoordinationSettings:
+        return CoordinationSettings(
+            storage_mode=self.storage_mode, mode=self.coordination, lease_duration_s=self.lease_duration_s,
+            lease_renew_period_s=self.lease_renew_period_s, wait_jitter_s=self.wait_jitter_s,
+            poll_interval_s=self.poll_interval_s)
+
+    @property
+    def tenancy(self) -> TenancySettings:
+        return TenancySettings(basemodel_path_prefixes=tuple(self.basemodel_path_prefixes),
+                               local_source_roots=tuple(self.local_source_roots),
+                               ambient_credential_namespaces=tuple(self.ambient_credential_namespaces))
+
+    @property
+    def verification(self) -> VerificationSettings:
+        return VerificationSettings(interval_s=self.verify_interval_s, deep_interval_s=self.deep_verify_interval_s,
+                                    max_mbps=self.verify_max_mbps)
+
+    @property
+    def agent(self) -> AgentSettings:
+        return AgentSettings(
+            port=self.port, bind_address=self.bind_address, workers=self.num_download_worker,
+            node_label_retry=self.node_label_retry, model_retry_base_s=self.model_retry_base_s,
+            model_retry_max_s=self.model_retry_max_s, startup_jitter_s=self.startup_jitter_s,
+            progress_interval_s=self.progress_interval_s, watch_timeout_s=self.watch_timeout_s,
+            heartbeat_max_age_s=self.heartbeat_max_age_s, staging_gc_interval_s=self.staging_gc_interval_s,
+            staging_gc_orphan_age_s=self.staging_gc_orphan_age_s, staging_gc_stale_age_s=self.staging_gc_stale_age_s)
+
+    @property
+    def controller(self) -> ControllerSettings:
+        return ControllerSettings(
+            port=self.controller_port, bind_address=self.bind_address, leader_elect=self.leader_elect,
+            lease_duration_s=self.leader_elect_lease_duration_s, renew_deadline_s=self.leader_elect_renew_deadline_s,
+            retry_period_s=self.leader_elect_retry_period_s, watch_timeout_s=self.watch_timeout_s)
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """Where this process runs: the models root, this node, the namespace (the one rule) and the credentials."""
+
+    models_root: Path
+    node_name: str
+    namespace: str
+    kubeconfig: Path | None
+
+
+@dataclass(frozen=True)
+class TransferSettings:
+    """How bytes move: the engine's parallelism, retries, durability and the sources' endpoints and identities.
+    ``hf_token`` is the agent's own (ambient) token, a ``SecretStr`` (never printed); the one token chain
+    (agent/lifecycle/credentials.py) decides who may use it."""
+
+    concurrency: int
+    multipart_concurrency: int
+    multipart_threshold: int  # bytes
+    part_size: int  # bytes
+    download_retry: int
+    retry_backoff_s: float
+    retry_backoff_max_s: float
+    retry_after_max_s: float
+    fsync: bool
+    direct_io: str
+    hf_token: SecretStr | None
+    hf_endpoint: str
+    oci_auth: str
+    oci_config_file: Path
+    oci_profile: str
+    oci_region: str
+    oci_endpoint: str
+    gpu_shape: str
+    instance_type: str
+    instance_type_map: str | None
+
+
+@dataclass(frozen=True)
+class CoordinationSettings:
+    """Who may write: the storage mode, the coordination mode and the Lease timings."""
+
+    storage_mode: str
+    mode: str
+    lease_duration_s: float
+    lease_renew_period_s: float
+    wait_jitter_s: float
+    poll_interval_s: float
+
+
+@dataclass(frozen=True)
+class TenancySettings:
+    """What a CR may ask for (agent/models.py SpecPolicy; docs/security.md)."""
+
+    basemodel_path_prefixes: tuple[str, ...]
+    local_source_roots: tuple[Path, ...]
+    ambient_credential_namespaces: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class VerificationSettings:
+    """Periodic verification (agent/lifecycle/verifier.py); 0 turns a kind off."""
+
+    interval_s: float
+    deep_interval_s: float
+    max_mbps: float
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """The node agent's loops: its HTTP server, workers, back-off, progress writes, watches, staging GC."""
+
+    port: int
+    bind_address: str
+    workers: int
+    node_label_retry: int
+    model_retry_base_s: float
+    model_retry_max_s: float
+    startup_jitter_s: float
+    progress_interval_s: float
+    watch_timeout_s: float
+    heartbeat_max_age_s: float
+    staging_gc_interval_s: float
+    staging_gc_orphan_age_s: float
+    staging_gc_stale_age_s: float
+
+
+@dataclass(frozen=True)
+class ControllerSettings:
+    """The status controller: its HTTP server and client-go's leader-election timings."""
+
+    port: int
+    bind_address: str
+    leader_elect: bool
+    lease_duration_s: float
+    renew_deadline_s: float
+    retry_period_s: float
+    watch_timeout_s: float

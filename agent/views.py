@@ -1,22 +1,32 @@
 """Read-only views for people: ``modelherd explain`` (one node's decisions) and ``modelherd status`` (the
-cluster, from the per-node ConfigMaps and the Leases). Each makes a handful of list/get requests; nothing is
-written.
+cluster, from the per-node ConfigMaps and the Leases). Each makes a handful of list/get requests through the
+process's one client (agent/kube/); nothing is written.
+
+Invariant: a model's row shows the Lease of its download only when that Lease's identity is the model's, as
+coordination writes it (:func:`coordination.coordinator.identity_for`): the same canonical source (revision
+included) and the same destination, the Lease's root-relative folder being the trailing part of the absolute
+path the node reported.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+from ..coordination.kube import list_leases
+from ..coordination.views import LeaseView
 from ..storage import fsdetect
 from ..storage.errors import ModelherdError
-from .kubeapi import ApiError, request
+from ..storage.uri import parse_uri
+from .kube import ApiError, KubeClient, request
+from .kube.leases import KubeLeases
 from .models import GROUP, OPEN, PLURALS, VERSION, ModelRef, SpecPolicy, model_spec
+from .ome.entry import parse_entry
+from .ome.keys import parse_configmap_key
+from .ome.states import WRITTEN_STATUSES, ModelStatus
 from .reporting.configmap import STATUS_LABEL
-from .reporting.entry import parse_entry
-from .reporting.keys import parse_configmap_key
 from .watching.selection import evaluate
 
 
@@ -105,12 +115,26 @@ def format_explain(rows: list[dict[str, Any]], node: str) -> str:
     return "\n".join(lines)
 
 
-def cluster_status(api: Any, *, namespace: str) -> list[dict[str, Any]]:
-    """One row per model found in any node's ConfigMap: nodes per state, plus its Lease (holder, progress)."""
-    from ..coordination.identity import MANAGED_BY, MANAGED_BY_LABEL
-    from ..coordination.kube import record_from_raw
-    from ..coordination.views import view_of
+def same_download(lease: LeaseView, storage_uri: str, path: str) -> bool:
+    """``lease`` is the Lease of pulling ``storage_uri`` (a CR's, as an entry records it) into ``path`` (the
+    absolute folder a node reported): its source is that URI's canonical form, revision included, and its
+    destination (relative to the models root, or absolute outside it) names that folder."""
+    if not path or not lease.dest:
+        return False
+    try:
+        canonical = parse_uri(storage_uri).canonical
+    except (ModelherdError, ValueError):
+        return False
+    if lease.source != canonical:
+        return False
+    want, dest = PurePosixPath(path), PurePosixPath(lease.dest)
+    if dest.is_absolute():
+        return want == dest
+    return len(want.parts) > len(dest.parts) and want.parts[-len(dest.parts):] == dest.parts
 
+
+def cluster_status(api: KubeClient | Any, *, namespace: str) -> list[dict[str, Any]]:
+    """One row per model found in any node's ConfigMap: nodes per state, plus its Lease (holder, progress)."""
     models: dict[tuple[str, str, str], dict[str, Any]] = {}
     for cm in _items(api, f"/api/v1/namespaces/{namespace}/configmaps", labelSelector=f"{STATUS_LABEL}=true"):
         node = str((cm.get("metadata") or {}).get("name") or "")
@@ -120,31 +144,28 @@ def cluster_status(api: Any, *, namespace: str) -> list[dict[str, Any]]:
             if parsed is None or entry is None:
                 continue
             kind, ns, name = parsed
-            row = models.setdefault(parsed, {"kind": kind, "namespace": ns, "name": name, "Ready": [],
-                                             "Updating": [], "Failed": [], "storageUri": "", "path": "",
+            row = models.setdefault(parsed, {"kind": kind, "namespace": ns, "name": name,
+                                             **{s.value: [] for s in WRITTEN_STATUSES}, "storageUri": "", "path": "",
                                              "lease": None})
             status = str(entry.get("status") or "")
-            if status in ("Ready", "Updating", "Failed"):
+            if status in WRITTEN_STATUSES:
                 row[status].append(node)
             mine = entry.get("modelherd")
             ours: dict[str, Any] = mine if isinstance(mine, dict) else {}
             row["storageUri"] = row["storageUri"] or str(ours.get("storageUri") or "")
             row["path"] = row["path"] or str(ours.get("path") or "")
     try:
-        raw = _items(api, f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases",
-                     labelSelector=f"{MANAGED_BY_LABEL}={MANAGED_BY}")
-        leases = [view_of(record_from_raw(it)) for it in raw]
-    except (ApiError, ModelherdError):
+        leases = list_leases(KubeLeases(api), namespace)
+    except ModelherdError:
         leases = []
     for row in models.values():
         for lease in leases:
-            if row["path"] and row["path"].rstrip("/").endswith("/" + lease.dest.strip("/")) and \
-                    row["storageUri"].split("@")[0].rstrip("/") == lease.source.split("@")[0].rstrip("/"):
+            if same_download(lease, row["storageUri"], row["path"]):
                 row["lease"] = {"name": lease.name, "holder": lease.holder, "phase": lease.phase,
                                 "bytesDone": lease.bytes_done, "bytesTotal": lease.bytes_total,
                                 "transitions": lease.transitions, "updated": lease.updated,
                                 "filesystem": lease.filesystem}
-        for s in ("Ready", "Updating", "Failed"):
+        for s in WRITTEN_STATUSES:
             row[s].sort()
     return [models[k] for k in sorted(models)]
 
@@ -160,7 +181,7 @@ def format_status(rows: list[dict[str, Any]]) -> str:
         lease = r["lease"] or {}
         total = int(lease.get("bytesTotal") or 0)
         progress = f"{100 * int(lease.get('bytesDone') or 0) / total:.0f}% ({lease.get('phase')})" if total else "-"
-        table.append((what, ",".join(r["Ready"]) or "-", ",".join(r["Updating"]) or "-",
-                      ",".join(r["Failed"]) or "-", lease.get("holder") or "-", progress))
+        table.append((what, ",".join(r[ModelStatus.READY]) or "-", ",".join(r[ModelStatus.UPDATING]) or "-",
+                      ",".join(r[ModelStatus.FAILED]) or "-", lease.get("holder") or "-", progress))
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table)

@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 import psutil  # noqa: E402
 from kubernetes import client, config  # noqa: E402
-from modelherd.agent.reporting.keys import node_label_key  # noqa: E402
+from modelherd.agent.ome.keys import node_label_key  # noqa: E402
 
 from bench._harness import cached_model, clean, model_files, run_child, verdict  # noqa: E402
 from tests.agent_fleet import MODELHERD, Fleet, eventually  # noqa: E402

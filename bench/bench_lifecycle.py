@@ -33,12 +33,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modelherd.agent.lifecycle.verifier import Target, Verifier
+from modelherd.agent.lifecycle.verifier import Verifier, VerifyTarget
 from modelherd.agent.models import ModelRef
 from modelherd.agent.reporting.metrics import AgentMetrics
+from modelherd.agent.settings import VerificationSettings
 from modelherd.coordination import coordinated_pull
 from modelherd.storage import engine
 from modelherd.storage.manifest import read_manifest
+from modelherd.storage.options import EngineOptions
 from modelherd.storage.throttle import MB
 from modelherd.storage.uri import parse_uri
 from prometheus_client import CollectorRegistry
@@ -49,8 +51,8 @@ from tests.rangeserver import RangeServer, RangeSource, make_model
 MiB = 1024 * 1024
 
 
-def verifier(targets: list[Target], mbps: float = 0.0) -> Verifier:
-    return Verifier(node_name="bench", quick_interval_s=600, deep_interval_s=0, max_mbps=mbps,
+def verifier(targets: list[VerifyTarget], mbps: float = 0.0) -> Verifier:
+    return Verifier(VerificationSettings(interval_s=600, deep_interval_s=0, max_mbps=mbps), node_name="bench",
                     targets=lambda: targets, enqueue=lambda ref: None, metrics=AgentMetrics(CollectorRegistry()),
                     shutdown=threading.Event())
 
@@ -67,7 +69,7 @@ def bench_quick(tmp: Path, models: int, shards: int) -> bool:
     for i in range(models):
         d = tmp / "quick" / f"m{i:03d}"
         shutil.copytree(one, d, copy_function=os.link)
-        targets.append(Target(ModelRef("BaseModel", "bench", f"m{i}"), d, "local:///test", None))
+        targets.append(VerifyTarget(ModelRef("BaseModel", "bench", f"m{i}"), d, "local:///test", None))
     v = verifier(targets)
     times = []
     for _ in range(4):
@@ -83,7 +85,7 @@ def bench_quick(tmp: Path, models: int, shards: int) -> bool:
     return ok
 
 
-def fresh_pass(targets: list[Target]) -> float:
+def fresh_pass(targets: list[VerifyTarget]) -> float:
     """A cold pass: a new Verifier has no fingerprint of a clean folder, so it reads every header."""
     t0 = time.perf_counter()
     assert verifier(targets).quick_pass() == []
@@ -119,7 +121,7 @@ def bench_deep(tmp: Path, mib: int, mbps: float) -> bool:
     write_test_manifest(dest)  # also warms the page cache
     manifest = read_manifest(dest)
     assert manifest is not None
-    target = Target(ModelRef("BaseModel", "bench", "deep"), dest, "local:///test", None)
+    target = VerifyTarget(ModelRef("BaseModel", "bench", "deep"), dest, "local:///test", None)
     total = manifest.total_bytes
     t0 = time.perf_counter()
     assert verifier([target], mbps).deep_one(target, manifest) == []
@@ -165,12 +167,12 @@ def bench_repair(tmp: Path, gib: float, nodes: int) -> bool:
     root = tmp / "models"
     dest = root / "org" / "bench"
     uri = "hf://org/bench"
-    opts = engine.EngineOptions()
+    opts = EngineOptions()
     ok = True
     with RangeServer(origin) as srv:
         src = RangeSource(srv.url, files, uri=uri)
         engine.pull(src, dest, models_root=root, writer="seed", options=opts)
-        target = Target(ModelRef("BaseModel", "bench", "repair"), dest, uri, None)
+        target = VerifyTarget(ModelRef("BaseModel", "bench", "repair"), dest, uri, None)
         for label, k in (("1 node", 1), (f"{nodes} nodes on shared storage", nodes)):
             _flip(dest / files[1].path)
             manifest = read_manifest(dest)

@@ -59,8 +59,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from kubernetes import client, config  # noqa: E402
-from modelherd.agent.reporting.entry import render_entry  # noqa: E402
-from modelherd.agent.reporting.keys import configmap_key, node_label_key  # noqa: E402
+from modelherd.agent.ome.entry import render_entry  # noqa: E402
+from modelherd.agent.ome.keys import configmap_key, node_label_key  # noqa: E402
 from modelherd.testing.hubserver import HubServer  # noqa: E402
 
 from bench._harness import (  # noqa: E402

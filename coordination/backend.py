@@ -16,7 +16,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
@@ -157,7 +157,3 @@ def next_holder_record(observed: LeaseRecord | None, *, node: str, now: str) -> 
     if observed is None:
         return 0, now
     return observed.transitions + 1, now
-
-
-def with_status(record: LeaseRecord, status: LeaseStatus) -> LeaseRecord:
-    return replace(record, status=status)

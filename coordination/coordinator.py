@@ -34,16 +34,19 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
-from typing import Literal
 
-from ..storage import engine
 from ..storage.adopt import Adoption
+from ..storage.destination import check_destination
+from ..storage.engine import stage
 from ..storage.errors import CancelledError, ModelherdError
 from ..storage.fsid import filesystem_id
 from ..storage.manifest import Manifest
+from ..storage.options import EngineOptions, PhaseFn
+from ..storage.publish import publish, recover_interrupted_publish
 from ..storage.ready import published_model
-from ..storage.staging import remove_tree
+from ..storage.staging import adopt_staging, own_staging, remove_tree, staging_dir_for
 from ..storage.types import ALL_FILES, Listing, Selection, Source
 from .backend import LeaseBackend, LeaseRecord, LeaseStatus, Observation, Phase
 from .errors import CoordinationError, HolderFailedError, LeaseLostError, LeaseUnavailableError
@@ -53,7 +56,15 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 Follow = Callable[[LeaseRecord | None], None]
-Role = Literal["ready", "holder", "follower"]
+
+
+class Role(StrEnum):
+    """How a node got the model: the ``role`` of a :class:`PullResult`, reported in logs and metrics."""
+
+    READY = "ready"  # the fast path: already published here for this source and selection, verified; no lease
+    HOLDER = "holder"  # downloaded and published it under the lease
+    FOLLOWER = "follower"  # waited for the holder, then verified its copy; no origin request
+    PULLED = "pulled"  # a plain pull without coordination (backend ``none``): each node for itself
 
 
 @dataclass(frozen=True)
@@ -184,10 +195,10 @@ class Coordinator:
     """One coordinated pull of one model by one node (see the module docstring for the state machine)."""
 
     def __init__(self, lease: LeaseBackend, *, source: Source, listing_fn: Callable[[], Listing], dest: Path,
-                 models_root: Path, node: str, options: engine.EngineOptions, timing: LeaseTiming,
+                 models_root: Path, node: str, options: EngineOptions, timing: LeaseTiming,
                  cancel: threading.Event | None = None, progress: Progress | None = None,
                  selection: Selection = ALL_FILES, on_follow: Follow | None = None,
-                 on_phase: engine.PhaseFn | None = None) -> None:
+                 on_phase: PhaseFn | None = None) -> None:
         timing.check()
         self._on_follow = on_follow
         self._on_phase = on_phase
@@ -196,7 +207,7 @@ class Coordinator:
         self.selection = selection
         self.lease, self.source, self.listing_fn = lease, source, listing_fn
         self.models_root = Path(models_root)
-        self.dest: Path = engine.check_destination(self.models_root, Path(dest))
+        self.dest: Path = check_destination(self.models_root, Path(dest))
         self.node, self.options, self.timing = node, options, timing
         self.cancel = cancel or threading.Event()
         self.progress = _Progress(progress)
@@ -214,7 +225,7 @@ class Coordinator:
         manifest = self._ready()
         if manifest is not None:
             log.info("%s is already Ready at %s", self.identity.source_uri, self.dest)
-            return PullResult(manifest, "ready", lease_requests=self.lease.counter.total)
+            return PullResult(manifest, Role.READY, lease_requests=self.lease.counter.total)
         observation = Observation()
         saw_holder = False
         took_over = False
@@ -243,7 +254,7 @@ class Coordinator:
                     manifest = self._ready()
                     if manifest is not None:
                         self._remove_abandoned()
-                        return PullResult(manifest, "follower", lease_requests=self.lease.counter.total)
+                        return PullResult(manifest, Role.FOLLOWER, lease_requests=self.lease.counter.total)
                 elif record.phase == Phase.FAILED and saw_holder:
                     raise HolderFailedError(f"{record.source}: the download by another node failed: "
                                             f"{record.status.message or 'no reason given'}",
@@ -310,7 +321,7 @@ class Coordinator:
 
     # ---------------------------------------------------------------- holder
     def _staging(self, epoch: int) -> Path:
-        staging: Path = engine.staging_dir_for(self.models_root, self.dest, self.node, epoch)
+        staging: Path = staging_dir_for(self.models_root, self.dest, self.node, epoch)
         return staging
 
     def _staging_tag(self, previous: LeaseRecord | None) -> str:
@@ -323,15 +334,15 @@ class Coordinator:
             return
         writer, _, epoch = previous.status.staging.rpartition("/")
         try:
-            old = engine.staging_dir_for(self.models_root, self.dest, writer, int(epoch))
+            old = staging_dir_for(self.models_root, self.dest, writer, int(epoch))
         except ValueError:
             return
         if old != staging and old.is_dir():
             log.info("adopting %s's staging %s (epoch %s)", writer, old.name, epoch)
-            engine.adopt_staging(old, staging)
+            adopt_staging(old, staging)
 
     def _phase_changed(self, name: str, adoption: Adoption | None) -> None:
-        """``engine.stage`` reports a phase: the Lease shows Adopting while the holder hashes a copy it adopts, then
+        """``stage`` reports a phase: the Lease shows Adopting while the holder hashes a copy it adopts, then
         Downloading; the caller's ``on_phase`` hears every report."""
         phase = {"adopting": Phase.ADOPTING, "downloading": Phase.DOWNLOADING}.get(name)
         if phase is not None and phase != self._phase:
@@ -365,14 +376,14 @@ class Coordinator:
         self._renewer = renewer
         renewer.start()
         try:
-            owned.enter_context(engine.own_staging(staging, wait=False))
-            engine.recover_interrupted_publish(self.models_root, self.dest)  # we alone publish dest now
+            owned.enter_context(own_staging(staging, wait=False))
+            recover_interrupted_publish(self.models_root, self.dest)  # we alone publish dest now
             manifest = self._ready()  # someone finished between our look and our acquisition
             if manifest is None:
                 self._adopt_previous(previous, staging)
                 listing = self.listing_fn()
                 self.progress(0, listing.total_bytes)
-                staged = engine.stage(self.source, listing, staging, dest=self.dest, writer=self.node,
+                staged = stage(self.source, listing, staging, dest=self.dest, writer=self.node,
                                       options=self.options, cancel=stop_writing, progress=self.progress,
                                       on_phase=self._phase_changed)
         except BaseException as e:
@@ -394,11 +405,11 @@ class Coordinator:
             raise _Lost()
         if manifest is not None:
             self._release(held, self._status(Phase.COMPLETE, tag))
-            return PullResult(manifest, "holder", epoch, took_over, self.lease.counter.total)
+            return PullResult(manifest, Role.HOLDER, epoch, took_over, self.lease.counter.total)
         held, published = self._renew_then_publish(held, staging, staged, tag)
         self._release(held, self._status(Phase.COMPLETE, tag))
         log.info("published %s at %s (epoch %d)", listing.uri, self.dest, epoch)
-        return PullResult(published, "holder", epoch, took_over, self.lease.counter.total)
+        return PullResult(published, Role.HOLDER, epoch, took_over, self.lease.counter.total)
 
     @staticmethod
     def _lost(renewer: _Renewer) -> bool:
@@ -423,7 +434,7 @@ class Coordinator:
                 continue
             if time.monotonic() - sent >= budget / 2:
                 continue  # the renewal took too long to trust; renew again
-            return held, engine.publish(staging, self.dest, manifest)
+            return held, publish(staging, self.dest, manifest)
         raise _Lost()
 
     def _release(self, held: LeaseRecord, status: LeaseStatus) -> None:
@@ -434,16 +445,16 @@ class Coordinator:
 
 
 def run_coordinated(lease: LeaseBackend, *, source: Source, listing_fn: Callable[[], Listing], dest: Path,
-                    models_root: Path, node: str, options: engine.EngineOptions, timing: LeaseTiming,
+                    models_root: Path, node: str, options: EngineOptions, timing: LeaseTiming,
                     cancel: threading.Event | None = None, progress: Progress | None = None,
                     selection: Selection = ALL_FILES, on_follow: Follow | None = None,
-                    on_phase: engine.PhaseFn | None = None) -> PullResult:
+                    on_phase: PhaseFn | None = None) -> PullResult:
     """Run the state machine with an already opened backend (tests and benchmarks use this directly).
 
     ``selection`` is the file selection asked for (the source's ``--allow``/``--ignore``): a published copy of
     another selection is not this model. ``on_follow`` is called with the record each time this node sees
     another node holding the lease while it waits, and with ``None`` when it acquires the lease itself. ``on_phase``
-    (``engine.PhaseFn``) hears the holder's phases: ``("adopting", None)`` when it starts hashing a folder it adopts
+    (``PhaseFn``) hears the holder's phases: ``("adopting", None)`` when it starts hashing a folder it adopts
     (``progress`` then counts bytes hashed, not downloaded), ``("adopted", Adoption)`` with what it kept and what it
     fetches, ``("downloading", None)`` when fetching starts."""
     return Coordinator(lease, source=source, listing_fn=listing_fn, dest=dest, models_root=models_root, node=node,

@@ -28,6 +28,9 @@ from ..storage.errors import CancelledError
 from ..storage.fsid import filesystem_id
 from .backend import LeaseBackend, LeaseRecord, LeaseStatus, Observation
 from .errors import CoordinationError, LeaseLostError, LeaseUnavailableError
+from .filelease import list_file_leases
+from .kube import list_leases
+from .leaseapi import LeaseApi
 
 log = logging.getLogger(__name__)
 
@@ -113,24 +116,18 @@ def _observe(lease: LeaseBackend, cancel: threading.Event, deadline: float) -> L
 
 
 def held_destinations(kind: str, *, models_root: Path, namespace: str = "default",
-                      kubeconfig: Path | None = None) -> set[str] | None:
+                      lease_api: LeaseApi | None = None) -> set[str] | None:
     """Destinations (relative to the models root, as leases record them) of every modelherd lease someone holds
     now, expired or not, on this filesystem; ``None`` when the lease store cannot be read (then nothing may be
-    collected)."""
+    collected). The ``kubernetes`` store is read through ``lease_api`` (the caller's client)."""
     try:
         here = filesystem_id(models_root, create=False)
         if kind == "kubernetes":
-            from .kube import api_client, list_leases
-
-            api = api_client(kubeconfig)
-            try:
-                return {v.dest for v in list_leases(api, namespace or "default")
-                        if v.holder and (not v.filesystem or not here or v.filesystem == here)}
-            finally:
-                api.close()  # type: ignore[no-untyped-call]
+            if lease_api is None:
+                raise CoordinationError("the Kubernetes lease store needs an API client")
+            return {v.dest for v in list_leases(lease_api, namespace or "default")
+                    if v.holder and (not v.filesystem or not here or v.filesystem == here)}
         if kind == "file":
-            from .filelease import list_file_leases
-
             return {r.dest for r in list_file_leases(models_root) if r.held}
     except (CoordinationError, OSError) as e:
         log.warning("listing leases failed (%s); not collecting staging this round", e)

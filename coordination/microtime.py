@@ -9,10 +9,10 @@ and drops the offset for naive datetimes, and the server rejects both with 400 B
 
 The ``kubernetes`` client (v37, pydantic models) coerces strings and dicts into its typed models
 before serializing, so passing ``format_microtime(...)`` as ``renew_time`` -- even inside a plain
-dict body -- gets re-parsed and re-``isoformat``-ed. Use :class:`~modelherd.coordination.kube.MicroTimeApiClient`, which
-serializes every ``datetime`` with :func:`format_microtime`; that is valid for ``MicroTime`` and
-for ``metav1.Time`` fields (RFC 3339 with a fraction) alike. This module itself imports nothing of
-``kubernetes``, so the file lease and the local path never pay for that import.
+dict body -- gets re-parsed and re-``isoformat``-ed. modelherd therefore never writes a Lease through
+it: the Lease backends send raw JSON bodies (:mod:`~modelherd.coordination.leaseapi`), whose
+MicroTime strings reach the server as :func:`format_microtime` wrote them. This module imports
+nothing of ``kubernetes``.
 
 Naive datetimes are **rejected** with :class:`ValueError` rather than guessed to be UTC or
 local time: a lease timestamp in the wrong zone silently breaks expiry arithmetic, so the

@@ -6,7 +6,7 @@ import json
 import uuid
 from pathlib import Path
 
-from modelherd.agent.reporting.keys import node_label_key
+from modelherd.agent.ome.keys import node_label_key
 
 from e2e.conftest import Cluster, wait_for
 from tests.modelgen import make_trtllm_model

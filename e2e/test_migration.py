@@ -19,8 +19,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from modelherd.agent.reporting.entry import render_entry
-from modelherd.agent.reporting.keys import configmap_key, node_label_key
+from modelherd.agent.ome.entry import render_entry
+from modelherd.agent.ome.keys import configmap_key, node_label_key
 
 from e2e.conftest import Cluster, wait_for
 from tests.modelgen import make_sharded_model

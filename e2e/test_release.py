@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from kubernetes import client
-from modelherd.agent.reporting.keys import node_label_key
+from modelherd.agent.ome.keys import node_label_key
 
 from e2e.conftest import Cluster, wait_for
 from tests.modelgen import make_sharded_model

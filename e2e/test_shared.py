@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from kubernetes import client, watch
-from modelherd.agent.reporting.keys import configmap_key, node_label_key
+from modelherd.agent.ome.keys import configmap_key, node_label_key
 
 from e2e.conftest import Cluster, wait_for
 from tests.modelgen import make_sharded_model

@@ -13,18 +13,28 @@ Invariants:
 - A filesystem that refuses ``O_DIRECT`` (at open or at the first write, ``EINVAL``) gets buffered writes for
   the rest of that file, never an error.
 - Buffers from :func:`aligned_buffer` are page-aligned anonymous memory, released by the garbage collector.
+- ``direct_io=auto`` is resolved by one rule, :func:`resolve_direct_io` (on for local storage, off for shared),
+  whether the caller knows the storage mode in force (the agent, the CLI) or only a path (:func:`direct_io_at`).
+- :func:`start_writeback` is only a hint: it never fails and never waits.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import ctypes.util
 import errno
 import mmap
 import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
-__all__ = ["ALIGN", "DirectMode", "FileWriter", "aligned_buffer"]
+from .errors import ConfigError
+from .fsdetect import detect_filesystem
+
+__all__ = ["ALIGN", "DirectMode", "FileWriter", "aligned_buffer", "direct_io_at", "resolve_direct_io",
+           "start_writeback"]
 
 ALIGN = 4096  # covers 512-byte and 4 KiB logical blocks
 _HUGE = 2 * 1024 * 1024
@@ -119,3 +129,53 @@ class FileWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def resolve_direct_io(mode: str, storage_kind: str) -> bool:
+    """The one rule for ``direct_io``: ``on`` and ``off`` as given; ``auto`` is on for node-local storage
+    (``storage_kind == "local"``) and off for shared storage (NFS, Lustre, FUSE, ...), where the semantics and
+    speed of ``O_DIRECT`` depend on the client, so buffered writes stay the default there."""
+    if mode not in ("auto", "on", "off"):
+        raise ConfigError(f"direct_io must be auto, on or off, got {mode!r}", hint="fix the download settings")
+    if mode != "auto":
+        return mode == "on"
+    return storage_kind == "local"
+
+
+def direct_io_at(mode: str, path: Path) -> bool:
+    """:func:`resolve_direct_io` for writes under ``path``; with ``auto``, the kind is that of the filesystem
+    detected there (:func:`~.fsdetect.detect_filesystem`; one that cannot be classified counts as shared)."""
+    if mode != "auto":
+        return resolve_direct_io(mode, "local")
+    try:
+        kind: str = detect_filesystem(path).kind
+    except (OSError, ConfigError):
+        kind = "shared"
+    return resolve_direct_io(mode, kind)
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing ``[offset, offset+length)`` to disk now, without waiting (Linux).
+
+    For buffered writes: the fsync before publish then finds little left to do, and writeback overlaps the
+    download instead of following it. A no-op where ``sync_file_range`` is missing or refuses (it is only a hint).
+    """
+    if _sync_file_range is not None and length > 0:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)

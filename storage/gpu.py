@@ -127,7 +127,7 @@ def parse_shape(text: str) -> GpuShape | None:
 
 
 class NvmlReplay:
-    """A recorded NVML reading (``shared/fixtures/nvml-h200.json`` format) behind pynvml's call shapes.
+    """A recorded NVML reading (the format of ``tests/data/nvml-h200.json``) behind pynvml's call shapes.
 
     Lets the real detection code path run without a GPU (tests, ``modelherd detect`` dry runs).
     """

@@ -6,7 +6,6 @@ use the same names as ``RemoteFile.checksums``.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 from collections.abc import Callable, Iterable
 from typing import Protocol
@@ -91,8 +90,3 @@ def hash_file(path: str, algos: Iterable[str], size: int | None = None, chunk: i
             if throttle is not None:
                 throttle(n)
     return mh.hexdigests()
-
-
-def b64_to_hex(value: str) -> str:
-    """OCI and S3 send md5 as base64; we store hex."""
-    return base64.b64decode(value).hex()

@@ -1,22 +1,33 @@
-"""Is a published copy of a model already in place? The restart fast path, with no origin request.
+"""Is a published copy of a model already in place? The restart fast path, with no origin request, and the one
+"same model" rule.
 
-Invariant: ``published_model`` answers yes only for a folder whose completion manifest names the same
-source (and, for a pinned commit, the same revision) and the same file selection, lists at least one file,
-and shows no :func:`damage`: quick verification finds nothing wrong that was not already so in the origin's
-own bytes when the model was published. The engine's fast path (:func:`modelherd.storage.engine.pull`) uses
-the same :func:`damage`, so the two always agree on what is Ready.
+Invariants:
+- "Same model" is one rule, :func:`same_model`: the same source (base URI case-folded, trailing ``/`` ignored) at
+  the revision asked for (a pinned commit matches the manifest's resolved revision; a branch or tag label matches
+  only the same label). Every caller uses it: :func:`published_model` (the agent's and the CLI's fast path, which
+  knows only the URI and revision asked for) and :func:`manifest_matches` (the engine's, which also has the
+  origin's listing and so asks more of the copy: the very revision the origin resolved and exactly the listing's
+  files).
+- ``published_model`` answers yes only for a folder whose completion manifest is of the same model and the same
+  file selection, lists at least one file, and shows no :func:`damage`: quick verification finds nothing wrong
+  that was not already so in the origin's own bytes when the model was published. The engine's fast path
+  (:func:`~modelherd.storage.engine.pull`) asks the same :func:`damage`, so the two agree on the health of a copy;
+  they differ only in that the engine, holding a fresh listing, refuses a copy of an older commit of a branch that
+  the fast path, which cannot ask the origin, takes as published.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 
 from .errors import VerificationError
 from .findings import read_findings
+from .hashing import checkable
 from .manifest import MANIFEST_NAME, Manifest, read_manifest
-from .types import ALL_FILES, Selection
+from .types import ALL_FILES, Listing, Selection
 from .verify import Problem, verify_quick
 
 log = logging.getLogger(__name__)
@@ -42,6 +53,41 @@ def same_model(manifest: Manifest, source_uri: str, revision: str | None) -> boo
     if revision and _COMMIT.match(revision) and manifest.revision == revision:
         return True
     return have_label == want_label
+
+
+def manifest_matches(manifest: Manifest, listing: Listing, model_dir: Path | None = None) -> bool:
+    """``manifest`` is of exactly ``listing``: :func:`same_model` for the listing's source and revision, the very
+    revision the origin resolved, the same selection, at least one file, and the same files (paths, sizes,
+    checksums); with ``model_dir``, every file is also still there with its size."""
+    if not same_model(manifest, listing.uri, listing.revision) or manifest.revision != listing.revision:
+        return False
+    if manifest.selection != listing.selection or not manifest.files:
+        return False
+    have = {f.path: f for f in manifest.files}
+    if set(have) != {f.path for f in listing.files}:
+        return False
+    for rf in listing.files:
+        mf = have[rf.path]
+        if mf.size != rf.size:
+            return False
+        for algo in checkable(rf.checksums):
+            if algo in mf.checksums and mf.checksums[algo].lower() != rf.checksums[algo].lower():
+                return False
+        if model_dir is not None:
+            try:
+                if os.stat(Path(model_dir) / mf.path).st_size != mf.size:
+                    return False
+            except OSError:
+                return False
+    return True
+
+
+def published_manifest(model_dir: Path) -> Manifest | None:
+    """The completion manifest of ``model_dir``; ``None`` when it has none or it cannot be read."""
+    try:
+        return read_manifest(model_dir)
+    except (VerificationError, OSError):
+        return None
 
 
 def damage(dest: Path, manifest: Manifest) -> list[Problem]:

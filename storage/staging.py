@@ -191,7 +191,7 @@ def lock_path(staging: Path) -> Path:
 
 
 def aside_path(staging: Path) -> Path:
-    """Where :func:`~modelherd.storage.engine.publish` moves an old model while it swaps (no ``RENAME_EXCHANGE``)."""
+    """Where :func:`~modelherd.storage.publish.publish` moves an old model while it swaps (no ``RENAME_EXCHANGE``)."""
     staging = Path(staging)
     return staging.with_name(staging.name + ASIDE_SUFFIX)
 

@@ -262,6 +262,7 @@ def _pull_main(spec_path: str) -> int:
     import logging
 
     from modelherd.storage import engine
+    from modelherd.storage.options import EngineOptions
     from modelherd.storage.retry import RetryPolicy
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
@@ -279,7 +280,7 @@ def _pull_main(spec_path: str) -> int:
 
     try:
         engine.pull(source, Path(spec["dest"]), models_root=Path(spec["models_root"]), writer=spec["writer"],
-                    options=engine.EngineOptions(**opts), progress=progress)
+                    options=EngineOptions(**opts), progress=progress)
     finally:
         source.close()
     if spec.get("rss_file"):

@@ -28,12 +28,14 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from ..kubeapi import MERGE_PATCH, REQUESTS, ApiError, request
+from ..kube import MERGE_PATCH, REQUESTS, ApiError, KubeClient, request
 from ..models import GROUP, PLURALS, VERSION, ModelRef
+from ..ome.keys import ModelKind
+from ..ome.states import LifecycleState
+from ..process import WatchProcess, reconcile_once
 from ..reporting.configmap import STATUS_LABEL
-from ..reporting.keys import ModelKind
-from ..server import HealthServer
-from ..watching.informer import EventType, Informer
+from ..settings import ClusterSettings, ControllerSettings
+from ..watching.informer import EventType
 from ..watching.workqueue import WorkQueue
 from .leader import LeaderElector, candidate_identity
 from .status import node_statuses, status_patch
@@ -79,51 +81,49 @@ def changed_keys(new: Mapping[str, Any] | None, old: Mapping[str, Any] | None) -
 
 
 class ModelController:
-    """The controller process: informers, leader election, workers, HTTP server. See the module docstring."""
+    """The controller process: informers, leader election, workers, HTTP server. See the module docstring.
+    ``controller`` gives its server and election timings, ``cluster`` the namespace of the status ConfigMaps and
+    of the leader Lease."""
 
-    def __init__(self, api: Any, *, namespace: str, port: int = 8081, bind_address: str = "0.0.0.0",
-                 leader_elect: bool = True, lease_duration_s: float = 15.0, renew_deadline_s: float = 10.0,
-                 retry_period_s: float = 2.0, workers: int = 2, watch_timeout_s: float = 300.0,
-                 identity: str | None = None, registry: CollectorRegistry | None = None) -> None:
-        self.api, self.namespace = api, namespace
+    def __init__(self, api: KubeClient | Any, controller: ControllerSettings, cluster: ClusterSettings, *,
+                 workers: int = 2, identity: str | None = None, registry: CollectorRegistry | None = None) -> None:
+        self.api, self.namespace = api, cluster.namespace
+        namespace = cluster.namespace
         self.registry = registry or CollectorRegistry()
         self.metrics = ControllerMetrics(self.registry)
-        self.shutdown = threading.Event()
+        self.process = WatchProcess(api, watch_timeout_s=controller.watch_timeout_s,
+                                    restarts=self.metrics.watch_restarts, log=log)
+        self.shutdown = self.process.shutdown
         self.queue: WorkQueue[ModelRef] = WorkQueue(backoff_base_s=0.5, backoff_max_s=60.0)
         self._leading = threading.Event()
         self._busy = 0
         self._busy_cond = threading.Condition()
         self._n_workers = workers
         self._workers: list[threading.Thread] = []
-        self.watch_timeout_s = watch_timeout_s
-
-        def informer(path: str, name: str, handler: Any, **kw: Any) -> Informer:
-            def restarted(why: str) -> None:
-                self.metrics.watch_restarts.labels(resource=name).inc()
-                log.warning("watch of %s restarted: %s", name, why)
-            return Informer(api, path, handler=handler, name=name, watch_timeout_s=watch_timeout_s,
-                            on_restart=restarted, **kw)
+        self.watch_timeout_s = controller.watch_timeout_s
+        informer = self.process.informer
 
         self.models = {kind: informer(f"/apis/{GROUP}/{VERSION}/{plural}", plural, self._model_handler(kind))
                        for kind, plural in PLURALS.items()}
         self.cm_informer = informer(f"/api/v1/namespaces/{namespace}/configmaps", "configmaps", self._on_configmap,
                                     label_selector=f"{STATUS_LABEL}=true")
         self.node_informer = informer("/api/v1/nodes", "nodes", self._on_node)
-        self.informers = [*self.models.values(), self.cm_informer, self.node_informer]
+        self.informers = self.process.informers
 
         self.identity = identity or candidate_identity()
         self.elector: LeaderElector | None = None
-        if leader_elect:
+        if controller.leader_elect:
             self.elector = LeaderElector(api, namespace, LEASE_NAME, self.identity,
                                          on_started_leading=self._started_leading,
                                          on_stopped_leading=self._stopped_leading,
-                                         lease_duration_s=lease_duration_s, renew_deadline_s=renew_deadline_s,
-                                         retry_period_s=retry_period_s)
+                                         lease_duration_s=controller.lease_duration_s,
+                                         renew_deadline_s=controller.renew_deadline_s,
+                                         retry_period_s=controller.retry_period_s)
         self._elector_thread: threading.Thread | None = None
-        self.server = HealthServer(bind_address, port, registry=self.registry, checks={
+        self.server = self.process.serve(controller.bind_address, controller.port, registry=self.registry, checks={
             "healthz": {"ping": lambda: None},
             "livez": {"ping": lambda: None, "loops": self._check_loops},
-            "readyz": {"informers-synced": self._check_synced, "api-server": self._check_api},
+            "readyz": {"informers-synced": self.process.unsynced, "api-server": self._check_api},
         }, before_scrape=self._before_scrape)
 
     # ------------------------------------------------------------------------------------------ caches
@@ -255,17 +255,8 @@ class ModelController:
                 self.queue.done(ref)
                 continue
             try:
-                ok = self.reconcile(ref)
+                ok = reconcile_once(self.queue, ref, self.reconcile, self.shutdown, log)
                 self.metrics.reconciles.labels(result="ok" if ok else "error").inc()
-                if ok:
-                    self.queue.forget(ref)
-                elif not self.shutdown.is_set():
-                    self.queue.add_rate_limited(ref)
-            except Exception:
-                log.exception("%s: reconcile failed unexpectedly; retrying with back-off", ref.display)
-                self.metrics.reconciles.labels(result="error").inc()
-                if not self.shutdown.is_set():
-                    self.queue.add_rate_limited(ref)
             finally:
                 self.queue.done(ref)
                 with self._busy_cond:
@@ -278,20 +269,15 @@ class ModelController:
             dead.append(self._elector_thread.name)
         return f"threads died: {dead}" if dead and not self.shutdown.is_set() else None
 
-    def _check_synced(self) -> str | None:
-        missing = [i.name for i in self.informers if not i.has_synced()]
-        return f"not synced yet: {missing}" if missing else None
-
     def _check_api(self) -> str | None:
-        bound = 2 * self.watch_timeout_s + 60
-        stale = [i.name for i in self.informers if not i.healthy(bound)]
-        return f"no answer from the API server for {stale}" if stale else None
+        return self.process.unanswered(2 * self.watch_timeout_s + 60)
 
     def _before_scrape(self) -> None:
         self.metrics.queue_depth.set(len(self.queue))
         for verb, n in REQUESTS.snapshot().items():
             self.metrics.api_requests.labels(verb=verb).set(n)
-        counts = {"Ready": 0, "Failed": 0, "In_Transit": 0}
+        counts: dict[str, int] = {s: 0 for s in (LifecycleState.READY, LifecycleState.FAILED,
+                                                  LifecycleState.IN_TRANSIT)}
         for inf in self.models.values():
             for obj in inf.list():
                 state = str((obj.get("status") or {}).get("state") or "")
@@ -301,19 +287,11 @@ class ModelController:
             self.metrics.models.labels(state=state).set(n)
 
     # ------------------------------------------------------------------------------------------ run
-    def start(self) -> None:
-        self.server.start()
+    def _started(self) -> None:
         log.info("controller %s: serving /healthz /livez /readyz /metrics on port %d; ConfigMaps in %s",
                  self.identity, self.server.port, self.namespace)
-        for inf in self.informers:
-            inf.start()
 
-    def _after_sync(self) -> None:
-        while not self.shutdown.is_set():
-            if all(i.wait_synced(1.0) for i in self.informers):
-                break
-        if self.shutdown.is_set():
-            return
+    def _synced(self) -> None:
         log.info("controller: caches synced (%d models, %d status ConfigMaps, %d nodes)", len(self._all_refs()),
                  len(self.cm_informer.list()), len(self.node_informer.list()))
         for i in range(self._n_workers):
@@ -329,9 +307,8 @@ class ModelController:
                                                     name="modelherd-leader-election", daemon=True)
             self._elector_thread.start()
 
-    def stop(self) -> None:
+    def _stopping(self) -> None:
         log.info("controller %s: shutting down", self.identity)
-        self.shutdown.set()
         self.queue.shutdown()
         if self._elector_thread is not None:
             self._elector_thread.join(timeout=15.0)  # stops leading, then releases the Lease
@@ -339,16 +316,10 @@ class ModelController:
             self._stopped_leading()
         for t in self._workers:
             t.join(timeout=5.0)
-        for inf in self.informers:
-            inf.stop()
-        self.server.stop()
-        log.info("controller %s: stopped", self.identity)
 
     def run(self, cancel: threading.Event) -> int:
-        self.start()
-        try:
-            threading.Thread(target=self._after_sync, name="modelherd-controller-sync", daemon=True).start()
-            cancel.wait()
-        finally:
-            self.stop()
-        return 0
+        """Serve, watch and (while leading) reconcile until ``cancel`` is set; then stop in order."""
+        code = self.process.run(cancel, started=self._started, synced=self._synced, stopping=self._stopping,
+                                sync_thread="modelherd-controller-sync")
+        log.info("controller %s: stopped", self.identity)
+        return code

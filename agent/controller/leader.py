@@ -12,6 +12,8 @@ Invariants:
   returns) before the Lease is released, so the next leader never overlaps a write of ours that we know of.
 - ``run`` returns when ``stop`` is set; a leader then releases the Lease (holder ``""``, duration 1 s), so a
   standby takes over within one retry period instead of a lease duration.
+- The Lease is read and written through :class:`~modelherd.agent.kube.leases.KubeLeases` (the agent's one client
+  and pool, the same Lease access the coordinated pulls use) and decoded by coordination's ``record_from_raw``.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ from typing import Any
 
 from ...coordination.backend import LeaseRecord, Observation
 from ...coordination.kube import record_from_raw
+from ...coordination.leaseapi import LeaseApiError
 from ...coordination.microtime import now_microtime
 from ...storage.errors import ConfigError
-from ..kubeapi import ApiError, request
+from ..kube.leases import KubeLeases
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,7 @@ class LeaderElector:
                 hint="e.g. --leader-elect-lease-duration 15s --leader-elect-renew-deadline 10s "
                      "--leader-elect-retry-period 2s")
         self.api, self.namespace, self.name, self.identity = api, namespace, name, identity
+        self._leases = KubeLeases(api)
         self.on_started_leading, self.on_stopped_leading = on_started_leading, on_stopped_leading
         self.lease_duration_s = max(1, math.ceil(lease_duration_s))
         self.renew_deadline_s, self.retry_period_s = renew_deadline_s, retry_period_s
@@ -66,10 +70,6 @@ class LeaderElector:
         self._leading = threading.Event()
         self._last_holder = ""
         self.transitions_seen = 0
-
-    @property
-    def path(self) -> str:
-        return f"/apis/coordination.k8s.io/v1/namespaces/{self.namespace}/leases/{self.name}"
 
     def is_leader(self) -> bool:
         return self._leading.is_set()
@@ -110,23 +110,19 @@ class LeaderElector:
             body = self._body(holder=self.identity, duration=self.lease_duration_s, acquire_time=mine.acquire_time,
                               renew_time=now, transitions=mine.transitions, version=mine.version)
             try:
-                self._see(request(self.api, "PUT", self.path, body=body, timeout_s=timeout_s))
+                self._see(self._leases.replace(self.namespace, self.name, body, timeout_s=timeout_s))
                 return True
-            except ApiError as e:
+            except LeaseApiError as e:
                 if e.status not in (404, 409):
                     raise
-        try:
-            raw: dict[str, Any] = request(self.api, "GET", self.path, timeout_s=timeout_s)
-        except ApiError as e:
-            if e.status != 404:
-                raise
+        raw = self._leases.get(self.namespace, self.name, timeout_s=timeout_s)
+        if raw is None:
             body = self._body(holder=self.identity, duration=self.lease_duration_s, acquire_time=now,
                               renew_time=now, transitions=0, version=None)
             try:
-                made = request(self.api, "POST", f"/apis/coordination.k8s.io/v1/namespaces/{self.namespace}/leases",
-                               body=body, timeout_s=timeout_s)
-            except ApiError as e2:
-                if e2.status == 409:  # another candidate created it first
+                made = self._leases.create(self.namespace, body, timeout_s=timeout_s)
+            except LeaseApiError as e:
+                if e.status == 409:  # another candidate created it first
                     return False
                 raise
             self._see(made)
@@ -139,8 +135,8 @@ class LeaderElector:
                           acquire_time=old.acquire_time if ours and old.acquire_time else now, renew_time=now,
                           transitions=old.transitions if ours else old.transitions + 1, version=old.version)
         try:
-            self._see(request(self.api, "PUT", self.path, body=body, timeout_s=timeout_s))
-        except ApiError as e:
+            self._see(self._leases.replace(self.namespace, self.name, body, timeout_s=timeout_s))
+        except LeaseApiError as e:
             if e.status in (404, 409):
                 return False
             raise
@@ -155,8 +151,8 @@ class LeaderElector:
         body = self._body(holder="", duration=1, acquire_time=now, renew_time=now, transitions=mine.transitions,
                           version=mine.version)
         try:
-            self._see(request(self.api, "PUT", self.path, body=body, timeout_s=5.0))
-        except ApiError as e:
+            self._see(self._leases.replace(self.namespace, self.name, body, timeout_s=5.0))
+        except LeaseApiError as e:
             log.warning("leader election: releasing %s/%s failed (%s); it expires in %ds", self.namespace,
                         self.name, e, mine.duration_s)
             return False
@@ -167,7 +163,7 @@ class LeaderElector:
     def _attempt(self, timeout_s: float) -> bool:
         try:
             return self.try_acquire_or_renew(timeout_s=max(0.5, timeout_s))
-        except ApiError as e:
+        except LeaseApiError as e:
             log.warning("leader election: %s/%s: %s", self.namespace, self.name, e)
             return False
 

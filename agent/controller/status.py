@@ -18,14 +18,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
-from ..reporting.entry import parse_entry
-
-STATE_READY: Final = "Ready"
-STATE_FAILED: Final = "Failed"
-STATE_IN_TRANSIT: Final = "In_Transit"
-ENTRY_DELETED: Final = "Deleted"  # OME's agent status that no longer blocks a deletion
+from ..ome.entry import parse_entry
+from ..ome.states import LifecycleState, ModelStatus
 
 
 @dataclass(frozen=True)
@@ -37,17 +33,17 @@ class NodeStatuses:
     holding: tuple[str, ...] = ()  # nodes whose entry keeps the finalizer
 
     @property
-    def state(self) -> str:
+    def state(self) -> LifecycleState:
         return lifecycle_state(self.ready, self.failed)
 
 
-def lifecycle_state(ready: Iterable[str], failed: Iterable[str]) -> str:
+def lifecycle_state(ready: Iterable[str], failed: Iterable[str]) -> LifecycleState:
     """OME's ``calculateLifecycleState``: Ready if any node is Ready, else Failed if any failed, else In_Transit."""
     if any(True for _ in ready):
-        return STATE_READY
+        return LifecycleState.READY
     if any(True for _ in failed):
-        return STATE_FAILED
-    return STATE_IN_TRANSIT
+        return LifecycleState.FAILED
+    return LifecycleState.IN_TRANSIT
 
 
 def node_statuses(cm_key: str, configmaps: Iterable[Mapping[str, Any]],
@@ -64,11 +60,11 @@ def node_statuses(cm_key: str, configmaps: Iterable[Mapping[str, Any]],
         value = data[cm_key]
         entry = parse_entry(value) if isinstance(value, str) else None
         status = entry.get("status") if entry is not None else None
-        if status == STATE_READY:
+        if status == ModelStatus.READY:
             ready.append(node)
-        elif status == STATE_FAILED:
+        elif status == ModelStatus.FAILED:
             failed.append(node)
-        if status != ENTRY_DELETED:
+        if status != ModelStatus.DELETED:  # the one status that no longer blocks a deletion
             holding.append(node)
     return NodeStatuses(tuple(sorted(ready)), tuple(sorted(failed)), tuple(sorted(holding)))
 

@@ -1,6 +1,7 @@
 """What happens to the files when a model leaves this node, and who collects staging nobody resumes.
 
-``Remover.remove(ref, target, deleted=...)`` decides and acts, after the label and key are gone:
+``Remover.remove(ref, target, deleted=...)`` decides and acts, after the label and key are gone, and says what
+happened as a :class:`Removal` (an outcome the caller branches on, and the one-line sentence it logs):
 
     local:// model                                  -> nothing (those files are verified in place, never modified)
     reserved (models.ome/reserve-model-artifact)    -> nothing
@@ -24,6 +25,7 @@ so one node removes and every other finds nothing to do.
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import threading
@@ -32,19 +34,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ...coordination import Phase, choose_backend, held_destinations, open_lease, run_exclusive
-from ...storage.cleanup import Removal, collect_staging, remove_published, remove_staging_of, staging_key
+from ...coordination import LeaseApi, Phase, choose_backend, held_destinations, open_lease, run_exclusive
+from ...storage.cleanup import Removal as FilesRemoval
+from ...storage.cleanup import collect_staging, remove_published, remove_staging_of, staging_key
 from ...storage.destination import root_writable
 from ...storage.paths import STAGING_DIRNAME
 from ...storage.uri import ModelURI, parse_uri
 from ..models import OPEN, RESERVE_LABEL, ModelRef, ModelSpec, SpecPolicy, model_spec
-from ..settings import Settings
+from ..settings import AgentSettings, CoordinationSettings
 
 log = logging.getLogger("modelherd.agent")
 
 
 @dataclass(frozen=True)
-class Target:
+class RemovalTarget:
     """The files a model had on this node: its source, destination, and whether they are reserved."""
 
     uri: ModelURI
@@ -52,15 +55,36 @@ class Target:
     reserve: bool = False
 
 
-def target_of(spec: ModelSpec) -> Target | None:
+class RemovalOutcome(enum.StrEnum):
+    """What :meth:`Remover.remove` did with a model's files."""
+
+    REMOVED = "removed"  # this node removed the copy (and its staging)
+    KEPT = "kept"  # left in place on purpose (local://, reserved, wanted by another model, shared and deselected)
+    ABSENT = "absent"  # nothing to remove here
+    REMOVED_ELSEWHERE = "removed elsewhere"  # another node already removed them under the Lease
+
+
+@dataclass(frozen=True)
+class Removal:
+    """The outcome, and the sentence that says why (logged as the reason)."""
+
+    outcome: RemovalOutcome
+    message: str
+
+    @property
+    def removed(self) -> bool:
+        return self.outcome is RemovalOutcome.REMOVED
+
+
+def target_of(spec: ModelSpec) -> RemovalTarget | None:
     """The files of ``spec``; ``None`` when it names none modelherd could have written (a problem)."""
     if spec.uri is None or spec.dest is None:
         return None
-    return Target(spec.uri, spec.dest, spec.reserve)
+    return RemovalTarget(spec.uri, spec.dest, spec.reserve)
 
 
 def target_from_entry(ref: ModelRef, ours: Mapping[str, Any], models_root: Path,
-                      policy: SpecPolicy = OPEN) -> Target | None:
+                      policy: SpecPolicy = OPEN) -> RemovalTarget | None:
     """The files recorded in an entry's ``modelherd`` object (when the CR is gone and no tombstone is left),
     read through :func:`model_spec` so the same checks apply (a path outside the root names nothing)."""
     uri, path = ours.get("storageUri"), ours.get("path")
@@ -74,10 +98,14 @@ def target_from_entry(ref: ModelRef, ours: Mapping[str, Any], models_root: Path,
 
 
 class Remover:
-    def __init__(self, settings: Settings, *, models_root: Path, storage_kind: str, node_name: str,
-                 namespace: str, list_models: Callable[[], list[Mapping[str, Any]]],
-                 shutdown: threading.Event, policy: SpecPolicy = OPEN) -> None:
-        self.settings, self.models_root, self.storage_kind = settings, models_root, storage_kind
+    """Removes a model's files when this node should (see the module); ``leases``: the coordination group."""
+
+    def __init__(self, leases: CoordinationSettings, *, kubeconfig: Path | None, lease_api: LeaseApi | None,
+                 models_root: Path, storage_kind: str, node_name: str, namespace: str,
+                 list_models: Callable[[], list[Mapping[str, Any]]], shutdown: threading.Event,
+                 policy: SpecPolicy = OPEN) -> None:
+        self.leases, self.kubeconfig, self.lease_api = leases, kubeconfig, lease_api
+        self.models_root, self.storage_kind = models_root, storage_kind
         self.policy = policy
         self.node_name, self.namespace, self.list_models, self.shutdown = node_name, namespace, list_models, shutdown
 
@@ -91,27 +119,29 @@ class Remover:
                 return other.ref
         return None
 
-    def remove(self, ref: ModelRef, target: Target, *, deleted: bool) -> str:
-        """Remove the files of ``ref`` if this node should (see the module); returns what happened, one line."""
+    def remove(self, ref: ModelRef, target: RemovalTarget, *, deleted: bool) -> Removal:
+        """Remove the files of ``ref`` if this node should (see the module); returns what happened."""
+        kept = RemovalOutcome.KEPT
         if target.uri.scheme == "local":
-            return "local:// files are never modified"
+            return Removal(kept, "local:// files are never modified")
         if self.storage_kind == "shared" and not deleted:
-            return "shared storage: files kept for the other nodes"
+            return Removal(kept, "shared storage: files kept for the other nodes")
         if self.storage_kind == "shared" and not root_writable(self.models_root):
-            return "read-only models root: a writable node removes the files"
+            return Removal(kept, "read-only models root: a writable node removes the files")
         keep = self._keep(ref, target)
         if keep:
-            return keep
+            return Removal(kept, keep)
         if self.storage_kind != "shared":
             return self._describe(self._remove_files(target))
-        backend = choose_backend(self.settings.coordination, "shared", self.settings.kubeconfig)
+        leases = self.leases
+        backend = choose_backend(leases.mode, "shared", self.kubeconfig)
         if backend == "none":
             return self._describe(self._remove_files(target))
         lease = open_lease(backend, uri=target.uri, dest=target.dest, models_root=self.models_root,
-                           node_name=self.node_name, namespace=self.namespace, kubeconfig=self.settings.kubeconfig,
-                           lease_duration_s=self.settings.lease_duration_s,
-                           poll_interval_s=self.settings.poll_interval_s, jitter_s=self.settings.wait_jitter_s)
-        outcome: list[Removal] = []
+                           node_name=self.node_name, namespace=self.namespace, lease_api=self.lease_api,
+                           lease_duration_s=leases.lease_duration_s,
+                           poll_interval_s=leases.poll_interval_s, jitter_s=leases.wait_jitter_s)
+        outcome: list[FilesRemoval] = []
         reason: list[str] = []
 
         def operation() -> bool:
@@ -124,15 +154,15 @@ class Remover:
 
         try:
             done = run_exclusive(lease, operation, done_phase=Phase.REMOVED, working_phase=Phase.REMOVING,
-                                 max_wait_s=max(60.0, 4 * self.settings.lease_duration_s),
-                                 jitter_s=self.settings.wait_jitter_s, cancel=self.shutdown)
+                                 max_wait_s=max(60.0, 4 * leases.lease_duration_s),
+                                 jitter_s=leases.wait_jitter_s, cancel=self.shutdown)
         finally:
             lease.close()
         if done is None:
-            return "another node already removed the files"
-        return reason[0] if reason else self._describe(outcome[0])
+            return Removal(RemovalOutcome.REMOVED_ELSEWHERE, "another node already removed the files")
+        return Removal(kept, reason[0]) if reason else self._describe(outcome[0])
 
-    def _keep(self, ref: ModelRef, target: Target) -> str:
+    def _keep(self, ref: ModelRef, target: RemovalTarget) -> str:
         if target.reserve:
             return f"files kept: the model carries {RESERVE_LABEL}=true"
         other = self.wanted_elsewhere(ref, target.dest)
@@ -140,32 +170,36 @@ class Remover:
             return f"files kept: {other.display} points at {target.dest}"
         return ""
 
-    def _remove_files(self, target: Target) -> Removal:
+    def _remove_files(self, target: RemovalTarget) -> FilesRemoval:
         removal = remove_published(self.models_root, target.dest, writer=self.node_name,
                                    source_uri=target.uri.canonical)
         remove_staging_of(self.models_root, target.dest)
         return removal
 
-    def _describe(self, removal: Removal) -> str:
+    @staticmethod
+    def _describe(removal: FilesRemoval) -> Removal:
         if removal.outcome == "removed":
-            return "files removed"
+            return Removal(RemovalOutcome.REMOVED, "files removed")
         if removal.outcome == "absent":
-            return "no files to remove"
-        return removal.detail
+            return Removal(RemovalOutcome.ABSENT, "no files to remove")
+        return Removal(RemovalOutcome.KEPT, removal.detail)
 
 
 class StagingCollector:
-    """Periodic staging GC (see the module docstring)."""
+    """Periodic staging GC (see the module docstring): ``agent`` gives its interval and ages, ``leases`` the
+    coordination group."""
 
-    def __init__(self, settings: Settings, *, models_root: Path, storage_kind: str, node_name: str,
-                 namespace: str, list_models: Callable[[], list[Mapping[str, Any]]],
-                 busy_dests: Callable[[], list[str]], shutdown: threading.Event) -> None:
-        self.settings, self.models_root, self.storage_kind = settings, models_root, storage_kind
+    def __init__(self, agent: AgentSettings, leases: CoordinationSettings, *, kubeconfig: Path | None,
+                 lease_api: LeaseApi | None, models_root: Path, storage_kind: str, node_name: str, namespace: str,
+                 list_models: Callable[[], list[Mapping[str, Any]]], busy_dests: Callable[[], list[str]],
+                 shutdown: threading.Event, policy: SpecPolicy = OPEN) -> None:
+        self.agent, self.leases, self.kubeconfig, self.lease_api = agent, leases, kubeconfig, lease_api
+        self.models_root, self.storage_kind, self.policy = models_root, storage_kind, policy
         self.node_name, self.namespace, self.list_models = node_name, namespace, list_models
         self.busy_dests, self.shutdown = busy_dests, shutdown
 
     def run(self) -> None:
-        interval = self.settings.staging_gc_interval_s
+        interval = self.agent.staging_gc_interval_s
         while not self.shutdown.wait(interval):
             try:
                 self.collect_once()
@@ -179,18 +213,19 @@ class StagingCollector:
             return []  # a read-only node collects nothing; a writable one does
         if self.storage_kind != "shared":
             return self._collect(set())
-        backend = choose_backend(self.settings.coordination, "shared", self.settings.kubeconfig)
+        leases = self.leases
+        backend = choose_backend(leases.mode, "shared", self.kubeconfig)
         if backend == "none":
             return []  # nobody to agree with: staging on shared storage is only collected under a Lease
         held = held_destinations(backend, models_root=root, namespace=self.namespace,
-                                 kubeconfig=self.settings.kubeconfig)
+                                 lease_api=self.lease_api)
         if held is None:
             return []
         protected = {staging_key(root, root / d) for d in held if d}
         lease = open_lease(backend, uri=parse_uri(f"local://{root / STAGING_DIRNAME}"), dest=root / STAGING_DIRNAME,
                            models_root=root, node_name=self.node_name, namespace=self.namespace,
-                           kubeconfig=self.settings.kubeconfig, lease_duration_s=self.settings.lease_duration_s,
-                           poll_interval_s=self.settings.poll_interval_s, jitter_s=self.settings.wait_jitter_s)
+                           lease_api=self.lease_api, lease_duration_s=leases.lease_duration_s,
+                           poll_interval_s=leases.poll_interval_s, jitter_s=leases.wait_jitter_s)
         removed: list[str] = []
 
         def operation() -> bool:
@@ -207,12 +242,11 @@ class StagingCollector:
     def _collect(self, protected: set[str]) -> list[str]:
         root = self.models_root
         wanted: set[str] = set()
-        policy = SpecPolicy.from_settings(self.settings)
         for obj in self.list_models():
-            spec = model_spec(obj, root, policy)
+            spec = model_spec(obj, root, self.policy)
             if spec.dest is not None and not spec.deleting:
                 wanted.add(staging_key(root, spec.dest))
         protected = protected | {staging_key(root, Path(d)) for d in self.busy_dests() if d}
         return collect_staging(root, wanted=wanted, protected=protected,
-                               orphan_age_s=self.settings.staging_gc_orphan_age_s,
-                               stale_age_s=self.settings.staging_gc_stale_age_s)
+                               orphan_age_s=self.agent.staging_gc_orphan_age_s,
+                               stale_age_s=self.agent.staging_gc_stale_age_s)

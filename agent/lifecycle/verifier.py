@@ -45,6 +45,7 @@ from ...storage.throttle import RateLimiter
 from ...storage.verify import Problem, rehash, verify_quick
 from ..models import ModelRef
 from ..reporting.metrics import AgentMetrics
+from ..settings import VerificationSettings
 
 log = logging.getLogger("modelherd.agent")
 
@@ -52,7 +53,7 @@ TICK_MAX_S = 30.0  # the longest sleep between two looks at the schedule (deep d
 
 
 @dataclass(frozen=True)
-class Target:
+class VerifyTarget:
     """A model this node reports Ready, as the reconciler last verified it."""
 
     ref: ModelRef
@@ -111,14 +112,15 @@ def _published_at(manifest: Manifest) -> float:
 
 
 class Verifier:
-    def __init__(self, *, node_name: str, quick_interval_s: float, deep_interval_s: float, max_mbps: float,
-                 targets: Callable[[], list[Target]], enqueue: Callable[[ModelRef], None], metrics: AgentMetrics,
+    def __init__(self, verification: VerificationSettings, *, node_name: str,
+                 targets: Callable[[], list[VerifyTarget]], enqueue: Callable[[ModelRef], None], metrics: AgentMetrics,
                  shutdown: threading.Event) -> None:
         self.node_name = node_name
-        self.quick_interval_s, self.deep_interval_s, self.max_mbps = quick_interval_s, deep_interval_s, max_mbps
+        self.quick_interval_s, self.deep_interval_s = verification.interval_s, verification.deep_interval_s
+        self.max_mbps = verification.max_mbps
         self.targets, self.enqueue, self.metrics, self.shutdown = targets, enqueue, metrics, shutdown
         self._quick_phase = node_phase(node_name, "quick:")
-        self._deep_delay_s = node_phase(node_name, "deep:") * min(0.1 * deep_interval_s, 3600.0)
+        self._deep_delay_s = node_phase(node_name, "deep:") * min(0.1 * self.deep_interval_s, 3600.0)
         self._thread: threading.Thread | None = None
         self._clean: dict[ModelRef, Fingerprint] = {}  # the fingerprint each model had when it last verified clean
         self.beat = time.monotonic()
@@ -148,7 +150,7 @@ class Verifier:
         self.passes["quick"] += 1
         return failed
 
-    def _quick_one(self, t: Target) -> list[Problem]:
+    def _quick_one(self, t: VerifyTarget) -> list[Problem]:
         """Quick verification of one target; a folder whose :func:`fingerprint` is what it was when it last
         verified clean is clean without reading a byte (nothing in it, nor the record beside it, changed)."""
         try:
@@ -172,13 +174,13 @@ class Verifier:
             log.warning("%s: quick verification could not run: %s", t.ref.display, e)
             return []
 
-    def due_for_deep(self, now: float | None = None) -> list[tuple[float, Target, Manifest]]:
+    def due_for_deep(self, now: float | None = None) -> list[tuple[float, VerifyTarget, Manifest]]:
         """Managed, Ready targets whose last deep pass (or publish) is older than the interval plus this node's
         delay, oldest first, with that age's reference time."""
         if self.deep_interval_s <= 0:
             return []
         now = time.time() if now is None else now
-        due: list[tuple[float, Target, Manifest]] = []
+        due: list[tuple[float, VerifyTarget, Manifest]] = []
         for t in self.targets():
             if not t.managed:
                 continue
@@ -195,7 +197,7 @@ class Verifier:
         due.sort(key=lambda d: d[0])
         return due
 
-    def deep_one(self, t: Target, manifest: Manifest) -> list[Problem]:
+    def deep_one(self, t: VerifyTarget, manifest: Manifest) -> list[Problem]:
         """Re-hash every file of ``t`` against its manifest at ``--verify-max-mbps``; record the result beside the
         model (so every node and the repair see it); enqueue the model when anything is wrong."""
         stamp = findings.publish_stamp(t.dest, manifest)

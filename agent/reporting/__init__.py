@@ -1,6 +1,13 @@
-"""OME's reporting formats, byte for byte: node-label and ConfigMap keys, ConfigMap entry values, model metadata.
+"""How the node agent reports: status writers over the one Kubernetes access layer (:mod:`modelherd.agent.kube`).
 
-Pure and Kubernetes-free: nothing here talks to the API server. The agent core computes what to write with these
-functions and writes it. Every format follows OME's Go model agent (``sgl-project/ome`` at ``17b77eda``); see
-``/work/shared/docs/ome-contract.md`` §1-§2 and ``docs/architecture.md``.
+- :mod:`.status` — :class:`~.status.ModelStatusWriter`, the reconciler's one way to say where a model stands on
+  this node: the node label (:mod:`.labels`), then the ConfigMap entry (:mod:`.configmap`), the state metric, an
+  Event (:mod:`.events`);
+- :mod:`.progress` — a running pull's progress into metrics at once and into the entry at most every interval;
+- :mod:`.modelconfig` — the ``config`` object of a Ready model's entry, parsed once per publish;
+- :mod:`.metrics` — OME's ``model_agent_*`` metrics and modelherd's own, on an injected registry;
+- :mod:`.freshness`, :mod:`.ratelimit` — our own writes seen before the watch catches up; per-key write limits.
+
+Every request to the API server goes through :mod:`modelherd.agent.kube`; OME's formats (keys, entry values,
+metadata) are pure functions in :mod:`modelherd.agent.ome` (the contract is summarised in ``docs/``).
 """

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..kubeapi import ApiError, request
+from ..kube import ApiError, request
 from .freshness import OwnWrites
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from ..kubeapi import ApiError, request
+from ..kube import ApiError, request
 from ..models import GROUP, VERSION, ModelRef
 from .ratelimit import KeyedRateLimiter
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..kubeapi import MERGE_PATCH, ApiError, request
+from ..kube import MERGE_PATCH, ApiError, request
 from .freshness import OwnWrites
 from .ratelimit import KeyedRateLimiter
 

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.utils import INF
 
+from ...coordination import Role
+from ..ome.states import WRITTEN_STATUSES
+
 OME_LABELS = ("model_type", "namespace", "name")
-STATES = ("Ready", "Updating", "Failed")
-ROLES = ("holder", "follower", "pulled", "ready")
+STATES = WRITTEN_STATUSES
+ROLES = tuple(Role)
 
 
 def _exp(start: float, factor: float, count: int) -> tuple[float, ...]:
@@ -38,6 +41,9 @@ class AgentMetrics:
                                         OME_LABELS, registry=r)
         self.verifications = Counter("model_agent_verifications", "The total number of model verification attempts",
                                      (*OME_LABELS, "result"), registry=r)
+        # OME name parity: OME registers these two, and dashboards built for OME query them; modelherd verifies
+        # sha256/etag checksums (a mismatch is a VerificationFailed failure) and waits out 429s inside the storage
+        # layer's retry policy, so neither is ever updated here — they stay at 0 rather than go missing.
         self.md5_failed = Counter("model_agent_md5_checksum_failed", "The total number of MD5 checksum failures",
                                   OME_LABELS, registry=r)
         self.rate_limits = Counter("model_agent_rate_limit", "The total number of rate limit (429) responses "
@@ -113,20 +119,11 @@ class AgentMetrics:
 
     def set_state(self, labels: dict[str, str], state: str | None) -> None:
         """Exactly one of the states is 1 (none when the model left the node)."""
-        for s in STATES:
-            if state is None:
-                with contextlib.suppress(KeyError):
-                    self.model_state.remove(*labels.values(), s)
-            else:
-                self.model_state.labels(**labels, state=s).set(1 if s == state else 0)
+        _one_hot(self.model_state, labels, "state", STATES, state)
 
     def set_role(self, labels: dict[str, str], role: str | None) -> None:
-        for r in ROLES:
-            if role is None:
-                with contextlib.suppress(KeyError):
-                    self.lease_role.remove(*labels.values(), r)
-            else:
-                self.lease_role.labels(**labels, role=r).set(1 if r == role else 0)
+        """Exactly one of the roles is 1 (none when the model left the node)."""
+        _one_hot(self.lease_role, labels, "role", ROLES, role)
 
     def forget_verification(self, labels: dict[str, str]) -> None:
         """The model left the node: drop its per-model verification series."""
@@ -171,3 +168,14 @@ class AgentMetrics:
         self.root_free.set_function(stat(lambda s: s.f_bavail * s.f_frsize))
         self.root_size.set_function(stat(lambda s: s.f_blocks * s.f_frsize))
         self.root_used.set_function(stat(lambda s: (s.f_blocks - s.f_bfree) * s.f_frsize))
+
+
+def _one_hot(gauge: Gauge, labels: dict[str, str], name: str, values: Sequence[str], chosen: str | None) -> None:
+    """``gauge{labels, name=v}`` is 1 for ``v == chosen`` and 0 for every other value; ``chosen`` None removes
+    every series of ``labels``."""
+    for v in values:
+        if chosen is None:
+            with contextlib.suppress(KeyError):
+                gauge.remove(*labels.values(), v)
+        else:
+            gauge.labels(**labels, **{name: v}).set(1 if v == chosen else 0)

@@ -19,11 +19,11 @@ this node's ConfigMap). It behaves like client-go's reflector feeding a plain st
    with a reason from :data:`RESTART_REASONS`.
 
 Invariants:
-- Requests go through :meth:`Informer._open` only; each increments :attr:`Informer.requests` (what the idle
-  budget counts at the API server). The client serialises them (URL, bearer token, TLS via its pool) and they
-  are sent with ``retries=False``, so one attempt is one request; the streamed newline-delimited JSON is parsed
-  here (not ``kubernetes.watch.Watch``, which builds model objects and hides 410). There is no polling: when
-  idle, an informer makes one request per watch timeout.
+- Requests go through :meth:`Informer._open` only, which sends them through the agent's Kubernetes access layer
+  (:func:`modelherd.agent.kube.watch.open_stream`: the agent's one client and pool, ``retries=False``, so one
+  attempt is one request); each increments :attr:`Informer.requests` (what the idle budget counts at the API
+  server). The streamed newline-delimited JSON is parsed here (not ``kubernetes.watch.Watch``, which builds model
+  objects and hides 410). There is no polling: when idle, an informer makes one request per watch timeout.
 - The store is changed before the handler hears of the change, so ``get()``/``list()`` inside a handler
   already reflect the event. Objects are raw JSON dicts (camelCase, as the API server sends them), shared
   between the store and the handler: **treat them as read-only**.
@@ -45,12 +45,13 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import urllib3.exceptions
 
 from ...storage.errors import ConfigError
-from ..kubeclient import KubeClient, transport
+from ..kube import ApiError, KubeClient, watch
+from ..kube.client import transport
 
 __all__ = ["RESTART_REASONS", "EventType", "Handler", "Informer"]
 
@@ -82,7 +83,6 @@ _LIST_READ_TIMEOUT_S = 60.0
 #: A watch whose server-side timeout has passed is dead if nothing arrives for this much longer.
 _WATCH_READ_GRACE_S = 30.0
 _BACKOFF_BASE_S = 0.5
-_MAX_ERROR_BODY = 64 * 1024
 
 
 class _Gone(Exception):
@@ -121,14 +121,6 @@ def _status_reason(status: int) -> str:
     if status >= 500:
         return "server_error"
     return "client_error"
-
-
-def _retry_after(headers: Any) -> float | None:
-    try:
-        value = headers.get("Retry-After") if headers is not None else None
-        return max(0.0, float(value)) if value is not None else None
-    except (TypeError, ValueError):
-        return None
 
 
 class Informer:
@@ -326,17 +318,10 @@ class Informer:
             raise _Stopped
         self.requests += 1
         try:
-            # The transport adds the bearer token (re-read when it rotates) and its pool carries the TLS settings;
-            # the request goes straight to that pool with retries=False, because urllib3's default Retry(3) would
-            # hide up to three more attempts from ``requests`` and from our backoff.
-            url, headers = self._api.prepare(self.path, query, {"Accept": "application/json"})
-            resp: urllib3.BaseHTTPResponse = self._api.pool.request(
-                "GET", url, headers=headers, preload_content=False, retries=False,
-                timeout=urllib3.Timeout(connect=_CONNECT_TIMEOUT_S, read=read_timeout_s))
-        except (urllib3.exceptions.HTTPError, OSError) as e:  # refused, reset, TLS, timeouts
-            raise _Failure("connection", type(e).__name__) from None
-        if resp.status != 200:
-            self._fail_status(resp)
+            resp = watch.open_stream(self._api, self.path, query, connect_timeout_s=_CONNECT_TIMEOUT_S,
+                                     read_timeout_s=read_timeout_s)
+        except ApiError as e:
+            self._fail_status(e)
         with self._resp_lock:
             self._resp = resp
         if self._stopping.is_set():  # stop() ran before the response was registered
@@ -344,17 +329,12 @@ class Informer:
             raise _Stopped
         return resp
 
-    def _fail_status(self, resp: urllib3.BaseHTTPResponse) -> None:
-        """Read the Status body of a non-200 answer, release the connection and raise."""
-        status = int(resp.status)
-        message = ""
-        try:
-            body = json.loads(resp.read(_MAX_ERROR_BODY) or b"{}")
-            message = str(body.get("message", ""))[:300] if isinstance(body, dict) else ""
-        except (ValueError, urllib3.exceptions.HTTPError, OSError):
-            pass
-        finally:
-            resp.close()
+    def _fail_status(self, error: ApiError) -> NoReturn:
+        """Raise what a failed request means to the loop (the answer was already read and released)."""
+        status = error.status
+        if status == 0:  # refused, reset, TLS, timeouts
+            raise _Failure("connection", error.reason)
+        message = str(error.body.get("message", ""))[:300]
         if status == 410:
             raise _Gone
         if status in (401, 403):
@@ -362,7 +342,7 @@ class Informer:
                         self.name, self.path, status, message)
         elif status == 404:
             log.warning("informer %s: %s answered 404 (%s); is the CRD installed?", self.name, self.path, message)
-        raise _Failure(_status_reason(status), f"HTTP {status} {message}".strip(), _retry_after(resp.headers))
+        raise _Failure(_status_reason(status), f"HTTP {status} {message}".strip(), error.retry_after)
 
     def _cut_response(self) -> None:
         with self._resp_lock:
@@ -492,22 +472,14 @@ class Informer:
 
     def _lines(self, resp: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
         """The newline-delimited JSON lines of a streamed response, as they arrive."""
-        buf = b""
         try:
-            for chunk in resp.stream(amt=None, decode_content=True):
-                buf += chunk
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    if line.strip():
-                        yield line
+            yield from watch.lines(resp)
         except (urllib3.exceptions.HTTPError, OSError, ValueError) as e:
             if self._stopping.is_set():
                 raise _Stopped from None
             raise _Failure("connection", f"watch stream broke: {type(e).__name__}") from None
         if self._stopping.is_set():
             raise _Stopped
-        if buf.strip():
-            yield buf
 
     def _handle_line(self, line: bytes) -> None:
         try:

@@ -134,6 +134,16 @@ def _values_of(raw: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(values)
 
 
+def _entry(raw: object, what: str, operator_name: str, operators: Sequence[str]) -> tuple[Mapping[str, Any], str]:
+    """An entry that is an object with a known operator (checked first, as the scheduler's switch does)."""
+    if not isinstance(raw, Mapping):
+        raise _Invalid(f"{what} must be an object, got {raw!r}")
+    operator = raw.get("operator")
+    if operator not in operators:
+        raise _Invalid(f"{operator_name} {operator!r} is not one of {', '.join(operators)}")
+    return raw, str(operator)
+
+
 @dataclass(frozen=True)
 class _Requirement:
     """One parsed ``matchExpressions`` entry; only ever built from a valid expression."""
@@ -145,11 +155,7 @@ class _Requirement:
     @classmethod
     def parse(cls, raw: object) -> _Requirement:
         """Validate like ``labels.NewRequirement`` (operator first, as the scheduler's switch does)."""
-        if not isinstance(raw, Mapping):
-            raise _Invalid(f"a match expression must be an object, got {raw!r}")
-        operator = raw.get("operator")
-        if operator not in _OPERATORS:
-            raise _Invalid(f"operator {operator!r} is not one of {', '.join(_OPERATORS)}")
+        raw, operator = _entry(raw, "a match expression", "operator", _OPERATORS)
         key = raw.get("key")
         if not isinstance(key, str):
             raise _Invalid(f"key must be a string, got {key!r}")
@@ -214,11 +220,7 @@ class _FieldRequirement:
 
     @classmethod
     def parse(cls, raw: object) -> _FieldRequirement:
-        if not isinstance(raw, Mapping):
-            raise _Invalid(f"a match field must be an object, got {raw!r}")
-        operator = raw.get("operator")
-        if operator not in _FIELD_OPERATORS:
-            raise _Invalid(f"field operator {operator!r} is not one of {', '.join(_FIELD_OPERATORS)}")
+        raw, operator = _entry(raw, "a match field", "field operator", _FIELD_OPERATORS)
         key = raw.get("key")
         if key != _NODE_NAME_FIELD:
             raise _Invalid(f"field key {key!r} is not supported (only {_NODE_NAME_FIELD})")

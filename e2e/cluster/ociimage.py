@@ -1,4 +1,4 @@
-"""Write a container image as an OCI image-layout tar without a container engine (real-nodes.md §4.1).
+"""Write a container image as an OCI image-layout tar without a container engine (e2e/cluster/README.md, "Images").
 
     python3 ociimage.py layer ROOTFS_DIR OUT.tar           # one layer: an uncompressed PAX tar of ROOTFS_DIR
     python3 ociimage.py image NAME:TAG OUT.tar LAYER.tar... [--entrypoint JSON] [--cmd JSON] [--env K=V]...

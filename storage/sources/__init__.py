@@ -7,7 +7,9 @@ Invariant: the returned object implements :class:`modelherd.storage.types.Source
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 from ..errors import BadURIError
 from ..retry import RetryPolicy
@@ -29,11 +31,20 @@ def open_source(
     oci_profile: str = "DEFAULT",
     oci_region: str = "",
     oci_endpoint: str = "",
+    registry_auth: Mapping[str, Any] | str | Path | None = None,
+    insecure_registries: Sequence[str] = (),
+    http_token: str | None = None,
+    http_insecure_hosts: Sequence[str] = (),
     retry: RetryPolicy = DEFAULT_RETRY,
     pool_maxsize: int = 32,
     cancel: threading.Event | None = None,
 ) -> Source:
-    """The source for ``uri``: ``HFSource``, ``OCISource`` or ``LocalSource``; each gets only its options.
+    """The source for ``uri``: ``HFSource``, ``OCISource``, ``HTTPSource`` (``https://``/``http://``, plain
+    http only to loopback and ``http_insecure_hosts``) or ``LocalSource``; each gets only its options.
+
+    ``oci://HOST/REPO:TAG`` registry artifacts get ``RegistrySource`` with ``registry_auth`` (a docker config: a
+    mapping, a ``config.json`` path or its JSON text; ``None``: anonymous) and ``insecure_registries`` (plain
+    HTTP allowed there; loopback always).
 
     ``cancel`` (the pull's cancel Event) ends every back-off of the source's own retries (the listing's) at once.
     """
@@ -49,6 +60,16 @@ def open_source(
 
         return OCISource(uri, auth=oci_auth, config_file=oci_config_file, profile=oci_profile, region=oci_region,
                          endpoint=oci_endpoint, retry=retry, pool_maxsize=pool_maxsize, cancel=cancel)
+    if uri.scheme == "oci-registry":
+        from .registry import RegistrySource
+
+        return RegistrySource(uri, auth=registry_auth, insecure_registries=insecure_registries, retry=retry,
+                              pool_maxsize=pool_maxsize, cancel=cancel)
+    if uri.scheme in ("https", "http"):
+        from .http import HTTPSource
+
+        return HTTPSource(uri, token=http_token, insecure_hosts=http_insecure_hosts, retry=retry,
+                          pool_maxsize=pool_maxsize, cancel=cancel)
     if uri.scheme == "local":
         from .local import LocalSource
 

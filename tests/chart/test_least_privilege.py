@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from kubernetes import client
-from modelherd.agent.reporting.keys import configmap_key, node_label_key
+from modelherd.agent.ome.keys import configmap_key, node_label_key
 from modelherd.coordination.identity import A_PHASE, MANAGED_BY, MANAGED_BY_LABEL
 
 from tests.agent_fleet import Fleet, eventually

@@ -27,8 +27,8 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from modelherd.agent.controller.controller import LEASE_NAME
+from modelherd.agent.ome.keys import configmap_key, node_label_key
 from modelherd.agent.reporting.configmap import STATUS_LABEL
-from modelherd.agent.reporting.keys import configmap_key, node_label_key
 from modelherd.coordination.identity import A_PHASE, MANAGED_BY, MANAGED_BY_LABEL
 
 from tests.agent_fleet import MODELHERD, Fleet, eventually, free_port

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 from kubernetes import config as kconfig
-from modelherd.agent.reporting.keys import configmap_key, node_label_key
+from modelherd.agent.ome.keys import configmap_key, node_label_key
 
 from tests.agent_fleet import MODELHERD, Fleet, eventually
 from tests.chart.conftest import ChartTools

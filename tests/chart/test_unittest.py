@@ -73,7 +73,7 @@ def test_a_chart_that_surges_fails_the_daemonset_suite(chart_tools: ChartTools, 
 def test_a_chart_granting_secrets_cluster_wide_fails_the_rbac_suite(chart_tools: ChartTools, tmp_path: Path) -> None:
     broken = tmp_path / "modelherd"
     shutil.copytree(CHART, broken)
-    rbac = broken / "templates" / "rbac.yaml"
+    rbac = broken / "templates" / "agent-clusterrole.yaml"
     text = rbac.read_text()
     anchor = "    resources: [events]\n    verbs: [create, patch]\n"
     assert anchor in text

@@ -19,7 +19,9 @@ import pytest
 from modelherd.storage import adopt, engine
 from modelherd.storage.errors import DestinationError
 from modelherd.storage.manifest import read_manifest
+from modelherd.storage.options import EngineOptions
 from modelherd.storage.paths import staging_root
+from modelherd.storage.publish import publish, recover_interrupted_publish
 from modelherd.storage.staging import aside_path, staging_dir_for
 from modelherd.storage.types import RemoteFile
 from modelherd.storage.verify import verify_deep, verify_quick
@@ -194,7 +196,7 @@ def test_an_update_drops_the_old_revisions_files_and_keeps_the_operators(hub: Hu
 
 
 # ------------------------------------------------------------------------------------------------ the engine
-SMALL = engine.EngineOptions(multipart_threshold=1 * MiB, part_size=512 * KiB, chunk_size=64 * KiB,
+SMALL = EngineOptions(multipart_threshold=1 * MiB, part_size=512 * KiB, chunk_size=64 * KiB,
                              checkpoint_size=128 * KiB)
 
 
@@ -276,7 +278,7 @@ def test_publish_itself_refuses_a_folder_without_any_of_the_models_files(origin:
     (root / "data").mkdir()
     (root / "data" / "results.csv").write_text("1,2,3")
     with pytest.raises(DestinationError):
-        engine.publish(staging, root / "data", manifest)
+        publish(staging, root / "data", manifest)
     assert (root / "data" / "results.csv").read_text() == "1,2,3"
 
 
@@ -288,7 +290,7 @@ def test_an_adoption_killed_between_its_two_renames_gets_the_folder_back(root: P
     (aside / "sub").mkdir(parents=True)
     (aside / "sub" / "w.bin").write_bytes(b"w")
     (aside / "NOTES.md").write_text("mine")
-    engine.recover_interrupted_publish(root, dest)
+    recover_interrupted_publish(root, dest)
     assert (dest / "NOTES.md").read_text() == "mine" and (dest / "sub" / "w.bin").read_bytes() == b"w"
     assert not aside.exists()
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from kubernetes import client
-from modelherd.agent.reporting.keys import configmap_key, node_label_key, parse_configmap_key
+from modelherd.agent.ome.keys import configmap_key, node_label_key, parse_configmap_key
 from modelherd.storage.verify import verify_deep
 
 from tests.agent_fleet import Fleet, eventually

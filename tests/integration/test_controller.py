@@ -22,9 +22,9 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from modelherd.agent.controller.controller import FINALIZERS, LEASE_NAME
+from modelherd.agent.ome.entry import EntryStatus, render_entry
+from modelherd.agent.ome.keys import configmap_key
 from modelherd.agent.reporting.configmap import StatusConfigMap
-from modelherd.agent.reporting.entry import EntryStatus, render_entry
-from modelherd.agent.reporting.keys import configmap_key
 
 from tests.agent_fleet import GROUP, MODELHERD, VERSION, Fleet, eventually, free_port
 from tests.hubserver import HubServer

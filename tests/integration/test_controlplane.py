@@ -18,10 +18,10 @@ from typing import Any, TypeVar
 import pytest
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
-from modelherd.coordination.kube import MicroTimeApiClient
 from modelherd.coordination.microtime import format_microtime, parse_microtime
 
 from tests.k8s_fixtures import CRD_DIR, KubeCluster, admin_api_client, mint_sa_kubeconfig
+from tests.kube_microtime import MicroTimeApiClient
 
 pytestmark = pytest.mark.k8s
 

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from modelherd.agent.kube import load
+from modelherd.agent.kube.leases import KubeLeases
 from modelherd.coordination import LeaseRecord
 from modelherd.coordination.choose import open_lease
 from modelherd.storage.manifest import read_manifest
@@ -87,7 +89,8 @@ class Herd:
         uri = parse_uri(URI)
         return open_lease("kubernetes" if self.backend == "kubernetes" else "file", uri=uri,  # type: ignore[arg-type]
                           dest=self.root / uri.default_relpath(), models_root=self.root, node_name="test-observer",
-                          namespace=self.namespace, kubeconfig=self.kubeconfig, lease_duration_s=self.duration_s)
+                          namespace=self.namespace, lease_duration_s=self.duration_s,
+                          lease_api=KubeLeases(load(self.kubeconfig)) if self.backend == "kubernetes" else None)
 
     def wait_for(self, pred: Callable[[LeaseRecord], bool], timeout: float = 60.0) -> LeaseRecord:
         lease = self.lease()

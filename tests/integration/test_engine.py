@@ -23,6 +23,7 @@ from modelherd.storage.errors import (
     VerificationError,
 )
 from modelherd.storage.manifest import read_manifest
+from modelherd.storage.options import EngineOptions
 from modelherd.storage.paths import staging_root
 from modelherd.storage.retry import RetryPolicy
 from modelherd.storage.staging import STATE_DIRNAME, adopt_staging, staging_dir_for
@@ -34,7 +35,7 @@ KiB, MiB = 1024, 1024 * 1024
 REPO = Path(__file__).resolve().parents[2]
 
 # small parts so that a few MiB exercise multipart, checkpoints and the hash cursor
-SMALL = engine.EngineOptions(multipart_threshold=1 * MiB, part_size=512 * KiB, chunk_size=64 * KiB,
+SMALL = EngineOptions(multipart_threshold=1 * MiB, part_size=512 * KiB, chunk_size=64 * KiB,
                              checkpoint_size=128 * KiB, retry=RetryPolicy(retries=3, backoff_s=0.01,
                                                                           backoff_max_s=0.05))
 
@@ -113,11 +114,11 @@ def test_complete_destination_is_returned_without_fetching_a_byte(
     assert (server.bytes_sent, len(server.requests)) == (sent, requests)
 
 
-def test_listing_first_call_form_is_accepted(origin: tuple[Path, list[RemoteFile]], server: RangeServer,
-                                             models_root: Path) -> None:
+def test_a_listing_the_caller_already_has_is_pulled(origin: tuple[Path, list[RemoteFile]], server: RangeServer,
+                                                  models_root: Path) -> None:
     origin_dir, files = origin
     source = RangeSource(server.url, files)
-    engine.pull(source, source.list_files(), models_root / "m", models_root=models_root, writer="a",
+    engine.pull(source, models_root / "m", listing=source.list_files(), models_root=models_root, writer="a",
                 options=SMALL)
     _assert_published(models_root / "m", origin_dir, files)
 
@@ -192,7 +193,7 @@ def test_truncated_body_is_continued_from_the_last_byte_not_restarted(
         origin: tuple[Path, list[RemoteFile]], server: RangeServer, models_root: Path) -> None:
     origin_dir, files = origin
     name = "nested/model-00002.safetensors"  # 2 MiB: one stream below the 1 MiB... threshold is 1 MiB, so parts
-    opts = engine.EngineOptions(multipart_threshold=4 * MiB, chunk_size=64 * KiB, checkpoint_size=128 * KiB,
+    opts = EngineOptions(multipart_threshold=4 * MiB, chunk_size=64 * KiB, checkpoint_size=128 * KiB,
                                 retry=RetryPolicy(retries=2, backoff_s=0.01))
     server.add_fault(name, Fault(truncate_after=300_000))
     engine.pull(RangeSource(server.url, files), models_root / "m", models_root=models_root, writer="a",
@@ -206,7 +207,7 @@ def test_corrupted_checkpointed_segment_is_fetched_again_and_good_ones_are_kept(
         origin: tuple[Path, list[RemoteFile]], server: RangeServer, models_root: Path) -> None:
     origin_dir, files = origin
     name = "model-00001.safetensors"
-    no_retry = engine.EngineOptions(multipart_threshold=1 * MiB, part_size=1 * MiB, chunk_size=64 * KiB,
+    no_retry = EngineOptions(multipart_threshold=1 * MiB, part_size=1 * MiB, chunk_size=64 * KiB,
                                     checkpoint_size=128 * KiB, retry=RetryPolicy(retries=0))
     # every part of the big file is cut after 700 KB (five 128 KiB checkpoints land), then refused
     server.add_fault(name, *[Fault(truncate_after=700_000)] * 4, *[Fault(status=403)] * 8)
@@ -249,7 +250,7 @@ def test_pull_killed_mid_file_resumes_from_the_bytes_on_disk(tmp_path: Path, mod
     assert done >= 2 * MiB and not dest.exists()
     with RangeServer(tmp_path / "slow-origin") as fast:
         engine.pull(RangeSource(fast.url, files), dest, models_root=models_root, writer="a",
-                    options=engine.EngineOptions(**spec["options"]))  # type: ignore[arg-type]
+                    options=EngineOptions(**spec["options"]))  # type: ignore[arg-type]
         second_run = fast.bytes_sent
     assert second_run <= 6 * MiB - 2 * MiB + 3 * 256 * KiB  # at most the unchecked tail of each part again
     _assert_published(dest, tmp_path / "slow-origin", files)
@@ -376,7 +377,7 @@ def test_enough_large_files_are_fetched_whole_in_parallel_with_nothing_read_back
         tmp_path: Path, models_root: Path, caplog: pytest.LogCaptureFixture) -> None:
     sizes = {f"shard-{i}.bin": 2 * MiB + i for i in range(4)}
     files = make_model(tmp_path / "o", sizes, seed=11)
-    with RangeServer(tmp_path / "o") as srv, caplog.at_level("INFO", logger="modelherd.storage.engine"):
+    with RangeServer(tmp_path / "o") as srv, caplog.at_level("INFO", logger="modelherd.storage.fetch"):
         engine.pull(RangeSource(srv.url, files), models_root / "m", models_root=models_root, writer="a",
                     options=SMALL)  # 4 files over the 1 MiB threshold, concurrency 4: no splitting
         assert sorted(srv.requests) == sorted((n, f"bytes=0-{s - 1}") for n, s in sizes.items())
@@ -397,7 +398,7 @@ def test_fewer_large_files_than_concurrency_are_split_into_ranged_parts(
 def test_one_stream_file_resumes_from_its_last_good_hash_checkpoint_and_refetches_a_damaged_one(
         tmp_path: Path, models_root: Path) -> None:
     files = make_model(tmp_path / "o", {"whole.bin": 3 * MiB}, seed=13)
-    opts = engine.EngineOptions(multipart_threshold=64 * MiB, chunk_size=64 * KiB, checkpoint_size=128 * KiB,
+    opts = EngineOptions(multipart_threshold=64 * MiB, chunk_size=64 * KiB, checkpoint_size=128 * KiB,
                                 retry=RetryPolicy(retries=0))
     dest = models_root / "m"
     with RangeServer(tmp_path / "o") as srv:
@@ -418,7 +419,7 @@ def test_one_stream_file_resumes_from_its_last_good_hash_checkpoint_and_refetche
 def test_parts_checkpointed_by_a_split_run_are_kept_when_the_rerun_would_not_split(
         tmp_path: Path, models_root: Path) -> None:
     files = make_model(tmp_path / "o", {"big.bin": 2 * MiB, "other.bin": 2 * MiB}, seed=14)
-    split = engine.EngineOptions(multipart_threshold=1 * MiB, part_size=512 * KiB, chunk_size=64 * KiB,
+    split = EngineOptions(multipart_threshold=1 * MiB, part_size=512 * KiB, chunk_size=64 * KiB,
                                  checkpoint_size=128 * KiB, retry=RetryPolicy(retries=0), concurrency=4)
     dest = models_root / "m"
     with RangeServer(tmp_path / "o") as srv:
@@ -426,7 +427,7 @@ def test_parts_checkpointed_by_a_split_run_are_kept_when_the_rerun_would_not_spl
         with pytest.raises(SourceError):
             engine.pull(RangeSource(srv.url, files), dest, models_root=models_root, writer="a", options=split)
         srv.reset()
-        whole = engine.EngineOptions(multipart_threshold=1 * MiB, part_size=512 * KiB, chunk_size=64 * KiB,
+        whole = EngineOptions(multipart_threshold=1 * MiB, part_size=512 * KiB, chunk_size=64 * KiB,
                                      checkpoint_size=128 * KiB, concurrency=2)  # 2 big files >= 2: no split now
         engine.pull(RangeSource(srv.url, files), dest, models_root=models_root, writer="a", options=whole)
         # big.bin keeps its 512 KiB parts; parts that got checkpointed segments resume after them
@@ -440,7 +441,7 @@ def test_parts_checkpointed_by_a_split_run_are_kept_when_the_rerun_would_not_spl
 def test_more_files_than_slots_run_concurrency_at_a_time_largest_first(tmp_path: Path, models_root: Path) -> None:
     sizes = {"a-small.json": 10, "b-big.bin": 300 * KiB, "c-mid.bin": 100 * KiB, "d-tiny.txt": 1}
     files = make_model(tmp_path / "o", sizes, seed=15)
-    opts = engine.EngineOptions(concurrency=1, multipart_concurrency=2, chunk_size=64 * KiB)  # 2 slots < 4 files
+    opts = EngineOptions(concurrency=1, multipart_concurrency=2, chunk_size=64 * KiB)  # 2 slots < 4 files
     with RangeServer(tmp_path / "o") as srv:
         engine.pull(RangeSource(srv.url, files), models_root / "m", models_root=models_root, writer="a",
                     options=opts)
@@ -458,7 +459,7 @@ def test_direct_io_keeps_a_pulled_model_out_of_the_page_cache_and_buffered_io_do
         for mode in ("on", "off"):
             dest = models_root / mode
             engine.pull(RangeSource(srv.url, files), dest, models_root=models_root, writer="a",
-                        options=engine.EngineOptions(chunk_size=1 * MiB, direct_io=mode))
+                        options=EngineOptions(chunk_size=1 * MiB, direct_io=mode))
             resident[mode] = resident_fraction(dest / "w.safetensors")  # before anything reads it back
             _assert_published(dest, tmp_path / "o", files)
     if resident["on"] > 0.9:
@@ -482,9 +483,9 @@ def test_a_filesystem_refusing_o_direct_gets_buffered_writes_and_the_same_model(
     os.close(fd)
 
     files = make_model(tmp_path / "o", {"w.safetensors": 3 * MiB + 5, "config.json": 300}, seed=22)
-    with RangeServer(tmp_path / "o") as srv, caplog.at_level("INFO", logger="modelherd.storage.engine"):
+    with RangeServer(tmp_path / "o") as srv, caplog.at_level("INFO", logger="modelherd.storage.fetch"):
         engine.pull(RangeSource(srv.url, files), ramfs / "m", models_root=ramfs, writer="a",
-                    options=engine.EngineOptions(chunk_size=1 * MiB, direct_io="on"))
+                    options=EngineOptions(chunk_size=1 * MiB, direct_io="on"))
     _assert_published(ramfs / "m", tmp_path / "o", files)
     assert "0.0 MiB written with O_DIRECT" in caplog.text
     assert _staging_is_empty(ramfs)

@@ -20,7 +20,9 @@ from modelherd.coordination.filelease import FileLease
 from modelherd.storage import engine
 from modelherd.storage.errors import CancelledError, ConfigError, MalformedListingError, SourceError
 from modelherd.storage.manifest import read_manifest
+from modelherd.storage.options import EngineOptions
 from modelherd.storage.paths import staging_root
+from modelherd.storage.plan import MAX_PARTS_PER_FILE, layout
 from modelherd.storage.ready import published_model
 from modelherd.storage.retry import RetryPolicy
 from modelherd.storage.types import RemoteFile, Selection
@@ -32,7 +34,7 @@ from tests.modelgen import make_sharded_model
 from tests.rangeserver import RangeServer, RangeSource, make_model
 
 KiB, MiB = 1024, 1024 * 1024
-OPTIONS = engine.EngineOptions(multipart_threshold=1 * MiB, part_size=512 * KiB, chunk_size=64 * KiB,
+OPTIONS = EngineOptions(multipart_threshold=1 * MiB, part_size=512 * KiB, chunk_size=64 * KiB,
                                checkpoint_size=128 * KiB,
                                retry=RetryPolicy(retries=2, backoff_s=0.01, backoff_max_s=0.05))
 BAD_SHARD = "model-00002-of-00003.safetensors"
@@ -269,8 +271,8 @@ def test_a_listed_size_of_absurd_length_fails_fast_without_planning_it(
 
 def test_planning_any_file_size_makes_a_bounded_number_of_parts() -> None:
     for size in (10 * MiB, 2**40, 2**50):
-        state = engine._layout(RemoteFile(path="x", size=size), engine.EngineOptions())
-        assert len(state.parts) <= engine.MAX_PARTS_PER_FILE, size
+        state = layout(RemoteFile(path="x", size=size), EngineOptions())
+        assert len(state.parts) <= MAX_PARTS_PER_FILE, size
         assert state.part_size * len(state.parts) >= size
 
 
@@ -279,7 +281,7 @@ def test_more_files_than_max_files_are_refused_before_anything_is_planned(server
     files = [RemoteFile(path=f"f{i}.bin", size=1) for i in range(11)]
     with pytest.raises(MalformedListingError):
         engine.pull(RangeSource(server.url, files), models_root / "m", models_root=models_root, writer="a",
-                    options=engine.EngineOptions(max_files=10))
+                    options=EngineOptions(max_files=10))
     assert server.requests == [] and _staging_is_empty(models_root)
 
 

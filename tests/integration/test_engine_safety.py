@@ -26,10 +26,13 @@ from modelherd.storage.errors import (
     UnsafePathError,
     VerificationError,
 )
+from modelherd.storage.fetch import fetch_into
 from modelherd.storage.manifest import MANIFEST_NAME, Manifest, ManifestFile, read_manifest
+from modelherd.storage.options import EngineOptions
 from modelherd.storage.paths import staging_root
+from modelherd.storage.publish import publish
 from modelherd.storage.retry import RetryPolicy
-from modelherd.storage.staging import aside_path, own_staging, staging_dir_for
+from modelherd.storage.staging import adopt_staging, aside_path, own_staging, staging_dir_for
 from modelherd.storage.types import RemoteFile
 from modelherd.storage.verify import verify_deep, verify_quick
 
@@ -40,7 +43,7 @@ from tests.rangeserver import Fault, RangeServer, RangeSource, make_model
 
 KiB, MiB = 1024, 1024 * 1024
 MODELHERD = str(Path(sys.executable).parent / "modelherd")
-SMALL = engine.EngineOptions(multipart_threshold=1 * MiB, part_size=512 * KiB, chunk_size=64 * KiB,
+SMALL = EngineOptions(multipart_threshold=1 * MiB, part_size=512 * KiB, chunk_size=64 * KiB,
                              checkpoint_size=128 * KiB, retry=RetryPolicy(retries=1, backoff_s=0.01,
                                                                           backoff_max_s=0.02))
 
@@ -144,11 +147,11 @@ def test_publish_called_directly_refuses_a_folder_of_other_models(models_root: P
         engine.pull(RangeSource(srv.url, files), source_dest, models_root=models_root, writer="a", options=SMALL)
         staging = staging_dir_for(models_root, models_root / "org", "a", 0)
         listing = RangeSource(srv.url, files).list_files()
-        engine.fetch_into(RangeSource(srv.url, files), listing, staging, options=SMALL)
+        fetch_into(RangeSource(srv.url, files), listing, staging, options=SMALL)
     manifest = read_manifest(source_dest)
     assert manifest is not None
     with pytest.raises(UnsafePathError, match="org/model"):
-        engine.publish(staging, models_root / "org", manifest)
+        publish(staging, models_root / "org", manifest)
     assert verify_deep(source_dest, require_manifest=True) == []
 
 
@@ -301,7 +304,7 @@ def test_publish_refuses_a_staged_file_rewritten_after_it_was_verified(models_ro
     with RangeServer(tmp_path / "o") as srv:
         source = RangeSource(srv.url, files)
         listing = source.list_files()
-        digests = engine.fetch_into(source, listing, staging, options=SMALL)
+        digests = fetch_into(source, listing, staging, options=SMALL)
     # what an uncoordinated second writer does to the file: O_TRUNC, then the same size again
     time.sleep(0.01)
     with open(staging / "w.bin", "r+b") as f:
@@ -311,7 +314,7 @@ def test_publish_refuses_a_staged_file_rewritten_after_it_was_verified(models_ro
                                files=tuple(ManifestFile(path=rf.path, size=rf.size,
                                                                checksums=digests[rf.path]) for rf in listing.files))
     with pytest.raises(VerificationError, match=r"w\.bin"):
-        engine.publish(staging, dest, manifest)
+        publish(staging, dest, manifest)
     assert not dest.exists()
 
 
@@ -327,14 +330,14 @@ def test_adopting_the_staging_of_a_live_writer_leaves_it_alone(models_root: Path
         "    print('held', flush=True); time.sleep(30)\n"), str(old)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        new = engine.adopt_staging(old, staging_dir_for(models_root, dest, "alive", 1))
+        new = adopt_staging(old, staging_dir_for(models_root, dest, "alive", 1))
         assert (old / "w.bin").read_bytes() == b"x" * 1000
         assert not (new / "w.bin").exists()
     finally:
         holder.kill()
         holder.wait()
     # once the writer is gone its staging is adopted
-    engine.adopt_staging(old, new)
+    adopt_staging(old, new)
     assert (new / "w.bin").read_bytes() == b"x" * 1000 and not old.exists()
 
 

@@ -20,6 +20,7 @@ import pytest
 from modelherd.coordination.filelease import list_file_leases
 from modelherd.storage import engine
 from modelherd.storage.errors import CancelledError, RateLimitedError, SourceError, TransientSourceError
+from modelherd.storage.options import EngineOptions
 from modelherd.storage.retry import RetryPolicy
 from modelherd.storage.sources.hf import HFSource
 from modelherd.storage.sources.oci import OCISource
@@ -229,8 +230,8 @@ def test_a_body_redirect_to_a_non_http_scheme_fails_at_once(hub_server: HubServe
     hub_server.redirect("resolve", location, times=None, path="config.json")
     (tmp_path / "models").mkdir()  # the engine requires an existing models root (the CLI creates it)
     with pytest.raises(SourceError) as ei:
-        engine.pull(src, listing, tmp_path / "models" / "m", models_root=tmp_path / "models", writer="n",
-                    options=engine.EngineOptions(retry=FAST))
+        engine.pull(src, tmp_path / "models" / "m", listing=listing, models_root=tmp_path / "models", writer="n",
+                    options=EngineOptions(retry=FAST))
     assert not isinstance(ei.value, TransientSourceError), ei.value
     assert "redirect" in str(ei.value)
     gets = [r for r in hub_server.request_log if r.path.endswith("/config.json")]

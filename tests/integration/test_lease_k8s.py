@@ -10,8 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+from modelherd.agent.kube import load
+from modelherd.agent.kube.leases import KubeLeases
 from modelherd.coordination import LeaseStatus, ModelIdentity, Observation, Phase
-from modelherd.coordination.kube import KubernetesLease, api_client, format_leases, list_leases
+from modelherd.coordination.kube import KubernetesLease, format_leases, list_leases
 
 from tests import lease_contract
 from tests.k8s_fixtures import KubeCluster
@@ -23,11 +25,11 @@ pytestmark = pytest.mark.k8s
 
 @pytest.fixture
 def make_lease(kube_cluster: KubeCluster, kube_namespace: str) -> Iterator[Any]:
-    """Each contender gets its own ApiClient, as separate nodes would."""
+    """Each contender gets its own client (and connection pool), as separate nodes would."""
     made: list[KubernetesLease] = []
 
     def make(node: str, duration_s: float = 5.0, identity: ModelIdentity = IDENTITY, **kw: Any) -> KubernetesLease:
-        lease = KubernetesLease(api_client(kube_cluster.kubeconfig), kube_namespace, identity, node,
+        lease = KubernetesLease(KubeLeases(load(kube_cluster.kubeconfig)), kube_namespace, identity, node,
                                 duration_s=duration_s, poll_interval_s=0.5, jitter_s=0.1, **kw)
         made.append(lease)
         return lease
@@ -118,7 +120,7 @@ def test_renewals_carry_progress_and_are_visible_to_kubectl(make_lease: Any, kub
         stamp = spec[key]
         assert stamp.endswith("Z") and len(stamp.rsplit(".", 1)[1]) == 7, stamp  # six digits + Z
 
-    table = format_leases(list_leases(api_client(kube_cluster.kubeconfig), kube_namespace))
+    table = format_leases(list_leases(KubeLeases(load(kube_cluster.kubeconfig)), kube_namespace))
     assert "node-a" in table and "Downloading" in table and "25%" in table
 
 

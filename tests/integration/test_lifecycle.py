@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from kubernetes import client, watch
-from modelherd.agent.reporting.keys import configmap_key, node_label_key
+from modelherd.agent.ome.keys import configmap_key, node_label_key
 from modelherd.storage.cleanup import staging_key
 from modelherd.storage.manifest import MANIFEST_NAME
 from modelherd.storage.paths import STAGING_DIRNAME

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from modelherd.agent.reporting.entry import render_entry
-from modelherd.agent.reporting.keys import configmap_key, node_label_key
+from modelherd.agent.ome.entry import render_entry
+from modelherd.agent.ome.keys import configmap_key, node_label_key
 
 from tests.agent_fleet import Fleet, eventually
 from tests.hubserver import HubServer

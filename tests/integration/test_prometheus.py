@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from kubernetes import client
-from modelherd.agent.reporting.keys import node_label_key
+from modelherd.agent.ome.keys import node_label_key
 
 from monitoring import render_rules
 from tests.agent_fleet import Fleet, eventually, free_port

@@ -51,8 +51,9 @@ def readonly_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_a_read_only_local_root_fails_a_new_model_with_the_root_error_and_keeps_a_published_one_ready(
         fleet: Fleet, hub: HubServer, readonly_agent: Path, tmp_path: Path) -> None:
-    from modelherd.agent.reporting.keys import configmap_key
-    from modelherd.storage.engine import EngineOptions, pull
+    from modelherd.agent.ome.keys import configmap_key
+    from modelherd.storage.engine import pull
+    from modelherd.storage.options import EngineOptions
     from modelherd.storage.sources import open_source
     from modelherd.storage.uri import parse_uri
 
@@ -89,7 +90,7 @@ def test_a_read_only_node_on_shared_storage_follows_without_a_lease_and_a_writab
         fleet: Fleet, hub: HubServer, readonly_agent: Path, tmp_path: Path, api_client: object,
         monkeypatch: pytest.MonkeyPatch) -> None:
     from kubernetes import client
-    from modelherd.agent.reporting.keys import node_label_key
+    from modelherd.agent.ome.keys import node_label_key
 
     root = readonly_agent
     src = tmp_path / "src"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from kubernetes import client
-from modelherd.agent.reporting.keys import node_label_key
+from modelherd.agent.ome.keys import node_label_key
 from modelherd.coordination.identity import FILESYSTEM_LABEL, MANAGED_BY, MANAGED_BY_LABEL
 
 import tests.agent_fleet as agent_fleet

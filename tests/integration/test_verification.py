@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from modelherd.agent.reporting.keys import configmap_key, node_label_key
+from modelherd.agent.ome.keys import configmap_key, node_label_key
 from modelherd.storage.paths import staging_root
 from modelherd.storage.verify import verify_deep
 

@@ -11,7 +11,7 @@ from modelherd.agent.cli import build_parser, load_settings
 from modelherd.agent.controller.controller import changed_keys
 from modelherd.agent.controller.leader import LeaderElector
 from modelherd.agent.controller.status import NodeStatuses, lifecycle_state, node_statuses, status_patch
-from modelherd.agent.reporting.entry import render_entry
+from modelherd.agent.ome.entry import render_entry
 from modelherd.storage.errors import ConfigError
 
 KEY = "team.basemodel.llama"

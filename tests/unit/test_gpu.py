@@ -26,7 +26,7 @@ from modelherd.storage.types import RemoteFile
 from tests.modelgen import make_trtllm_model
 from tests.support import nvml_available
 
-# a real NVML reading of an 8 x H200 node (shared/fixtures/nvml-h200.json, copied into the repository as test data)
+# a real NVML reading of an 8 x H200 node, kept in the repository as tests/data/nvml-h200.json
 FIXTURE = Path(__file__).parents[1] / "data" / "nvml-h200.json"
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from modelherd.agent import kubeclient
+from modelherd.agent.kube import client as kubeclient
 from modelherd.storage.errors import ConfigError
 
 

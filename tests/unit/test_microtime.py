@@ -55,7 +55,8 @@ def test_round_trip_is_exact() -> None:
 
 def test_api_client_serializes_every_datetime_with_six_digits() -> None:
     from kubernetes import client
-    from modelherd.coordination.kube import MicroTimeApiClient
+
+    from tests.kube_microtime import MicroTimeApiClient
 
     api = MicroTimeApiClient()
     lease = client.V1Lease(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from modelherd.agent.reporting.entry import (
+from modelherd.agent.ome.entry import (
     KEEP,
     STATUS_FAILED,
     STATUS_READY,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from modelherd.agent.reporting.keys import (
+from modelherd.agent.ome.keys import (
     configmap_key,
     node_label_key,
     parse_configmap_key,

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from modelherd.agent.reporting.entry import STATUS_READY, go_json, render_entry
-from modelherd.agent.reporting.metadata import format_parameter_count, parse_model_config, safetensors_parameter_count
+from modelherd.agent.ome.entry import STATUS_READY, go_json, render_entry
+from modelherd.agent.ome.modelconfig import parse_model_config
+from modelherd.agent.ome.parameters import format_parameter_count, safetensors_parameter_count
 from safetensors import safe_open
 
 from tests.modelgen import make_diffusers_model, make_sharded_model

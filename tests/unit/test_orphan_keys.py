@@ -9,7 +9,7 @@ from typing import Any
 
 from modelherd.agent.controller.controller import ModelController
 from modelherd.agent.models import ModelRef
-from modelherd.agent.reporting.keys import parse_configmap_key
+from modelherd.agent.ome.keys import parse_configmap_key
 from modelherd.agent.runner import NodeAgent
 
 LONG_CBM = ModelRef("ClusterBaseModel", "", "c" * 250)

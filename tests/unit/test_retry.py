@@ -10,7 +10,7 @@ import time
 
 import pytest
 from modelherd.agent.cli import build_parser, load_settings
-from modelherd.agent.commands import retry_policy
+from modelherd.agent.transfer import retry_policy
 from modelherd.storage.errors import CancelledError, RateLimitedError, TransientSourceError
 from modelherd.storage.retry import RETRY_AFTER_CEILING_S, RetryPolicy, call_with_retry, parse_retry_after
 
@@ -78,6 +78,7 @@ def test_no_attempt_starts_once_cancel_is_set() -> None:
 
 
 def test_retry_after_max_s_is_a_setting_that_reaches_the_policy(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert retry_policy(load_settings(build_parser().parse_args(["pull", "hf://org/m"]))).retry_after_max_s == 300
+    args = build_parser().parse_args(["pull", "hf://org/m"])
+    assert retry_policy(load_settings(args).transfer).retry_after_max_s == 300
     monkeypatch.setenv("MODELHERD_RETRY_AFTER_MAX_S", "12.5")
-    assert retry_policy(load_settings(build_parser().parse_args(["pull", "hf://org/m"]))).retry_after_max_s == 12.5
+    assert retry_policy(load_settings(args).transfer).retry_after_max_s == 12.5

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 from modelherd.agent.cli import build_parser, load_settings
-from modelherd.agent.lifecycle.verifier import Target, Verifier, node_phase
+from modelherd.agent.lifecycle.verifier import Verifier, VerifyTarget, node_phase
 from modelherd.agent.models import ModelRef
 from modelherd.agent.reporting.metrics import AgentMetrics
+from modelherd.agent.settings import VerificationSettings
 from modelherd.storage import findings
 from modelherd.storage.manifest import read_manifest
 from modelherd.storage.ready import damage, inspect_published
@@ -38,8 +39,8 @@ def _verifier(model: Path, node: str = "node-a", *, quick: float = 600.0, deep: 
               mbps: float = 0.0) -> tuple[Verifier, list[ModelRef], CollectorRegistry]:
     queued: list[ModelRef] = []
     registry = CollectorRegistry()
-    target = Target(REF, model, "local:///test", None)
-    v = Verifier(node_name=node, quick_interval_s=quick, deep_interval_s=deep, max_mbps=mbps,
+    target = VerifyTarget(REF, model, "local:///test", None)
+    v = Verifier(VerificationSettings(interval_s=quick, deep_interval_s=deep, max_mbps=mbps), node_name=node,
                  targets=lambda: [target], enqueue=queued.append, metrics=AgentMetrics(registry),
                  shutdown=threading.Event())
     return v, queued, registry
@@ -79,7 +80,7 @@ def test_a_flipped_byte_is_invisible_to_quick_but_deep_records_it_for_every_node
     assert a.quick_pass() == [] and b.quick_pass() == [], "quick verification cannot see a flipped data byte"
     manifest = read_manifest(model)
     assert manifest is not None
-    problems = a.deep_one(Target(REF, model, "local:///test", None), manifest)
+    problems = a.deep_one(VerifyTarget(REF, model, "local:///test", None), manifest)
     assert [p.path for p in problems] == [victim.name] and "sha256 mismatch" in problems[0].message
     assert queued_a == [REF]
     # recorded beside the model, not inside it
@@ -150,7 +151,7 @@ def test_deep_verification_reads_at_the_configured_rate(tmp_path: Path) -> None:
     assert manifest is not None
     v, _, _ = _verifier(dest, mbps=5.0)
     started = time.monotonic()
-    assert v.deep_one(Target(REF, dest, "local:///test", None), manifest) == []
+    assert v.deep_one(VerifyTarget(REF, dest, "local:///test", None), manifest) == []
     elapsed = time.monotonic() - started
     expected = manifest.total_bytes / (5 * MB)
     assert expected * 0.9 <= elapsed <= expected * 1.1

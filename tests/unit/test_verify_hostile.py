@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 from modelherd.storage import verify
-from modelherd.storage.engine import EngineOptions
 from modelherd.storage.errors import MalformedListingError, SourceError, VerificationError
 from modelherd.storage.manifest import MANIFEST_NAME, read_manifest
+from modelherd.storage.options import EngineOptions
 from modelherd.storage.ready import published_model
 from modelherd.storage.sources.local import LocalSource
 from modelherd.storage.types import RemoteFile

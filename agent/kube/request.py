@@ -1,4 +1,7 @@
-"""Raw JSON requests to the API server through the ``kubernetes`` client's auth, TLS and connection pool.
+"""Raw JSON requests to the API server through the agent's own :class:`~modelherd.agent.kube.client.KubeClient`.
+
+The transport is the project's KubeClient (base URL, bearer token, one TLS-configured urllib3 pool per process);
+a ``kubernetes.client.ApiClient`` is accepted too and adapted to it (its auth settings and its pool).
 
 The agent reads and writes objects as plain JSON dicts (custom and core objects alike), so no request goes
 through the generated model classes. Every request made here is counted in :data:`REQUESTS` (per verb), which the
@@ -21,7 +24,7 @@ from typing import Any
 
 import urllib3
 
-from .kubeclient import transport
+from .client import transport
 
 JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
@@ -30,10 +33,13 @@ JSON_PATCH = "application/json-patch+json"
 
 class ApiError(Exception):
     """The API server answered with a non-2xx status (``status`` 0: it could not be reached). ``action`` names the
-    request as RBAC does (``patch nodes``, ``get secrets in team-a``), for a message that says what was refused."""
+    request as RBAC does (``patch nodes``, ``get secrets in team-a``), for a message that says what was refused;
+    ``retry_after`` is the server's ``Retry-After`` in seconds, when it sent one (429, 503)."""
 
-    def __init__(self, status: int, reason: str, body: Mapping[str, Any] | None = None, *, action: str = "") -> None:
+    def __init__(self, status: int, reason: str, body: Mapping[str, Any] | None = None, *, action: str = "",
+                 retry_after: float | None = None) -> None:
         self.status, self.reason, self.body, self.action = status, reason, dict(body or {}), action
+        self.retry_after = retry_after
         message = str(self.body.get("message") or reason)
         super().__init__(f"{status} {message}" if status else message)
 
@@ -62,7 +68,8 @@ def api_path(*segments: str) -> str:
     return "/" + "/".join(_check_segment(s) for s in segments)
 
 
-def _check_path(path: str) -> None:
+def check_path(path: str) -> None:
+    """Refuse a path with any unsafe segment (see the module's invariant)."""
     if not path.startswith("/"):
         raise UnsafeApiPathError("an API path must start with '/'")
     for segment in path[1:].split("/"):
@@ -111,10 +118,10 @@ def request(api: Any, method: str, path: str, *, query: Sequence[tuple[str, str]
             body: Any = None, content_type: str = JSON, timeout_s: float = 15.0) -> Any:
     """One request; the decoded JSON answer, or :class:`ApiError` (status 0 when the server is unreachable).
 
-    ``api`` is a :class:`~modelherd.agent.kubeclient.KubeClient` or a ``kubernetes.client.ApiClient``. One attempt
+    ``api`` is a :class:`~modelherd.agent.kube.client.KubeClient` or a ``kubernetes.client.ApiClient``. One attempt
     is one request (no hidden urllib3 retries); callers decide what to retry.
     """
-    _check_path(path)
+    check_path(path)
     client = transport(api)
     headers = {"Accept": JSON}
     data: bytes | None = None

@@ -21,10 +21,13 @@ from decimal import Decimal
 from enum import Enum
 from typing import Any, Final, Literal
 
-EntryStatus = Literal["Ready", "Updating", "Failed"]
-STATUS_READY: Final[EntryStatus] = "Ready"
-STATUS_UPDATING: Final[EntryStatus] = "Updating"
-STATUS_FAILED: Final[EntryStatus] = "Failed"
+from .states import ModelStatus
+
+EntryStatus = Literal[ModelStatus.READY, ModelStatus.UPDATING, ModelStatus.FAILED]
+"""The ``status`` an entry is written with (OME's agent never writes ``Deleted``: it removes the key)."""
+STATUS_READY: Final[EntryStatus] = ModelStatus.READY
+STATUS_UPDATING: Final[EntryStatus] = ModelStatus.UPDATING
+STATUS_FAILED: Final[EntryStatus] = ModelStatus.FAILED
 
 # OME's ModelEntry fields, in Go struct order; every other top-level field is preserved or set through ``extra``.
 OME_FIELDS: Final = ("name", "status", "config", "progress")

@@ -2,11 +2,12 @@
 
 Why not ``kubernetes.client`` for everything: importing it loads thousands of generated model classes (about
 0.4 s of CPU and 30 MiB per process). A DaemonSet restart on 32 nodes starts 32 agents at once, and every
-request the agent makes is raw JSON anyway (:mod:`modelherd.agent.kubeapi`, the informers). So the agent loads
+request the agent makes is raw JSON anyway (:mod:`modelherd.agent.kube.request`, the informers). So the agent loads
 its credentials itself for the two common cases — the in-cluster ServiceAccount and a kubeconfig with a token or
 a client certificate — and falls back to the ``kubernetes`` library's loader for anything else (exec and
-auth-provider plugins), through the same :class:`KubeClient` interface. The ``kubernetes`` library is still what
-the Lease coordination uses; it is imported when a coordinated pull first needs it.
+auth-provider plugins), through the same :class:`KubeClient` interface; the library is imported only then.
+Everything else — status writes, informers, Leases of coordinated pulls and of leader election — goes through
+the one client this module loads (one urllib3 pool per process).
 
 Invariants: credentials are never logged or put into an exception message; a rotated ServiceAccount token is
 re-read from its file (at most once a minute); certificate/key data from a kubeconfig is written only to a
@@ -30,7 +31,7 @@ from typing import Any
 
 import urllib3
 
-from ..storage.errors import ConfigError
+from ...storage.errors import ConfigError
 
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
@@ -203,6 +204,17 @@ def load(kubeconfig: Path | None) -> KubeClient:
     client = from_kubeconfig(kubeconfig)
     if client is not None:
         return client
-    from ..coordination.kube import api_client  # plugins (exec, auth-provider): the kubernetes library's loader
+    return from_api_client(_library_client(kubeconfig))
 
-    return from_api_client(api_client(kubeconfig))
+
+def _library_client(kubeconfig: Path) -> Any:
+    """A ``kubernetes.client.ApiClient`` from the library's own loader: the exec and auth-provider plugins this
+    module does not implement. Imported here, on first use only (see the module: the import is the cost avoided)."""
+    from kubernetes import config  # the one place the agent loads the kubernetes library
+
+    try:
+        return config.new_client_from_config(  # type: ignore[no-untyped-call]
+            config_file=str(kubeconfig), persist_config=False)
+    except (config.ConfigException, OSError, ValueError) as e:
+        raise ConfigError(f"cannot load Kubernetes credentials from {kubeconfig}: {type(e).__name__}",
+                          hint="pass --kubeconfig, or run in a pod with a ServiceAccount") from None

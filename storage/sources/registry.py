@@ -1,0 +1,435 @@
+"""An OCI registry (any distribution-spec registry: Harbor, Quay, ECR, GAR, ACR, distribution) as a model source.
+
+``oci://HOST[:PORT]/REPO:TAG`` (or ``@sha256:DIGEST``): a CNCF ModelPack artifact or an ORAS file artifact, one
+file per raw layer (:mod:`.registry_manifest`). The HTTP client is the engine's own: one ``urllib3.PoolManager``
+with keep-alive, ranged GETs and bodies read straight into the engine's buffer; :mod:`.registry_auth` answers the
+registry's 401 challenges.
+
+Invariants:
+- the tag is resolved once, by :meth:`RegistrySource.list_files`, to the digest of the manifest the registry served
+  (sha256 of the exact bytes received, which must equal ``Docker-Content-Digest`` when sent and the digest asked
+  for when pinned): that digest is the listing's revision, and every file is then fetched by its own digest, so a
+  tag moved meanwhile changes nothing of this pull;
+- every file's checksum is its layer's sha256 digest, which the engine checks while the bytes stream;
+- ``open`` yields exactly the bytes ``[start, end)`` or raises a typed ``SourceError``: a 206 must carry exactly the
+  asked ``Content-Range``, a 200 (a registry that ignores ``Range``) must carry the listed size and is skipped to
+  ``start``; a short body is a ``TransientSourceError``;
+- plain HTTP only to a loopback registry or one listed in ``insecure_registries`` (HTTPS is tried first, as docker
+  does); a redirect never downgrades to plain HTTP elsewhere, never leaves http(s), is followed at most
+  ``MAX_REDIRECTS`` times, and the registry's ``Authorization`` goes only to the registry's own origin (a redirect
+  to blob storage gets none);
+- after a 401 a request is sent once more with the refreshed authorization (an expired token mid-download), and a
+  second 401 is an :class:`AuthError`; no credential or token reaches a message or a log line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import re
+import ssl
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urljoin, urlsplit
+
+import urllib3
+
+from ..dockerauth import RegistryCredentials, credentials_for, load_docker_config
+from ..errors import (
+    AuthError,
+    ConfigError,
+    ModelherdError,
+    RateLimitedError,
+    SourceError,
+    SourceNotFoundError,
+    TransientSourceError,
+    VerificationError,
+)
+from ..retry import RetryPolicy, call_with_retry, parse_retry_after
+from ..types import Listing, RemoteFile
+from ..untrusted import UntrustedInputError, load_json, show
+from ..uri import ModelURI
+from .body import fully_read, readinto_direct
+from .registry_auth import AUTH_HINT, Authorizer
+from .registry_manifest import ACCEPT, MAX_MANIFEST_BYTES, Document, files_of, parse_document, pick_from_index
+
+__all__ = ["RegistrySource", "plain_http_allowed"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+CONNECT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 60.0
+PROBE_TIMEOUT = urllib3.Timeout(connect=5.0, read=10.0)
+MAX_REDIRECTS = 5
+MAX_ERROR_BODY = 64 * 1024
+_SKIP_CHUNK = 1024 * 1024
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_REDIRECTS = (301, 302, 303, 307, 308)
+DOCKER_HUB_API = "registry-1.docker.io"
+DEFAULT_RETRY = RetryPolicy()
+TRANSIENT_HINT = "the registry or the network failed; it is retried, check connectivity if it persists"
+NOT_FOUND_HINT = "check the registry, repository and tag or digest (oci://HOST/REPO:TAG), and that it may be pulled"
+
+
+def _user_agent() -> str:
+    try:
+        return f"modelherd/{version('modelherd')}"
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree without metadata
+        return "modelherd/0"
+
+
+def _host_port(netloc: str) -> tuple[str, str]:
+    """``(host, port)`` of ``host[:port]`` (``[v6]:port`` too), host lower case without brackets."""
+    parts = urlsplit(f"//{netloc}")
+    try:
+        port = str(parts.port or "")
+    except ValueError:
+        port = "?"
+    return (parts.hostname or "").lower(), port
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def plain_http_allowed(netloc: str, insecure: Sequence[str] = ()) -> bool:
+    """Plain HTTP may be spoken to ``netloc`` (``host[:port]``): a loopback host, or one ``insecure`` lists (an
+    entry ``host`` covers every port of it, ``host:port`` that port only)."""
+    host, port = _host_port(netloc)
+    if _loopback(host):
+        return True
+    for entry in insecure:
+        h, p = _host_port(entry.strip().removeprefix("http://").removeprefix("https://").rstrip("/"))
+        if h == host and (not p or p == port):
+            return True
+    return False
+
+
+def _origin(url: str) -> tuple[str, str, str]:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    host, port = _host_port(parts.netloc)
+    return scheme, host, port or {"http": "80", "https": "443"}.get(scheme, "")
+
+
+class _BlobBody:
+    """A body of exactly ``length`` bytes; a short one raises :class:`TransientSourceError`."""
+
+    def __init__(self, resp: urllib3.BaseHTTPResponse | None, length: int, what: str,
+                 mapper: Callable[[Exception], Exception]) -> None:
+        self._resp = resp
+        self._left = length
+        self._what = what
+        self._map = mapper
+
+    def readinto(self, buf: memoryview) -> int:
+        if self._left <= 0 or self._resp is None:
+            return 0
+        if len(buf) > self._left:
+            buf = buf[: self._left]
+        try:
+            n = readinto_direct(self._resp, buf)
+        except Exception as exc:
+            raise self._map(exc) from None
+        if n == 0:
+            raise TransientSourceError(f"{self._what}: body ended {self._left} bytes early", hint=TRANSIENT_HINT)
+        self._left -= n
+        return n
+
+    def skip(self, n: int) -> None:
+        """Discard ``n`` bytes (a registry that ignored ``Range``)."""
+        scratch = memoryview(bytearray(min(_SKIP_CHUNK, max(1, n))))
+        saved, self._left = self._left, n
+        try:
+            while self._left:
+                self.readinto(scratch)
+        finally:
+            self._left = saved
+
+    def close(self) -> None:
+        """Give the connection back for keep-alive when its body was read to the end, else drop it."""
+        resp, self._resp = self._resp, None
+        if resp is None:
+            return
+        if self._left == 0 and fully_read(resp):
+            resp.release_conn()
+        else:
+            resp.close()
+            resp.release_conn()
+
+
+def _credentials(registry: str, auth: RegistryCredentials | Mapping[str, Any] | str | Path | None
+                 ) -> RegistryCredentials | None:
+    if auth is None or isinstance(auth, RegistryCredentials):
+        return auth
+    return credentials_for(load_docker_config(auth), registry)
+
+
+class RegistrySource:
+    """The files of one registry artifact; thread-safe (one pool, one authorizer).
+
+    ``auth``: the credentials themselves, or a docker config (a parsed mapping, the path of a ``config.json``, or
+    a Secret's ``.dockerconfigjson`` text) whose ``auths`` entry for the registry is used; ``None``: anonymous.
+    ``insecure_registries``: ``host[:port]`` entries that may be spoken to in plain HTTP (loopback always may).
+    """
+
+    def __init__(self, uri: ModelURI, *, auth: RegistryCredentials | Mapping[str, Any] | str | Path | None = None,
+                 insecure_registries: Sequence[str] = (), retry: RetryPolicy = DEFAULT_RETRY,
+                 pool_maxsize: int = 32, cancel: threading.Event | None = None) -> None:
+        if uri.scheme != "oci-registry":
+            raise ConfigError(f"RegistrySource needs a registry reference (oci://HOST/REPO:TAG), got {uri.raw!r}")
+        self.uri = uri.canonical
+        self._registry = uri.registry
+        self._host = DOCKER_HUB_API if uri.registry == "docker.io" else uri.registry
+        repo = uri.repository
+        self._repo = f"library/{repo}" if uri.registry == "docker.io" and "/" not in repo else repo
+        self._ref = uri.digest or uri.tag or ""
+        self._insecure = tuple(insecure_registries)
+        self._retry = retry
+        self._cancel = cancel
+        self._ua = _user_agent()
+        self._pool = urllib3.PoolManager(maxsize=pool_maxsize, block=False, retries=False,
+                                         timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT_S, read=READ_TIMEOUT_S),
+                                         ssl_context=ssl.create_default_context())
+        self._auth = Authorizer(registry=uri.registry, repository=self._repo,
+                                credentials=_credentials(uri.registry, auth), pool=self._pool,
+                                plain_ok=self._plain_ok, user_agent=self._ua)
+        self._base: str | None = None
+        self._base_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"RegistrySource({self.uri!r}, {self._auth!r})"
+
+    def _plain_ok(self, netloc: str) -> bool:
+        return plain_http_allowed(netloc, self._insecure)
+
+    # -- transport -------------------------------------------------------------------------------
+    def _base_url(self, what: str) -> str:
+        """``https://HOST`` or, for a registry that may speak plain HTTP and does not speak TLS, ``http://HOST``."""
+        with self._base_lock:
+            if self._base is None:
+                self._base = f"{self._probe(what)}://{self._host}"
+            return self._base
+
+    def _probe(self, what: str) -> str:
+        if not self._plain_ok(self._host):
+            return "https"
+        try:
+            resp = self._pool.urlopen("GET", f"https://{self._host}/v2/", redirect=False, retries=False,
+                                      preload_content=False, timeout=PROBE_TIMEOUT)
+        except (urllib3.exceptions.SSLError, urllib3.exceptions.ProtocolError):
+            return "http"  # the registry does not speak TLS there (docker's fallback for insecure registries)
+        except Exception as exc:
+            raise self._mapper(what)(exc) from None
+        resp.drain_conn()
+        resp.release_conn()
+        return "https"
+
+    def _send(self, method: str, url: str, headers: dict[str, str], what: str) -> urllib3.BaseHTTPResponse:
+        """The response to ``method url`` after redirects and at most one answered 401; the caller closes it.
+
+        The registry's ``Authorization`` is sent only to the registry's origin."""
+        registry = _origin(url)
+        answered = False
+        for _ in range(MAX_REDIRECTS + 1):
+            send = dict(headers)
+            auth, generation = self._auth.current()
+            if auth and _origin(url) == registry:
+                send["authorization"] = auth
+            try:
+                resp = self._pool.urlopen(method, url, headers=send, redirect=False, retries=False,
+                                          preload_content=False, decode_content=False)
+            except Exception as exc:
+                raise self._mapper(what)(exc) from None
+            if resp.status in _REDIRECTS:
+                location = resp.headers.get("location", "")
+                _discard(resp)
+                url = self._redirect_target(url, location, what)
+                continue
+            if resp.status == 401 and _origin(url) == registry and not answered:
+                challenge = resp.headers.get("www-authenticate", "")
+                _discard(resp)
+                self._auth.refresh(challenge, generation, what)
+                answered = True
+                continue
+            return resp
+        raise SourceError(f"{what}: more than {MAX_REDIRECTS} redirects", hint="the registry redirects in a loop")
+
+    def _redirect_target(self, url: str, location: str, what: str) -> str:
+        if not location:
+            raise SourceError(f"{what}: a redirect without a Location", hint="the registry is malformed")
+        target = urljoin(url, location)
+        parts = urlsplit(target)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise SourceError(f"{what}: redirected to an unusable URL ({show(parts.scheme)}:)",
+                              hint="the registry or a proxy redirects to a location that is not http(s)")
+        if parts.scheme == "http" and not self._plain_ok(parts.netloc):
+            raise SourceError(f"{what}: redirected to plain HTTP on {parts.hostname}",
+                              hint="the registry's blob storage must be HTTPS (or list that host as insecure)")
+        return target
+
+    def _call(self, fn: Callable[[], T], what: str) -> T:
+        def once() -> T:
+            try:
+                return fn()
+            except ModelherdError:
+                raise
+            except Exception as exc:
+                raise self._mapper(what)(exc) from None
+
+        return call_with_retry(once, self._retry, cancel=self._cancel, what=what)
+
+    def _mapper(self, what: str) -> Callable[[Exception], Exception]:
+        def mapper(exc: Exception) -> Exception:
+            if isinstance(exc, ModelherdError):
+                return exc
+            detail = self._auth.redact(str(exc))[:300]
+            if isinstance(exc, urllib3.exceptions.LocationValueError):
+                return SourceError(f"{what}: unusable URL ({detail})", hint="the registry is malformed")
+            if isinstance(exc, (urllib3.exceptions.HTTPError, OSError)):
+                return TransientSourceError(f"{what}: {type(exc).__name__}: {detail}", hint=TRANSIENT_HINT)
+            return SourceError(f"{what}: {type(exc).__name__}: {detail}")
+        return mapper
+
+    def _status_error(self, resp: urllib3.BaseHTTPResponse, what: str) -> SourceError:
+        """The typed error of a non-success answer, with the registry's error code when it sent one."""
+        status = resp.status
+        retry_after = resp.headers.get("retry-after")
+        code = ""
+        try:
+            doc = load_json(resp.read(MAX_ERROR_BODY + 1), max_bytes=MAX_ERROR_BODY)
+            errors = doc.get("errors") if isinstance(doc, dict) else None
+            if isinstance(errors, list) and errors and isinstance(errors[0], dict):
+                code = f" {show(errors[0].get('code'))}"
+        except (UntrustedInputError, urllib3.exceptions.HTTPError, OSError):
+            pass
+        finally:
+            resp.release_conn()
+        msg = f"{what}: HTTP {status}{code}"
+        if status in (401, 403):
+            return AuthError(f"{msg}: the registry denied access", hint=AUTH_HINT)
+        if status == 404:
+            return SourceNotFoundError(f"{msg}: not found", hint=NOT_FOUND_HINT)
+        if status in (429, 503):
+            return RateLimitedError(f"{msg}: rate limited", retry_after=parse_retry_after(retry_after),
+                                    hint="the registry asked to slow down; retrying later helps")
+        if status >= 500 or status == 408:
+            return TransientSourceError(f"{msg}: server error", hint=TRANSIENT_HINT)
+        return SourceError(f"{msg}: unexpected answer", hint="the registry does not answer like the distribution API")
+
+    # -- listing ---------------------------------------------------------------------------------
+    def list_files(self) -> Listing:
+        """The files of the artifact the reference names now; ``revision`` is the manifest digest it resolved to.
+
+        An image index is resolved to the artifact manifest it holds (its digest checked too); the revision stays
+        the index's digest, the one the tag named."""
+        what = f"listing {self.uri}"
+        doc, digest = self._call(lambda: self._manifest(self._ref, what), what)
+        if doc.is_index:
+            child, _ = pick_from_index(doc, what)
+            doc, _ = self._call(lambda: self._manifest(child, what), what)
+            if doc.is_index:
+                raise SourceError(f"{what}: the index names another index", hint="name the artifact by digest")
+        files = files_of(doc, what)
+        return Listing(uri=self.uri, revision=digest, files=tuple(files))
+
+    def _manifest(self, ref: str, what: str) -> tuple[Document, str]:
+        url = f"{self._base_url(what)}/v2/{self._repo}/manifests/{ref}"
+        resp = self._send("GET", url, {"user-agent": self._ua, "accept": ACCEPT, "accept-encoding": "identity"}, what)
+        if resp.status != 200:
+            raise self._status_error(resp, what)
+        try:
+            length = resp.headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > MAX_MANIFEST_BYTES:
+                raise SourceError(f"{what}: the manifest is {length} bytes, more than {MAX_MANIFEST_BYTES}",
+                                  hint="the registry serves something that is not a model manifest")
+            data = resp.read(MAX_MANIFEST_BYTES + 1)
+        finally:
+            resp.release_conn()
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise SourceError(f"{what}: the manifest is more than {MAX_MANIFEST_BYTES} bytes",
+                              hint="the registry serves something that is not a model manifest")
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        if _DIGEST.match(ref) and ref != digest:
+            raise VerificationError(f"{what}: the registry served a manifest whose digest is {digest}, not {ref}",
+                                    hint="the registry is corrupt or hostile; nothing was downloaded")
+        claimed = resp.headers.get("docker-content-digest")
+        if claimed and claimed.strip() != digest:
+            raise VerificationError(f"{what}: the manifest's bytes hash to {digest}, the registry says "
+                                    f"{show(claimed.strip())}",
+                                    hint="the registry is corrupt or hostile; nothing was downloaded")
+        return parse_document(data, resp.headers.get("content-type", ""), what), digest
+
+    # -- bodies ----------------------------------------------------------------------------------
+    def open(self, file: RemoteFile, start: int = 0, end: int | None = None) -> _BlobBody:
+        """Exactly the bytes ``[start, end)`` of ``file``'s blob (``end=None``: to its end)."""
+        stop = file.size if end is None else end
+        if not 0 <= start <= stop <= file.size:
+            raise ValueError(f"bad range [{start}, {end}) for {file.path} of {file.size} bytes")
+        what = f"GET {file.path} [{start}, {stop}) from {self.uri}"
+        mapper = self._mapper(what)
+        if start == stop:
+            return _BlobBody(None, 0, what, mapper)
+        if not _DIGEST.match(file.locator):
+            raise SourceError(f"{what}: the locator {show(file.locator)} is not a sha256 digest",
+                              hint="the listing does not come from this source")
+        headers = {"user-agent": self._ua, "accept-encoding": "identity"}
+        ranged = not (start == 0 and stop == file.size)
+        if ranged:
+            headers["range"] = f"bytes={start}-{stop - 1}"
+        url = f"{self._base_url(what)}/v2/{self._repo}/blobs/{file.locator}"
+        resp = self._send("GET", url, headers, what)
+        try:
+            return self._checked_body(resp, file, start, stop, ranged, what, mapper)
+        except BaseException:
+            resp.close()
+            resp.release_conn()
+            raise
+
+    def _checked_body(self, resp: urllib3.BaseHTTPResponse, file: RemoteFile, start: int, stop: int, ranged: bool,
+                      what: str, mapper: Callable[[Exception], Exception]) -> _BlobBody:
+        body = _BlobBody(resp, stop - start, what, mapper)
+        if resp.status == 206:
+            cr = resp.headers.get("content-range", "").strip()
+            m = _CONTENT_RANGE.match(cr)
+            if m and m.group(3) != "*" and int(m.group(3)) != file.size:
+                raise VerificationError(f"{what}: the blob is {m.group(3)} bytes, the manifest says {file.size}",
+                                        hint="the manifest lies about the layer's size; nothing was published")
+            if not m or int(m.group(1)) != start or int(m.group(2)) != stop - 1:
+                raise TransientSourceError(f"{what}: the registry answered Content-Range {show(cr)}",
+                                           hint="a proxy mangled the range; retrying")
+            return body
+        if resp.status == 200:
+            length = resp.headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) != file.size:
+                raise VerificationError(f"{what}: the blob is {length} bytes, the manifest says {file.size}",
+                                        hint="the manifest lies about the layer's size; nothing was published")
+            if ranged and start:
+                log.warning("%s: the registry ignored Range; skipping %d bytes", what, start)
+                body.skip(start)
+            return body
+        raise self._status_error(resp, what)
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        self._pool.clear()
+
+
+def _discard(resp: urllib3.BaseHTTPResponse) -> None:
+    """Drop a response whose body is not wanted (a redirect, a 401), keeping its connection when it is short."""
+    try:
+        resp.drain_conn()
+    except (urllib3.exceptions.HTTPError, OSError):
+        resp.close()
+    resp.release_conn()
