@@ -204,15 +204,15 @@ def cmd_leases(args: argparse.Namespace, settings: Settings, cancel: threading.E
     """Kubernetes Leases (when a kubeconfig or in-cluster config is found), else the lease files of the
     models root; ``--file`` forces the latter."""
     from ..coordination import format_leases
-    from ..coordination.choose import kubernetes_reachable
+    from ..coordination.pull import kubernetes_reachable
 
     if not args.file and kubernetes_reachable(settings.kubeconfig):
-        from ..coordination.kube import list_leases
+        from ..coordination.kubelease import list_leases
 
         rows = list_leases(_lease_api(_kube_api(settings)), settings.cluster.namespace)
     else:
         from ..coordination.filelease import list_file_leases
-        from ..coordination.views import view_of
+        from ..coordination.leaseviews import view_of
 
         rows = [view_of(r) for r in list_file_leases(Path(settings.models_root_dir))]
     print(format_leases(rows))
@@ -244,7 +244,7 @@ def cmd_agent(args: argparse.Namespace, settings: Settings, cancel: threading.Ev
 
 
 def cmd_explain(args: argparse.Namespace, settings: Settings, cancel: threading.Event) -> int:
-    from .models import SpecPolicy
+    from .basemodels import SpecPolicy
     from .views import explain, format_explain
 
     node = settings.named_node()

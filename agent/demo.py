@@ -170,7 +170,7 @@ class _LiveView:
 def _status_line(root: Path, runs: list[NodeRun], origin_bytes: int, model_bytes: int) -> tuple[str, str]:
     """(text, change key) for the live view, from the lease files under ``root`` and the processes."""
     from ..coordination.filelease import list_file_leases
-    from ..coordination.views import view_of
+    from ..coordination.leaseviews import view_of
 
     done = sum(1 for r in runs if r.proc.poll() is not None)
     views = [view_of(rec) for rec in list_file_leases(root)]

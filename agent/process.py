@@ -23,8 +23,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
+from .basemodels import ModelRef
 from .kube import KubeClient
-from .models import ModelRef
 from .server import Check, HealthServer
 from .watching.informer import Handler, Informer
 from .watching.workqueue import WorkQueue

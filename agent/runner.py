@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from ..storage import fsdetect
 from ..storage.errors import ConfigError
+from .basemodels import GROUP, PLURALS, VERSION, ModelRef, SpecPolicy, model_spec
 from .kube import REQUESTS, KubeClient
 from .kube.leases import KubeLeases
 from .kube.secrets import read_secret_key
@@ -32,7 +33,6 @@ from .lifecycle.puller import Puller
 from .lifecycle.reconciler import NodeContext, Reconciler
 from .lifecycle.removal import Remover, StagingCollector
 from .lifecycle.verifier import Verifier
-from .models import GROUP, PLURALS, VERSION, ModelRef, SpecPolicy, model_spec
 from .ome.keys import LABEL_DOMAIN, ModelKind, parse_configmap_key
 from .process import WatchProcess, reconcile_once
 from .reporting.configmap import STATUS_LABEL, StatusConfigMap

@@ -89,7 +89,7 @@ class Settings(BaseSettings):
     oci_region: str = ""
     oci_endpoint: str = Field(default="", description="override the Object Storage endpoint (tests, realms)")
 
-    # ---- what a CR may ask for (agent/models.py SpecPolicy); every CR field is untrusted input (docs/security.md)
+    # ---- what a CR may ask for (agent/basemodels.py SpecPolicy); every CR field is untrusted input (docs/security.md)
     basemodel_path_prefixes: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="folders (relative to the models root; {namespace} is the BaseModel's "
         "namespace) a BaseModel's files may live in; empty = anywhere in the models root, as OME allows. A "
@@ -292,7 +292,7 @@ class CoordinationSettings:
 
 @dataclass(frozen=True)
 class TenancySettings:
-    """What a CR may ask for (agent/models.py SpecPolicy; docs/security.md)."""
+    """What a CR may ask for (agent/basemodels.py SpecPolicy; docs/security.md)."""
 
     basemodel_path_prefixes: tuple[str, ...]
     local_source_roots: tuple[Path, ...]

@@ -15,14 +15,14 @@ from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ..coordination.kube import list_leases
-from ..coordination.views import LeaseView
+from ..coordination.kubelease import list_leases
+from ..coordination.leaseviews import LeaseView
 from ..storage import fsdetect
 from ..storage.errors import ModelherdError
 from ..storage.uri import parse_uri
+from .basemodels import GROUP, OPEN, PLURALS, VERSION, ModelRef, SpecPolicy, model_spec
 from .kube import ApiError, KubeClient, request
 from .kube.leases import KubeLeases
-from .models import GROUP, OPEN, PLURALS, VERSION, ModelRef, SpecPolicy, model_spec
 from .ome.entry import parse_entry
 from .ome.keys import parse_configmap_key
 from .ome.states import WRITTEN_STATUSES, ModelStatus

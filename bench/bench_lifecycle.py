@@ -33,8 +33,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from modelherd.agent.basemodels import ModelRef
 from modelherd.agent.lifecycle.verifier import Verifier, VerifyTarget
-from modelherd.agent.models import ModelRef
 from modelherd.agent.reporting.metrics import AgentMetrics
 from modelherd.agent.settings import VerificationSettings
 from modelherd.coordination import coordinated_pull

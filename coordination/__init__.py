@@ -10,29 +10,33 @@ Entry points (the CLI and the agent call these)::
                      lease_api: LeaseApi | None = None, lease_duration_s: float = 30.0,
                      renew_period_s: float = 10.0, jitter_s: float = 1.0, poll_interval_s: float = 10.0,
                      cancel: threading.Event | None = None, progress: Callable[[int, int], None] | None = None,
-                     on_follow: Callable[[LeaseRecord | None], None] | None = None) -> PullResult
+                     selection: Selection = ALL_FILES,
+                     on_follow: Callable[[LeaseRecord | None], None] | None = None,
+                     on_phase: PhaseFn | None = None) -> PullResult
 
     kube.list_leases(lease_api, namespace) -> list[LeaseView] / format_leases(rows)
     filelease.list_file_leases(models_root) -> list[LeaseRecord]   (view_of() turns one into a LeaseView)
 
-Coordination builds no Kubernetes client and imports no agent code: the Kubernetes store works over a
-:class:`LeaseApi` (``leaseapi``) that the caller implements over the client it holds.
+The middle package (``storage`` <- ``coordination`` <- ``agent``): coordination builds no Kubernetes client and
+imports no agent code; the Kubernetes store works over a :class:`LeaseApi` (``leaseapi``) that the caller implements
+over the client it holds.
 
 ``listing_fn`` is called only by the node that downloads; followers never contact the origin.
 Modules: ``backend`` (record, protocol, observation clock, request counter), ``leaseapi`` (what the Kubernetes
 store needs from a client), ``kube`` (Lease over a LeaseApi),
 ``filelease`` (lease file), ``coordinator`` (state machine), ``choose`` (mode choice + entry point),
-``identity`` (names/labels/annotations), ``views`` (printable rows), ``errors``, ``microtime``.
+``exclusive`` (one short operation under a lease), ``identity`` (names/labels/annotations), ``views`` (printable
+rows), ``errors``, ``microtime``.
 """
 
 from .backend import LeaseBackend, LeaseRecord, LeaseStatus, Observation, Phase, RequestCounter
-from .choose import choose_backend, coordinated_pull, open_lease
 from .coordinator import LeaseTiming, PullResult, Role, run_coordinated
 from .errors import CoordinationError, HolderFailedError, LeaseLostError, LeaseUnavailableError
 from .exclusive import held_destinations, run_exclusive
 from .identity import ModelIdentity
 from .leaseapi import LeaseApi, LeaseApiError
-from .views import LeaseView, format_leases
+from .leaseviews import LeaseView, format_leases
+from .pull import choose_backend, coordinated_pull, open_lease
 
 __all__ = [
     "CoordinationError",

@@ -29,7 +29,7 @@ from ..storage.fsid import filesystem_id
 from .backend import LeaseBackend, LeaseRecord, LeaseStatus, Observation
 from .errors import CoordinationError, LeaseLostError, LeaseUnavailableError
 from .filelease import list_file_leases
-from .kube import list_leases
+from .kubelease import list_leases
 from .leaseapi import LeaseApi
 
 log = logging.getLogger(__name__)

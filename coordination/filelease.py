@@ -1,7 +1,7 @@
 """A lease in a shared folder, for clusters without Kubernetes (e.g. Slurm nodes on Lustre or NFS).
 
 The record lives in ``<models_root>/.modelherd-leases/<lease-name>.json``; semantics match
-:class:`~modelherd.coordination.kube.KubernetesLease` (holder, transitions as epoch, phase, bytes).
+:class:`~modelherd.coordination.kubelease.KubernetesLease` (holder, transitions as epoch, phase, bytes).
 
 Invariants:
 - The record is only ever replaced whole (temp file + rename), so a reader sees an old or a new record,

@@ -27,18 +27,22 @@ else
   .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
 fi
 
-step "Debian packages the tests use (promtool/prometheus)"
-if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+step "Debian packages the tests use (promtool/prometheus, docker-registry, htpasswd)"
+# docker-registry (CNCF distribution) and htpasswd (apache2-utils): the registry source's real-registry tests start
+# it themselves on 127.0.0.1 (tests/registry_fixtures.py); its packaged daemon is never started (policy-rc.d)
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1 \
+    || ! command -v docker-registry >/dev/null 2>&1 || ! command -v htpasswd >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive
     # never let the package start its daemon (it would listen on every interface): policy-rc.d says no
     created_policy=0
     if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; created_policy=1; fi
     apt-get update -qq >/dev/null
-    apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    apt-get install -y -qq --no-install-recommends prometheus docker-registry apache2-utils >/dev/null
     [ "$created_policy" = 0 ] || rm -f /usr/sbin/policy-rc.d
   else
-    echo "promtool/prometheus missing: install Debian's 'prometheus' package (needs root and apt-get)" >&2
+    echo "promtool/prometheus/docker-registry/htpasswd missing: install Debian's 'prometheus', 'docker-registry'" \
+      "and 'apache2-utils' packages (needs root and apt-get)" >&2
     exit 1
   fi
 fi
@@ -54,6 +58,27 @@ step "chart tools: helm + helm-unittest (from Go modules; cached)"
 start=$(date +%s)
 bash scripts/chart-tools.sh >&2
 echo "chart tools build/cache check: $(( $(date +%s) - start ))s" >&2
+
+step "oras CLI for the registry tests (from its Go module; cached)"
+ORAS_VERSION=v1.3.6  # tests/registry_fixtures.py looks for this one
+ORAS_DIR="${MODELHERD_CACHE:-$HOME/.cache/modelherd}/tools/oras-$ORAS_VERSION"
+if [ ! -x "$ORAS_DIR/bin/oras" ]; then
+  start=$(date +%s)
+  mkdir -p "$ORAS_DIR"
+  (
+    flock 9  # one build at a time, even with parallel callers
+    if [ ! -x "$ORAS_DIR/bin/oras" ]; then
+      go="$(command -v go || echo /usr/local/go/bin/go)"
+      # go install MODULE@VERSION: checksum-verified through sum.golang.org; built into a temporary GOBIN, then moved
+      rm -rf "$ORAS_DIR/bin.tmp"
+      GOBIN="$ORAS_DIR/bin.tmp" CGO_ENABLED=0 GOFLAGS=-buildvcs=false \
+        "$go" install -trimpath -ldflags="-s -w" "oras.land/oras/cmd/oras@$ORAS_VERSION" >&2
+      mkdir -p "$ORAS_DIR/bin" && mv "$ORAS_DIR/bin.tmp/oras" "$ORAS_DIR/bin/oras" && rm -rf "$ORAS_DIR/bin.tmp"
+    fi
+  ) 9>"$ORAS_DIR/build.lock"
+  echo "oras build: $(( $(date +%s) - start ))s" >&2
+fi
+"$ORAS_DIR/bin/oras" version 2>&1 | head -1 >&2
 
 step "alert rules rendered from the chart's files/alerts.yaml are up to date"
 .venv/bin/python monitoring/render_rules.py --check

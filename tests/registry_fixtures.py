@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
+import hashlib
 import http.client
 import http.server
 import json
@@ -264,17 +265,18 @@ class Registry:
         return out.strip().splitlines()[-1]
 
     def push_blob(self, repo: str, path: Path, *, user: str | None = None) -> str:
-        out = self.oras("blob", "push", f"{self.host}/{repo}", str(path), "--format", "go-template={{.digest}}",
-                        user=user)
-        return out.strip().splitlines()[-1]
+        """``oras blob push HOST/REPO PATH``; the blob's digest."""
+        self.oras("blob", "push", f"{self.host}/{repo}", str(path), user=user)
+        return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
 
     def push_manifest(self, ref: str, manifest: dict[str, Any], tmp: Path, *, user: str | None = None) -> str:
+        """``oras manifest push HOST/REF`` of ``manifest`` as it is (nothing checked on our side); its digest."""
         path = tmp / f"manifest-{uuid.uuid4().hex}.json"
-        path.write_text(json.dumps(manifest))
-        out = self.oras("manifest", "push", f"{self.host}/{ref}", str(path), "--media-type",
-                        str(manifest.get("mediaType", "application/vnd.oci.image.manifest.v1+json")), "--format",
-                        "go-template={{.digest}}", user=user)
-        return out.strip().splitlines()[-1]
+        data = json.dumps(manifest).encode()
+        path.write_bytes(data)
+        self.oras("manifest", "push", f"{self.host}/{ref}", str(path), "--media-type",
+                  str(manifest.get("mediaType", "application/vnd.oci.image.manifest.v1+json")), user=user)
+        return "sha256:" + hashlib.sha256(data).hexdigest()
 
     def blob_path(self, digest: str) -> Path:
         """The file the registry stores ``digest``'s bytes in (its filesystem driver's layout)."""

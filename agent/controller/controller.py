@@ -28,8 +28,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from ..basemodels import GROUP, PLURALS, VERSION, ModelRef
 from ..kube import MERGE_PATCH, REQUESTS, ApiError, KubeClient, request
-from ..models import GROUP, PLURALS, VERSION, ModelRef
 from ..ome.keys import ModelKind
 from ..ome.states import LifecycleState
 from ..process import WatchProcess, reconcile_once

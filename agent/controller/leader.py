@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ...coordination.backend import LeaseRecord, Observation
-from ...coordination.kube import record_from_raw
+from ...coordination.kubelease import record_from_raw
 from ...coordination.leaseapi import LeaseApiError
 from ...coordination.microtime import now_microtime
 from ...storage.errors import ConfigError

@@ -1,6 +1,6 @@
 """``coordination.k8s.io/v1`` Leases over the agent's one client: coordination's :class:`LeaseApi`, implemented.
 
-Coordinated pulls (:mod:`modelherd.coordination.kube`), the staging GC and the controller's leader election
+Coordinated pulls (:mod:`modelherd.coordination.kubelease`), the staging GC and the controller's leader election
 (:mod:`modelherd.agent.controller.leader`) all read and write Leases through :class:`KubeLeases`, so every Lease
 request uses the process's :class:`~.client.KubeClient` and its connection pool: a pull opens no pool and loads
 no credentials.

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..models import ModelRef, ModelSpec, SpecPolicy, model_spec
+from ..basemodels import ModelRef, ModelSpec, SpecPolicy, model_spec
 
 
 class ClaimKind(enum.Enum):

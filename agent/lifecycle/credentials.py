@@ -6,7 +6,7 @@
        the model's namespace (a ClusterBaseModel: the agent's);
     2. the CR's inline ``spec.storage.parameters.token``;
     3. the agent's own ``HF_TOKEN`` (``ambient``): for the CLI (no spec), or a model allowed the agent's
-       credentials (:attr:`~modelherd.agent.models.ModelSpec.ambient`); otherwise no token.
+       credentials (:attr:`~modelherd.agent.basemodels.ModelSpec.ambient`); otherwise no token.
 
 Invariants: every value is checked to be one printable line (:func:`~modelherd.storage.credentials.check_token`)
 and registered for redaction before it is returned; no message quotes a value, only where it came from; a
@@ -22,9 +22,9 @@ from pydantic import SecretStr
 
 from ...storage.credentials import check_token
 from ...storage.errors import ConfigError
+from ..basemodels import ModelSpec
 from ..kube.secrets import describe_key
 from ..logredact import register_secret
-from ..models import ModelSpec
 
 ReadSecret = Callable[[str, str, str], str]
 """``(namespace, name, key) -> text``: one key of a Secret, decoded — agent/kube/secrets.py ``read_secret_key`` bound
@@ -37,7 +37,7 @@ def hf_token(spec: ModelSpec | None, *, namespace: str, read_secret: ReadSecret 
     """The token for a pull of ``spec`` (``None``: the CLI's own pull), or ``None`` to go anonymous.
     ``namespace`` is the agent's (where a ClusterBaseModel's Secret lives)."""
     if spec is None:
-        return _checked(ambient.get_secret_value(), "HF_TOKEN") if ambient is not None else None
+        return None if ambient is None else _checked(ambient.get_secret_value(), "the Hugging Face token (HF_TOKEN)")
     if spec.secret_name:
         ns = spec.ref.namespace or namespace
         if read_secret is None:

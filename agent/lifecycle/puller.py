@@ -24,7 +24,7 @@ from ...storage.adopt import Adoption
 from ...storage.errors import SourceNotFoundError
 from ...storage.manifest import Manifest
 from ...storage.types import Listing
-from ..models import ModelSpec
+from ..basemodels import ModelSpec
 from ..settings import CoordinationSettings, TransferSettings
 from ..transfer import engine_options, filter_for_shape, open_model_source
 from .credentials import ReadSecret, hf_token

@@ -44,8 +44,8 @@ from ...storage.paths import quote_name
 from ...storage.ready import inspect_published, published_model
 from ...storage.types import Listing
 from ...storage.verify import LOCAL_DEADLINE_S, verify_quick
+from ..basemodels import OPEN, ModelRef, ModelSpec, SpecPolicy, model_spec
 from ..kube import ApiError
-from ..models import OPEN, ModelRef, ModelSpec, SpecPolicy, model_spec
 from ..ome.entry import KEEP, MODELHERD_FIELD, DownloadProgress, EntryStatus
 from ..ome.states import ModelStatus
 from ..reporting.metrics import AgentMetrics

@@ -40,7 +40,7 @@ from ...storage.cleanup import collect_staging, remove_published, remove_staging
 from ...storage.destination import root_writable
 from ...storage.paths import STAGING_DIRNAME
 from ...storage.uri import ModelURI, parse_uri
-from ..models import OPEN, RESERVE_LABEL, ModelRef, ModelSpec, SpecPolicy, model_spec
+from ..basemodels import OPEN, RESERVE_LABEL, ModelRef, ModelSpec, SpecPolicy, model_spec
 from ..settings import AgentSettings, CoordinationSettings
 
 log = logging.getLogger("modelherd.agent")

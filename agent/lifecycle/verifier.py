@@ -43,7 +43,7 @@ from ...storage.manifest import Manifest, read_manifest
 from ...storage.ready import inspect_published
 from ...storage.throttle import RateLimiter
 from ...storage.verify import Problem, rehash, verify_quick
-from ..models import ModelRef
+from ..basemodels import ModelRef
 from ..reporting.metrics import AgentMetrics
 from ..settings import VerificationSettings
 

@@ -13,8 +13,8 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+from ..basemodels import GROUP, VERSION, ModelRef
 from ..kube import ApiError, request
-from ..models import GROUP, VERSION, ModelRef
 from .ratelimit import KeyedRateLimiter
 
 log = logging.getLogger(__name__)

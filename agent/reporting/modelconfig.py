@@ -12,7 +12,7 @@ import threading
 from typing import Any
 
 from ...storage.manifest import Manifest
-from ..models import ModelRef, ModelSpec
+from ..basemodels import ModelRef, ModelSpec
 from ..ome.modelconfig import parse_model_config
 
 log = logging.getLogger("modelherd.agent")

@@ -25,8 +25,8 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from ...storage.adopt import Adoption
+from ..basemodels import ModelRef
 from ..kube import ApiError
-from ..models import ModelRef
 from ..ome.entry import DownloadProgress
 from .metrics import AgentMetrics
 

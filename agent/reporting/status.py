@@ -19,8 +19,8 @@ import logging
 from typing import Any
 
 from ...coordination import Role
+from ..basemodels import ModelRef, ModelSpec
 from ..kube import ApiError
-from ..models import ModelRef, ModelSpec
 from ..ome.entry import KEEP, DownloadProgress, EntryStatus, parse_entry, render_entry
 from ..ome.states import ModelStatus
 from .configmap import StatusConfigMap

@@ -40,7 +40,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Selection", "evaluate"]
+__all__ = ["NodeVerdict", "evaluate"]
 
 _OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt")
 _FIELD_OPERATORS = ("In", "NotIn")
@@ -55,7 +55,7 @@ _GO_INT_RE = re.compile(r"^[+-]?[0-9]+$")
 
 
 @dataclass(frozen=True)
-class Selection:
+class NodeVerdict:
     """The verdict for one (model, node) pair.
 
     ``reason`` is one human line for ``modelherd explain`` and logs. ``term`` is the index of the matching
@@ -309,7 +309,7 @@ def _node_identity(node: Mapping[str, Any]) -> tuple[Mapping[str, str], str]:
     return labels, str(name)
 
 
-def evaluate(storage: Mapping[str, Any] | None, node: Mapping[str, Any]) -> Selection:
+def evaluate(storage: Mapping[str, Any] | None, node: Mapping[str, Any]) -> NodeVerdict:
     """Whether ``node`` (a Node object as the API returns it) should hold the model with ``spec.storage``.
 
     Invariant: ``selected`` is exactly the kube-scheduler's verdict for a pod with this ``nodeSelector`` and
@@ -319,42 +319,42 @@ def evaluate(storage: Mapping[str, Any] | None, node: Mapping[str, Any]) -> Sele
     """
     labels, node_name = _node_identity(node)
     if storage is None:
-        return Selection(True, "no nodeSelector or nodeAffinity: every node")
+        return NodeVerdict(True, "no nodeSelector or nodeAffinity: every node")
     selector = storage.get("nodeSelector")
     has_selector = selector is not None and selector != {}
     if has_selector:
         selector_failure = _node_selector_failure(selector, labels)
         if selector_failure:
-            return Selection(False, selector_failure)
+            return NodeVerdict(False, selector_failure)
     matched_selector = "nodeSelector matches" if has_selector else ""
 
     affinity = storage.get("nodeAffinity")
     if affinity is None:
         required = None
     elif not isinstance(affinity, Mapping):
-        return Selection(False, f"nodeAffinity: invalid: must be an object, got {affinity!r}")
+        return NodeVerdict(False, f"nodeAffinity: invalid: must be an object, got {affinity!r}")
     else:
         required = affinity.get("requiredDuringSchedulingIgnoredDuringExecution")
     if required is None:
         if has_selector:
-            return Selection(True, matched_selector)
-        return Selection(True, "no nodeSelector or nodeAffinity: every node")
+            return NodeVerdict(True, matched_selector)
+        return NodeVerdict(True, "no nodeSelector or nodeAffinity: every node")
     if not isinstance(required, Mapping):
-        return Selection(False, f"nodeAffinity: invalid: required affinity must be an object, got {required!r}")
+        return NodeVerdict(False, f"nodeAffinity: invalid: required affinity must be an object, got {required!r}")
     terms = required.get("nodeSelectorTerms")
     if terms is None:
         terms = []
     if not isinstance(terms, list):
-        return Selection(False, f"nodeAffinity: invalid: nodeSelectorTerms must be a list, got {terms!r}")
+        return NodeVerdict(False, f"nodeAffinity: invalid: nodeSelectorTerms must be a list, got {terms!r}")
     if not terms:
-        return Selection(False, "nodeAffinity: no nodeSelectorTerms, which matches no node")
+        return NodeVerdict(False, "nodeAffinity: no nodeSelectorTerms, which matches no node")
 
     failures: list[tuple[int, _Failure]] = []
     for index, term in enumerate(terms):
         failure = _term_failure(term, labels, node_name)
         if failure is None:
             prefix = f"{matched_selector} and " if matched_selector else ""
-            return Selection(True, f"{prefix}nodeAffinity term {index} matches", term=index)
+            return NodeVerdict(True, f"{prefix}nodeAffinity term {index} matches", term=index)
         failures.append((index, failure))
     first_index, first = failures[0]
     if len(failures) == 1:
@@ -362,4 +362,4 @@ def evaluate(storage: Mapping[str, Any] | None, node: Mapping[str, Any]) -> Sele
     else:
         parts = "; ".join(f"{f.place(i)}: {f.message}" for i, f in failures)
         reason = f"nodeAffinity: no term matches ({parts})"
-    return Selection(False, reason, term=first_index, expression=first.index)
+    return NodeVerdict(False, reason, term=first_index, expression=first.index)

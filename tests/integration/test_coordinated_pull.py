@@ -22,7 +22,7 @@ import pytest
 from modelherd.agent.kube import load
 from modelherd.agent.kube.leases import KubeLeases
 from modelherd.coordination import LeaseRecord
-from modelherd.coordination.choose import open_lease
+from modelherd.coordination.pull import open_lease
 from modelherd.storage.manifest import read_manifest
 from modelherd.storage.uri import parse_uri
 from modelherd.storage.verify import verify_deep

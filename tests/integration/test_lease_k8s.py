@@ -13,7 +13,7 @@ import pytest
 from modelherd.agent.kube import load
 from modelherd.agent.kube.leases import KubeLeases
 from modelherd.coordination import LeaseStatus, ModelIdentity, Observation, Phase
-from modelherd.coordination.kube import KubernetesLease, format_leases, list_leases
+from modelherd.coordination.kubelease import KubernetesLease, format_leases, list_leases
 
 from tests import lease_contract
 from tests.k8s_fixtures import KubeCluster

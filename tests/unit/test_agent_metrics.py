@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from modelherd.agent.models import ModelRef
+from modelherd.agent.basemodels import ModelRef
 from modelherd.agent.reporting.metrics import OME_LABELS, AgentMetrics
 from prometheus_client import CollectorRegistry, generate_latest
 

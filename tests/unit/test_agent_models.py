@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from modelherd.agent.models import ModelRef, model_spec
+from modelherd.agent.basemodels import ModelRef, model_spec
 
 
 def _cr(storage: Any = None, *, kind: str = "ClusterBaseModel", **meta: Any) -> dict[str, Any]:

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from modelherd.agent.basemodels import SpecPolicy, model_spec
 from modelherd.agent.lifecycle.claims import ClaimKind, Claims
-from modelherd.agent.models import SpecPolicy, model_spec
 
 
 def cr(kind: str, name: str, uri: str, *, ns: str = "", path: str | None = None, key: Any = None,

@@ -21,7 +21,7 @@ PACKAGE_ORDER = ["storage", "coordination", "agent"]  # each may import only tho
 AGENT_LAYERS: list[set[str]] = [
     {"durations", "logredact", "startup", "server", "kube", "ome"},  # building blocks; kube = all API-server I/O
     {"settings"},  # the one reader of the environment, grouped by concern
-    {"transfer", "models"},  # settings -> storage options; a CR -> ModelSpec
+    {"transfer", "basemodels"},  # settings -> storage options; a CR -> ModelSpec
     {"watching", "reporting"},  # informers, queues, node selection; the status writers
     {"lifecycle"},  # one model on this node: the reconciler and its collaborators
     {"process"},  # the shared run/stop/informer skeleton of the agent and the controller

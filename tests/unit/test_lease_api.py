@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from modelherd.coordination import LeaseApiError, LeaseStatus, ModelIdentity
 from modelherd.coordination.errors import CoordinationError, LeaseLostError, LeaseUnavailableError
-from modelherd.coordination.kube import KubernetesLease
+from modelherd.coordination.kubelease import KubernetesLease
 
 MICROTIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 IDENTITY = ModelIdentity("hf://org/model@main", "main", "org/model")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from modelherd.coordination import LeaseRecord, LeaseStatus, LeaseTiming, ModelIdentity, Observation, choose_backend
 from modelherd.coordination.errors import CoordinationError
-from modelherd.coordination.views import LeaseView, format_leases, view_of
+from modelherd.coordination.leaseviews import LeaseView, format_leases, view_of
 from modelherd.storage.errors import ConfigError
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")

@@ -7,8 +7,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
+from modelherd.agent.basemodels import ModelRef
 from modelherd.agent.controller.controller import ModelController
-from modelherd.agent.models import ModelRef
 from modelherd.agent.ome.keys import parse_configmap_key
 from modelherd.agent.runner import NodeAgent
 

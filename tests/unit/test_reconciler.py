@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from modelherd.agent.basemodels import OPEN, ModelRef
 from modelherd.agent.kube import ApiError
 from modelherd.agent.lifecycle.claims import Claims
 from modelherd.agent.lifecycle.puller import Pulled
 from modelherd.agent.lifecycle.reconciler import NodeContext, Reconciler
 from modelherd.agent.lifecycle.removal import Removal, RemovalOutcome, RemovalTarget
-from modelherd.agent.models import OPEN, ModelRef
 from modelherd.agent.ome.entry import parse_entry
 from modelherd.agent.reporting.metrics import AgentMetrics
 from modelherd.agent.reporting.status import ModelStatusWriter

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from modelherd.agent.basemodels import RESERVE_LABEL, ModelRef
 from modelherd.agent.lifecycle.removal import RemovalOutcome, RemovalTarget, Remover, target_from_entry
-from modelherd.agent.models import RESERVE_LABEL, ModelRef
 from modelherd.agent.settings import Settings
 from modelherd.storage.manifest import MANIFEST_NAME
 from modelherd.storage.uri import parse_uri

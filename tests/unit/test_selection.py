@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from modelherd.agent.watching.selection import Selection, evaluate
+from modelherd.agent.watching.selection import NodeVerdict, evaluate
 
 
 def node(name: str = "node-a", **labels: str) -> dict[str, Any]:
@@ -208,7 +208,7 @@ ROWS = [
 @pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
 def test_selection_table(row: Row) -> None:
     got = evaluate(row.storage, row.node)
-    assert isinstance(got, Selection)
+    assert isinstance(got, NodeVerdict)
     assert got.selected is row.selected, got.reason
     for word in row.words:
         assert word in got.reason, f"{word!r} not in {got.reason!r}"

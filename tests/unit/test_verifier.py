@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+from modelherd.agent.basemodels import ModelRef
 from modelherd.agent.cli import build_parser, load_settings
 from modelherd.agent.lifecycle.verifier import Verifier, VerifyTarget, node_phase
-from modelherd.agent.models import ModelRef
 from modelherd.agent.reporting.metrics import AgentMetrics
 from modelherd.agent.settings import VerificationSettings
 from modelherd.storage import findings

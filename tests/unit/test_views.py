@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from modelherd.agent.views import same_download
-from modelherd.coordination.views import LeaseView
+from modelherd.coordination.leaseviews import LeaseView
 
 
 def _lease(source: str, dest: str) -> LeaseView:

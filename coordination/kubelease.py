@@ -46,8 +46,8 @@ from .identity import (
     ModelIdentity,
 )
 from .leaseapi import LeaseApi, LeaseApiError, LeaseWatch
+from .leaseviews import LeaseView, format_leases, view_of
 from .microtime import now_microtime
-from .views import LeaseView, format_leases, view_of
 
 __all__ = ["KubernetesLease", "LeaseView", "format_leases", "list_leases", "record_from_raw"]
 

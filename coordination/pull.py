@@ -23,7 +23,7 @@ from .backend import LeaseBackend, LeaseRecord, RequestCounter
 from .coordinator import LeaseTiming, PullResult, Role, identity_for, run_coordinated
 from .errors import CoordinationError
 from .filelease import FileLease
-from .kube import KubernetesLease
+from .kubelease import KubernetesLease
 from .leaseapi import LeaseApi
 
 log = logging.getLogger(__name__)
