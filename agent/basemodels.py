@@ -12,8 +12,12 @@ Invariants:
   path's text before the disk is touched;
 - ``spec.storage.key`` is a Secret *name* (DNS-1123 subdomain), read only from the model's own namespace (a
   ClusterBaseModel: the agent's); ``parameters.secretKey`` is a Secret data key;
-- the agent's own credentials (``HF_TOKEN``, OCI principals) serve ClusterBaseModels, and BaseModels only in the
-  namespaces the operator opted in (:attr:`ModelSpec.ambient`).
+- the agent's own credentials (``HF_TOKEN``, OCI principals, its docker config for registries) serve
+  ClusterBaseModels, and BaseModels only in the namespaces the operator opted in (:attr:`ModelSpec.ambient`); a
+  registry artifact (``oci://REGISTRY/REPO:TAG``) of any other BaseModel uses its own ``dockerconfigjson`` Secret
+  or goes anonymous, and an ``https://`` folder gets only the model's own Secret or inline token, never an agent's;
+- ``http://`` is accepted here as a URI; the source refuses plain HTTP to a host that is neither loopback nor in
+  ``http_insecure_hosts``, so such a model is Failed with that reason before any request.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ SKIP_CONFIG_ANNOTATION = "ome.oracle.com/skip-config-parsing"
 RESERVE_LABEL = "models.ome/reserve-model-artifact"  # honoured as a label or an annotation (fail safe)
 _DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _SECRET_DATA_KEY = re.compile(r"[-._a-zA-Z0-9]+")
-SUPPORTED_SCHEMES = ("hf", "oci", "local")
+SUPPORTED_SCHEMES = ("hf", "oci", "ocios", "local", "https", "http")
 
 
 @dataclass(frozen=True, order=True)
@@ -95,7 +99,8 @@ class SpecPolicy:
                    frozenset(tenancy.ambient_credential_namespaces))
 
     def ambient_allowed(self, ref: ModelRef) -> bool:
-        """May ``ref`` use the agent's own credentials (``HF_TOKEN``, the node's OCI identity)?"""
+        """May ``ref`` use the agent's own credentials (``HF_TOKEN``, the node's OCI identity, the agent's docker
+        config)?"""
         return ref.kind == "ClusterBaseModel" or "*" in self.ambient_namespaces \
             or ref.namespace in self.ambient_namespaces
 

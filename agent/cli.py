@@ -51,6 +51,15 @@ def _add_transfer(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage-mode", choices=["auto", "shared", "local"], help="override filesystem detection")
     p.add_argument("--direct-io", choices=["auto", "on", "off"],
                    help="write with O_DIRECT (default auto: on for node-local filesystems, off for shared ones)")
+    p.add_argument("--registry-auth-file", type=Path, metavar="FILE",
+                   help="docker config JSON with registry credentials (default REGISTRY_AUTH_FILE, else "
+                        "$DOCKER_CONFIG/config.json, else ~/.docker/config.json)")
+    p.add_argument("--insecure-registry", dest="insecure_registries", action="append", metavar="HOST[:PORT]",
+                   help="a registry that may be spoken to in plain HTTP (repeatable; loopback always may)")
+    p.add_argument("--registry-mirror", dest="registry_mirrors", action="append", metavar="REGISTRY=MIRROR",
+                   help="ask MIRROR (host[:port][/prefix], e.g. a Harbor proxy cache) before REGISTRY (repeatable)")
+    p.add_argument("--http-insecure-host", dest="http_insecure_hosts", action="append", metavar="HOST",
+                   help="a host whose http:// model folders may be fetched in plain HTTP (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     pull = sub.add_parser("pull", help="download a model, verified, into the models root")
-    pull.add_argument("uri", help="hf://ORG/MODEL[@REV], oci://n/NS/b/BUCKET/o/PREFIX, local:///PATH")
+    pull.add_argument("uri", help="hf://ORG/MODEL[@REV], oci://n/NS/b/BUCKET/o/PREFIX, "
+                                  "oci://REGISTRY/REPO:TAG (or @sha256:DIGEST), https://HOST/PATH/ (a folder with "
+                                  "a SHA256SUMS), local:///PATH")
     pull.add_argument("--dest", type=Path, help="destination folder (default <models-root>/<org>/<model>)")
     pull.add_argument("--allow", action="append", default=None, metavar="GLOB", help="only files matching")
     pull.add_argument("--ignore", action="append", default=None, metavar="GLOB", help="skip files matching")
@@ -159,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _SETTING_FLAGS = ("models_root_dir", "concurrency", "multipart_concurrency", "download_retry", "storage_mode",
-                  "direct_io",
+                  "direct_io", "registry_auth_file", "insecure_registries", "registry_mirrors", "http_insecure_hosts",
                   "coordination", "node_name", "namespace", "kubeconfig", "lease_duration_s",
                   "lease_renew_period_s", "instance_type", "instance_type_map", "log_level", "log_format",
                   "port", "bind_address", "num_download_worker", "node_label_retry", "startup_jitter_s",
@@ -195,14 +206,15 @@ class JsonFormatter(logging.Formatter):
 
 def _setup_logging(settings: Settings) -> None:
     """One stderr handler on the root logger in ``settings.log_format`` at ``settings.log_level``, with the
-    :class:`~.logredact.RedactingFilter` on it and ``settings.hf_token`` registered as a secret."""
+    :class:`~.logredact.RedactingFilter` on it and ``settings.hf_token``/``http_token`` registered as secrets."""
     import time as _time
 
     from . import logredact
 
     level, fmt = settings.log_level, settings.log_format
-    if settings.hf_token is not None:
-        logredact.register_secret(settings.hf_token.get_secret_value())
+    for secret in (settings.hf_token, settings.http_token):
+        if secret is not None:
+            logredact.register_secret(secret.get_secret_value())
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         formatter: logging.Formatter = JsonFormatter()

@@ -98,14 +98,18 @@ def cmd_pull(args: argparse.Namespace, settings: Settings, cancel: threading.Eve
         return 0
     ensure_writable(root)  # a read-only root still serves the models already published in it
     from . import transfer
-    from .lifecycle.credentials import hf_token
+    from .lifecycle.credentials import hf_token, http_token, registry_auth
 
     move = replace(settings.transfer, gpu_shape=args.gpu_shape)  # --gpu-shape is the pull's own flag
-    token = hf_token(None, namespace=settings.cluster.namespace, read_secret=None,
-                     ambient=move.hf_token) if uri.scheme == "hf" else None
-    source = transfer.open_model_source(uri, move, hf_token=token, allow=args.allow, ignore=args.ignore,
-                                        cancel=cancel)
-    del token
+    ns = settings.cluster.namespace
+    token = hf_token(None, namespace=ns, read_secret=None, ambient=move.hf_token) if uri.scheme == "hf" else None
+    docker_config = registry_auth(None, namespace=ns, read_secret=None, ambient=move.registry_auth_file) \
+        if uri.scheme == "oci-registry" else None
+    bearer = http_token(None, namespace=ns, read_secret=None, ambient=move.http_token) \
+        if uri.scheme in ("https", "http") else None
+    source = transfer.open_model_source(uri, move, hf_token=token, registry_auth=docker_config, http_token=bearer,
+                                        allow=args.allow, ignore=args.ignore, cancel=cancel)
+    del token, docker_config, bearer
     progress = _ProgressBar(enabled=not args.no_progress and sys.stderr.isatty(), desc=uri.canonical)
     try:
         def listing_fn() -> Listing:

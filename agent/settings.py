@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from ..storage.dockerauth import auth_file_path
 from ..storage.errors import ConfigError
 from .durations import Duration
 
@@ -89,6 +90,29 @@ class Settings(BaseSettings):
     oci_region: str = ""
     oci_endpoint: str = Field(default="", description="override the Object Storage endpoint (tests, realms)")
 
+    # ---- OCI registries (oci://HOST/REPO:TAG) and plain HTTP(S) folders (https://HOST/PATH/ with a SHA256SUMS)
+    registry_auth_file: Path | None = Field(
+        default=None, description="a docker config JSON with registry credentials (podman's and oras' "
+        "REGISTRY_AUTH_FILE); else $DOCKER_CONFIG/config.json, else ~/.docker/config.json when it exists. The "
+        "agent's own (ambient) registry credentials: ClusterBaseModels, and BaseModels of "
+        "ambient_credential_namespaces", validation_alias=AliasChoices(
+            "MODELHERD_REGISTRY_AUTH_FILE", "REGISTRY_AUTH_FILE", "registry_auth_file"))
+    docker_config: Path | None = Field(default=None, description="docker's DOCKER_CONFIG folder",
+                                       validation_alias=AliasChoices("DOCKER_CONFIG", "docker_config"))
+    insecure_registries: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="registries (host or host:port) that may be spoken to in plain HTTP "
+        "(loopback always may), as containerd's and docker's insecure registries")
+    registry_mirrors: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict, description="registry host[:port] -> mirror host[:port][/PREFIX] asked first (a "
+        "Harbor proxy cache); the registry itself when the mirror fails. JSON object, or reg=mirror,reg2=mirror2")
+    http_insecure_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="hosts of http:// model folders that may be fetched in plain HTTP "
+        "(loopback always may)")
+    http_token: SecretStr | None = Field(
+        default=None, description="bearer token the CLI's `pull` sends to an https:// model folder's origin; "
+        "never used by the agent (a CR names the URL, so a BaseModel's token comes from its own Secret)",
+        validation_alias=AliasChoices("MODELHERD_HTTP_TOKEN", "http_token"))
+
     # ---- what a CR may ask for (agent/basemodels.py SpecPolicy); every CR field is untrusted input (docs/security.md)
     basemodel_path_prefixes: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="folders (relative to the models root; {namespace} is the BaseModel's "
@@ -138,7 +162,7 @@ class Settings(BaseSettings):
     leader_elect_retry_period_s: Duration = Field(default=2.0, gt=0, description="renew / retry interval")
 
     @field_validator("basemodel_path_prefixes", "local_source_roots", "ambient_credential_namespaces",
-                     mode="before")
+                     "insecure_registries", "http_insecure_hosts", mode="before")
     @classmethod
     def _list(cls, value: Any) -> Any:
         """A list from the environment: a JSON array, or comma-separated words (``team-a,team-b``)."""
@@ -147,6 +171,23 @@ class Settings(BaseSettings):
             if text.startswith("["):
                 return json.loads(text)
             return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("registry_mirrors", mode="before")
+    @classmethod
+    def _map(cls, value: Any) -> Any:
+        """A map from the environment: a JSON object, or comma-separated ``key=value`` pairs (or a list of them:
+        repeated flags)."""
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            value = ",".join(value)
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("{"):
+                return json.loads(text)
+            pairs = [part.strip() for part in text.split(",") if part.strip()]
+            if any("=" not in p for p in pairs):
+                raise ValueError("registry_mirrors: expected a JSON object or registry=mirror pairs")
+            return {k.strip(): v.strip() for k, _, v in (p.partition("=") for p in pairs)}
         return value
 
     @field_validator("local_source_roots")
@@ -164,6 +205,21 @@ class Settings(BaseSettings):
     @property
     def part_size(self) -> int:
         return self.part_size_mib * MiB
+
+    def registry_auth_path(self) -> Path | None:
+        """The docker config of this process's own registry credentials: ``registry_auth_file``
+        (``REGISTRY_AUTH_FILE``), else ``$DOCKER_CONFIG/config.json``, else ``~/.docker/config.json`` when it exists
+        (:func:`~modelherd.storage.dockerauth.auth_file_path`). A named file that is missing is returned as named:
+        a registry pull then fails reading it (the user asked for that file), every other command is unaffected."""
+        environ = {k: str(v) for k, v in (("REGISTRY_AUTH_FILE", self.registry_auth_file),
+                                           ("DOCKER_CONFIG", self.docker_config)) if v}
+        try:
+            return auth_file_path(environ, Path.home())
+        except ConfigError:
+            if self.registry_auth_file:
+                return self.registry_auth_file.expanduser()
+            assert self.docker_config is not None
+            return self.docker_config.expanduser() / "config.json"
 
     def effective_namespace(self) -> str:
         """The one namespace rule: ``--namespace``, else the pod's namespace (POD_NAMESPACE, else the mounted
@@ -201,7 +257,11 @@ class Settings(BaseSettings):
             fsync=self.fsync, direct_io=self.direct_io,
             hf_token=self.hf_token, hf_endpoint=self.hf_endpoint,
             oci_auth=self.oci_auth, oci_config_file=self.oci_config_file, oci_profile=self.oci_profile,
-            oci_region=self.oci_region, oci_endpoint=self.oci_endpoint, gpu_shape=self.gpu_shape,
+            oci_region=self.oci_region, oci_endpoint=self.oci_endpoint,
+            registry_auth_file=self.registry_auth_path(), insecure_registries=tuple(self.insecure_registries),
+            registry_mirrors=tuple(sorted(self.registry_mirrors.items())),
+            http_insecure_hosts=tuple(self.http_insecure_hosts), http_token=self.http_token,
+            gpu_shape=self.gpu_shape,
             instance_type=self.instance_type, instance_type_map=self.instance_type_map)
 
     @property
@@ -273,6 +333,11 @@ class TransferSettings:
     oci_profile: str
     oci_region: str
     oci_endpoint: str
+    registry_auth_file: Path | None  # the agent's/CLI's own docker config (ambient), read per pull
+    insecure_registries: tuple[str, ...]
+    registry_mirrors: tuple[tuple[str, str], ...]  # (registry, mirror) pairs, hashable
+    http_insecure_hosts: tuple[str, ...]
+    http_token: SecretStr | None  # the CLI's only; the agent never sends it (agent/lifecycle/credentials.py)
     gpu_shape: str
     instance_type: str
     instance_type_map: str | None

@@ -16,7 +16,9 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+from collections.abc import Mapping
 from dataclasses import replace
+from typing import Any
 
 from ..storage import gpu
 from ..storage.directio import resolve_direct_io
@@ -55,11 +57,13 @@ def engine_options(transfer: TransferSettings, storage_kind: str) -> EngineOptio
 
 def open_model_source(uri: ModelURI, transfer: TransferSettings, *, hf_token: str | None,
                       oci_auth: str | None = None, oci_region: str | None = None,
+                      registry_auth: Mapping[str, Any] | None = None, http_token: str | None = None,
                       allow: list[str] | None = None, ignore: list[str] | None = None,
                       cancel: threading.Event | None = None) -> Source:
-    """The source of ``uri``. ``hf_token`` is the token the caller resolved (the one chain,
-    agent/lifecycle/credentials.py); ``oci_auth``/``oci_region`` override the transfer settings' when given (a
-    CR's own). ``cancel`` ends the source's own back-offs (the listing's) at once."""
+    """The source of ``uri``. ``hf_token``, ``registry_auth`` (a parsed docker config) and ``http_token`` are what
+    the caller resolved through the one chain (agent/lifecycle/credentials.py), never read here;
+    ``oci_auth``/``oci_region`` override the transfer settings' when given (a CR's own). Plain HTTP, registry
+    mirrors: the transfer settings'. ``cancel`` ends the source's own back-offs (the listing's) at once."""
     return open_source(
         uri,
         hf_token=hf_token,
@@ -71,6 +75,11 @@ def open_model_source(uri: ModelURI, transfer: TransferSettings, *, hf_token: st
         oci_profile=transfer.oci_profile,
         oci_region=oci_region or transfer.oci_region,
         oci_endpoint=transfer.oci_endpoint,
+        registry_auth=registry_auth,
+        insecure_registries=transfer.insecure_registries,
+        registry_mirrors=dict(transfer.registry_mirrors),
+        http_token=http_token,
+        http_insecure_hosts=transfer.http_insecure_hosts,
         retry=retry_policy(transfer),
         pool_maxsize=max(32, transfer.concurrency * transfer.multipart_concurrency),
         cancel=cancel,

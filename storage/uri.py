@@ -256,8 +256,9 @@ def _parse_http(raw: str, scheme: Literal["https", "http"]) -> ModelURI:
         port = parts.port
     except ValueError as exc:
         raise _bad(raw, f"not a valid URL ({exc})") from None
-    if "@" in parts.netloc:
-        raise _bad(raw, "credentials in the URL are not accepted; give a token through the source's settings")
+    if "@" in parts.netloc:  # the message must not quote them: it reaches Events and ConfigMaps
+        shown = f"{parts.scheme}://***@{parts.netloc.rpartition('@')[2]}{parts.path}"
+        raise _bad(shown, "credentials in the URL are not accepted; give a token through the source's settings")
     if parts.query or parts.fragment or raw.endswith(("?", "#")):
         raise _bad(raw, "a folder URL has no query ('?') or fragment ('#')")
     host = (parts.hostname or "").lower()

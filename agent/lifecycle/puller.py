@@ -6,7 +6,8 @@ shape detected once per process by :func:`~modelherd.agent.transfer.gpu_shape` f
 label), and runs the pull under the model's Lease on shared storage (one download per models root) or alone on
 local storage. It reports how this node got the model as a :class:`Pulled` role.
 
-Invariants: the token is resolved per pull, passed to the source and dropped (never logged or kept); the source
+Invariants: the credentials (a Hugging Face token, a registry's docker config, an HTTP bearer token) are resolved
+per pull, passed to the source and dropped (never logged or kept); the source
 is closed whatever happens; an empty listing is a ``SourceNotFoundError`` before anything is written; ``cancel``
 stops the listing's back-offs and the pull at once.
 """
@@ -21,13 +22,13 @@ from typing import Any, Protocol
 
 from ...coordination import LeaseApi, Role, choose_backend, coordinated_pull
 from ...storage.adopt import Adoption
-from ...storage.errors import SourceNotFoundError
+from ...storage.errors import AuthError, SourceNotFoundError
 from ...storage.manifest import Manifest
 from ...storage.types import Listing
 from ..basemodels import ModelSpec
 from ..settings import CoordinationSettings, TransferSettings
 from ..transfer import engine_options, filter_for_shape, open_model_source
-from .credentials import ReadSecret, hf_token
+from .credentials import ReadSecret, hf_token, http_token, registry_auth
 
 OCI_AUTH = {"InstancePrincipal": "instance_principal", "UserPrincipal": "user",
             "ResourcePrincipal": "resource_principal", "OkeWorkloadIdentity": "workload_identity"}
@@ -77,10 +78,15 @@ class Puller:
         uri, transfer, leases = spec.uri, self.transfer, self.leases
         token = hf_token(spec, namespace=self.namespace, read_secret=self.read_secret,
                          ambient=transfer.hf_token) if uri.scheme == "hf" else None
+        docker_config = registry_auth(spec, namespace=self.namespace, read_secret=self.read_secret,
+                                      ambient=transfer.registry_auth_file) if uri.scheme == "oci-registry" else None
+        bearer = http_token(spec, namespace=self.namespace, read_secret=self.read_secret,
+                            ambient=None) if uri.scheme in ("https", "http") else None
         source = open_model_source(uri, transfer, hf_token=token,
                                    oci_auth=OCI_AUTH.get(spec.oci_auth) if spec.oci_auth else None,
-                                   oci_region=spec.oci_region or None, cancel=cancel)
-        del token
+                                   oci_region=spec.oci_region or None, registry_auth=docker_config,
+                                   http_token=bearer, cancel=cancel)
+        del token, docker_config, bearer
         shape_filter = spec.trtllm and self.storage_kind == "local"
         itype = instance_type(self.get_node()) if shape_filter else ""
 
@@ -104,6 +110,15 @@ class Puller:
                 jitter_s=leases.wait_jitter_s, poll_interval_s=leases.poll_interval_s,
                 cancel=cancel, progress=progress, on_follow=progress.follow,
                 on_phase=progress.phase)
+        except AuthError as e:
+            if uri.scheme == "oci-registry" and not spec.secret_name and not spec.ambient \
+                    and transfer.registry_auth_file is not None:
+                raise AuthError(f"{e.message} (the agent's own registry credentials serve only ClusterBaseModels "
+                                f"and BaseModels of the namespaces in ambient_credential_namespaces, not "
+                                f"{spec.ref.namespace})",
+                                hint="give the model a kubernetes.io/dockerconfigjson Secret in its namespace and "
+                                     "name it in spec.storage.key") from None
+            raise
         finally:
             source.close()
         return Pulled(result.manifest, Role(result.role))

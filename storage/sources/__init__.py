@@ -33,6 +33,7 @@ def open_source(
     oci_endpoint: str = "",
     registry_auth: Mapping[str, Any] | str | Path | None = None,
     insecure_registries: Sequence[str] = (),
+    registry_mirrors: Mapping[str, str] | None = None,
     http_token: str | None = None,
     http_insecure_hosts: Sequence[str] = (),
     retry: RetryPolicy = DEFAULT_RETRY,
@@ -44,7 +45,8 @@ def open_source(
 
     ``oci://HOST/REPO:TAG`` registry artifacts get ``RegistrySource`` with ``registry_auth`` (a docker config: a
     mapping, a ``config.json`` path or its JSON text; ``None``: anonymous) and ``insecure_registries`` (plain
-    HTTP allowed there; loopback always).
+    HTTP allowed there; loopback always) and ``registry_mirrors`` (registry ``host[:port]`` -> mirror
+    ``host[:port][/PREFIX]``, asked first).
 
     ``cancel`` (the pull's cancel Event) ends every back-off of the source's own retries (the listing's) at once.
     """
@@ -61,10 +63,10 @@ def open_source(
         return OCISource(uri, auth=oci_auth, config_file=oci_config_file, profile=oci_profile, region=oci_region,
                          endpoint=oci_endpoint, retry=retry, pool_maxsize=pool_maxsize, cancel=cancel)
     if uri.scheme == "oci-registry":
-        from .registry import RegistrySource
+        from .registry import open_registry
 
-        return RegistrySource(uri, auth=registry_auth, insecure_registries=insecure_registries, retry=retry,
-                              pool_maxsize=pool_maxsize, cancel=cancel)
+        return open_registry(uri, auth=registry_auth, insecure_registries=insecure_registries,
+                             mirrors=registry_mirrors, retry=retry, pool_maxsize=pool_maxsize, cancel=cancel)
     if uri.scheme in ("https", "http"):
         from .http import HTTPSource
 

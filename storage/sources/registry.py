@@ -19,7 +19,10 @@ Invariants:
   ``MAX_REDIRECTS`` times, and the registry's ``Authorization`` goes only to the registry's own origin (a redirect
   to blob storage gets none);
 - after a 401 a request is sent once more with the refreshed authorization (an expired token mid-download), and a
-  second 401 is an :class:`AuthError`; no credential or token reaches a message or a log line.
+  second 401 is an :class:`AuthError`; no credential or token reaches a message or a log line;
+- a mirror (:func:`open_registry` with ``mirrors``, e.g. a Harbor proxy cache) is asked first and the registry
+  itself when the mirror fails; each host gets only its own credentials from the docker config, and the listing
+  is the registry's URI either way (the content is named by digest, so a mirror cannot change what is verified).
 """
 
 from __future__ import annotations
@@ -38,9 +41,10 @@ from urllib.parse import urljoin, urlsplit
 
 import urllib3
 
-from ..dockerauth import RegistryCredentials, credentials_for, load_docker_config
+from ..dockerauth import RegistryCredentials, credentials_for, load_docker_config, registry_key
 from ..errors import (
     AuthError,
+    CancelledError,
     ConfigError,
     ModelherdError,
     RateLimitedError,
@@ -57,7 +61,7 @@ from .body import fully_read, readinto_direct
 from .registry_auth import AUTH_HINT, Authorizer
 from .registry_manifest import ACCEPT, MAX_MANIFEST_BYTES, Document, files_of, parse_document, pick_from_index
 
-__all__ = ["RegistrySource", "plain_http_allowed"]
+__all__ = ["MirroredRegistrySource", "RegistrySource", "mirror_for", "open_registry", "plain_http_allowed"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -182,11 +186,13 @@ class RegistrySource:
     ``auth``: the credentials themselves, or a docker config (a parsed mapping, the path of a ``config.json``, or
     a Secret's ``.dockerconfigjson`` text) whose ``auths`` entry for the registry is used; ``None``: anonymous.
     ``insecure_registries``: ``host[:port]`` entries that may be spoken to in plain HTTP (loopback always may).
+    ``endpoint``: a mirror ``host[:port][/PREFIX]`` to ask instead of the registry (the repository goes under
+    ``PREFIX``, as a Harbor proxy-cache project wants); the credentials are then the mirror host's.
     """
 
     def __init__(self, uri: ModelURI, *, auth: RegistryCredentials | Mapping[str, Any] | str | Path | None = None,
                  insecure_registries: Sequence[str] = (), retry: RetryPolicy = DEFAULT_RETRY,
-                 pool_maxsize: int = 32, cancel: threading.Event | None = None) -> None:
+                 pool_maxsize: int = 32, cancel: threading.Event | None = None, endpoint: str | None = None) -> None:
         if uri.scheme != "oci-registry":
             raise ConfigError(f"RegistrySource needs a registry reference (oci://HOST/REPO:TAG), got {uri.raw!r}")
         self.uri = uri.canonical
@@ -194,6 +200,12 @@ class RegistrySource:
         self._host = DOCKER_HUB_API if uri.registry == "docker.io" else uri.registry
         repo = uri.repository
         self._repo = f"library/{repo}" if uri.registry == "docker.io" and "/" not in repo else repo
+        if endpoint:
+            host, _, prefix = endpoint.strip().removeprefix("https://").removeprefix("http://").strip("/") \
+                .partition("/")
+            self._registry = self._host = host.lower()
+            if prefix:
+                self._repo = f"{prefix.strip('/')}/{self._repo}"
         self._ref = uri.digest or uri.tag or ""
         self._insecure = tuple(insecure_registries)
         self._retry = retry
@@ -202,14 +214,19 @@ class RegistrySource:
         self._pool = urllib3.PoolManager(maxsize=pool_maxsize, block=False, retries=False,
                                          timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT_S, read=READ_TIMEOUT_S),
                                          ssl_context=ssl.create_default_context())
-        self._auth = Authorizer(registry=uri.registry, repository=self._repo,
-                                credentials=_credentials(uri.registry, auth), pool=self._pool,
+        self._auth = Authorizer(registry=self._registry, repository=self._repo,
+                                credentials=_credentials(self._registry, auth), pool=self._pool,
                                 plain_ok=self._plain_ok, user_agent=self._ua)
         self._base: str | None = None
         self._base_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"RegistrySource({self.uri!r}, {self._auth!r})"
+
+    @property
+    def host(self) -> str:
+        """The host this source asks (the registry's, or its mirror's)."""
+        return self._host
 
     def _plain_ok(self, netloc: str) -> bool:
         return plain_http_allowed(netloc, self._insecure)
@@ -424,6 +441,73 @@ class RegistrySource:
     def close(self) -> None:
         """Close every pooled connection."""
         self._pool.clear()
+
+
+def mirror_for(mirrors: Mapping[str, str], registry: str) -> str | None:
+    """The mirror ``mirrors`` names for ``registry`` (keys matched as docker config keys are: ``host[:port]``,
+    case-insensitive, every Docker Hub spelling one), or ``None``."""
+    want = registry_key(registry)
+    return next((m for k, m in mirrors.items() if registry_key(k) == want and m.strip()), None)
+
+
+class MirroredRegistrySource:
+    """A registry artifact asked of a mirror first, then of the registry itself.
+
+    The listing comes from whichever answered (its ``uri`` is the registry's either way); a blob the mirror then
+    fails to serve (not found, denied, or any error after the source's own retries) is fetched from the registry.
+    """
+
+    def __init__(self, mirror: RegistrySource, origin: RegistrySource) -> None:
+        self.uri = origin.uri
+        self._mirror, self._origin = mirror, origin
+        self._use_mirror = True
+
+    def __repr__(self) -> str:
+        return f"MirroredRegistrySource({self._mirror!r}, {self._origin!r})"
+
+    def list_files(self) -> Listing:
+        try:
+            listing = self._mirror.list_files()
+        except CancelledError:
+            raise
+        except ModelherdError as e:
+            log.warning("mirror %s failed for %s (%s); asking the registry itself", self._mirror.host, self.uri,
+                        type(e).__name__)
+            self._use_mirror = False
+            return self._origin.list_files()
+        self._use_mirror = True
+        return listing
+
+    def open(self, file: RemoteFile, start: int = 0, end: int | None = None) -> _BlobBody:
+        if self._use_mirror:
+            try:
+                return self._mirror.open(file, start, end)
+            except SourceError as e:  # a VerificationError (a lying mirror) is not one: it fails the pull
+                log.warning("mirror %s failed for %s of %s (%s); fetching it from the registry", self._mirror.host,
+                            file.path, self.uri, type(e).__name__)
+        return self._origin.open(file, start, end)
+
+    def close(self) -> None:
+        self._mirror.close()
+        self._origin.close()
+
+
+def open_registry(uri: ModelURI, *, auth: RegistryCredentials | Mapping[str, Any] | str | Path | None = None,
+                  insecure_registries: Sequence[str] = (), mirrors: Mapping[str, str] | None = None,
+                  retry: RetryPolicy = DEFAULT_RETRY, pool_maxsize: int = 32,
+                  cancel: threading.Event | None = None) -> RegistrySource | MirroredRegistrySource:
+    """The source of a registry artifact: :class:`RegistrySource`, behind its mirror when ``mirrors`` names one for
+    its registry (``{"docker.io": "harbor.corp/dockerhub-proxy"}``)."""
+    config = auth if auth is None or isinstance(auth, RegistryCredentials) else load_docker_config(auth)
+    origin = RegistrySource(uri, auth=config, insecure_registries=insecure_registries, retry=retry,
+                            pool_maxsize=pool_maxsize, cancel=cancel)
+    mirror = mirror_for(mirrors or {}, uri.registry)
+    if not mirror:
+        return origin
+    via = RegistrySource(uri, auth=config if not isinstance(config, RegistryCredentials) else None,
+                         insecure_registries=insecure_registries, retry=retry, pool_maxsize=pool_maxsize,
+                         cancel=cancel, endpoint=mirror)
+    return MirroredRegistrySource(via, origin)
 
 
 def _discard(resp: urllib3.BaseHTTPResponse) -> None:
