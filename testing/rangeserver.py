@@ -239,7 +239,7 @@ def make_model(root: Path, sizes: dict[str, int], seed: int = 0) -> list[RemoteF
 
     Deterministic: the same ``sizes`` and ``seed`` write the same bytes (:func:`.models.random_chunks`).
     """
-    from .basemodels import random_chunks
+    from .models import random_chunks
 
     files = []
     for i, (name, size) in enumerate(sizes.items()):
