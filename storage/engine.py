@@ -19,6 +19,7 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from pathlib import Path
@@ -36,14 +37,15 @@ from .errors import (
 )
 from .fetch import fetch_into
 from .hashing import checkable
-from .listing import check_listing
+from .listing import check_listing, listing_id
 from .manifest import Manifest, ManifestFile, read_manifest
 from .options import EngineOptions, PhaseFn, Progress, check_cancel
 from .publish import publish, recover_aside
 from .ready import damage, manifest_matches
 from .repair import adopt_into, seed_from_published
-from .staging import STATE_DIRNAME, own_staging, remove_tree, staging_dir_for
+from .staging import LAYERS_DIRNAME, STATE_DIRNAME, own_staging, remove_tree, staging_dir_for, tidy_staging
 from .types import Listing, Source
+from .unpack import stage_archives
 from .verify import verify_quick
 
 __all__ = ["pull", "stage"]
@@ -68,6 +70,11 @@ def stage(source: Source, listing: Listing, staging: Path, *, dest: Path, writer
     check_listing(listing, options)
     check_cancel(cancel)
     staging, dest = Path(staging), Path(dest)
+    plain = dataclasses.replace(listing, files=listing.plain_files)
+    if adopt.unpublished(dest) and listing.archives:
+        raise DestinationError(f"destination {dest} holds files but no completion manifest, and {listing.uri} is "
+                               "made of tar layers whose files are known only once extracted: it cannot be adopted",
+                               hint="pass an empty or new folder as --dest, or move those files away")
     if adopt.unpublished(dest):
         with own_staging(staging, wait=False):
             adopt_into(listing, staging, dest, options, cancel, progress, on_phase)
@@ -75,22 +82,30 @@ def stage(source: Source, listing: Listing, staging: Path, *, dest: Path, writer
         seed_from_published(listing, staging, dest, cancel)
     if on_phase is not None:
         on_phase("downloading", None)
-    digests = fetch_into(source, listing, staging, options=options, cancel=cancel, progress=progress)
+    with own_staging(staging, wait=False):
+        if plain.files:
+            digests = fetch_into(source, plain, staging, options=options, cancel=cancel, progress=progress)
+        else:
+            staging.mkdir(parents=True, exist_ok=True)
+            digests = {}
+            tidy_staging(staging, [], listing_id(listing))
+        extracted = stage_archives(listing, staging, source=source, dest=dest, options=options, cancel=cancel,
+                                   progress=progress)
     # the resume state is not part of the model (publish removes it); nor are its files' findings. Our own
     # staging holds the checked listing and at most one state file per listed file: bounded, so no deadline.
     origin = tuple((p.path, p.message) for p in verify_quick(staging, max_files=2 * options.max_files + 1,
                                                              deadline_s=None)
-                   if p.path.split("/", 1)[0] != STATE_DIRNAME)
+                   if p.path.split("/", 1)[0] not in (STATE_DIRNAME, LAYERS_DIRNAME))
     if origin:
         log.warning("%s as the origin serves it does not pass quick verification (%s); publishing it as it is",
                     listing.uri, f"{origin[0][0]}: {origin[0][1]}")
     return Manifest(
         source_uri=listing.uri, revision=listing.revision, writer=writer, selection=listing.selection,
-        origin_problems=origin,
-        files=tuple(ManifestFile(path=rf.path, size=rf.size,
-                                 checksums={**{a: v.lower() for a, v in rf.checksums.items()
-                                               if a in checkable(rf.checksums)}, **digests[rf.path]})
-                    for rf in listing.files))
+        origin_problems=origin, archives=tuple(a.locator for a in listing.archives),
+        files=tuple(sorted([*(ManifestFile(path=rf.path, size=rf.size,
+                                           checksums={**{a: v.lower() for a, v in rf.checksums.items()
+                                                         if a in checkable(rf.checksums)}, **digests[rf.path]})
+                              for rf in plain.files), *extracted], key=lambda f: f.path)))
 
 
 _CLEAN_ON = (CancelledError, VerificationError, InsufficientSpaceError, UnsafePathError, ConfigError)

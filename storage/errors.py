@@ -70,6 +70,11 @@ class UnsafePathError(ModelherdError):
     exit_code = 4
 
 
+class UnsafeArchiveError(UnsafePathError):
+    """A tar layer holds an entry that may not be extracted: a path, symlink or hardlink leaving the model folder,
+    a device, FIFO or socket, a size or entry count beyond the bounds, a name modelherd reserves."""
+
+
 class DestinationError(UnsafePathError):
     """The destination may not be replaced: a reserved ``.modelherd-*`` name, a file, a folder under a file or
     inside a published model, or a folder holding other models or files modelherd did not publish."""

@@ -37,6 +37,8 @@ class ManifestFile:
     path: str
     size: int
     checksums: dict[str, str] = field(default_factory=dict)
+    # the locator (``sha256:<hex>``) of the archive (tar layer) this file was extracted from; "" for a plain file
+    archive: str = ""
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,8 @@ class Manifest:
     origin_problems: tuple[tuple[str, str], ...] = ()
     # relative names (files or whole folders) in the model folder that are not the model's: kept, never verified
     foreign: tuple[str, ...] = ()
+    # the locators of the listing's archives (tar layers), in the order they were applied
+    archives: tuple[str, ...] = ()
 
     @property
     def total_bytes(self) -> int:
@@ -59,7 +63,11 @@ class Manifest:
 
     def to_json(self) -> str:
         d: dict[str, Any] = asdict(self)
-        d["files"] = [asdict(f) for f in self.files]
+        d["files"] = [{k: v for k, v in asdict(f).items() if k != "archive" or v} for f in self.files]
+        if not self.archives:
+            del d["archives"]
+        else:
+            d["archives"] = list(self.archives)
         d["selection"] = self.selection.to_json()
         d["origin_problems"] = [list(p) for p in self.origin_problems]
         d["foreign"] = list(self.foreign)
@@ -74,7 +82,7 @@ class Manifest:
                 raise ValueError("not an object with a 'files' list")
             files = tuple(
                 ManifestFile(path=safe_relpath(f["path"], what="manifest entry"), size=_count(f["size"], "size"),
-                             checksums=_checksums(f.get("checksums", {})))
+                             checksums=_checksums(f.get("checksums", {})), archive=_string(f.get("archive", "")))
                 for f in d["files"]
             )
             return cls(source_uri=_string(d["source_uri"]), revision=_string(d["revision"]), files=files,
@@ -82,7 +90,8 @@ class Manifest:
                        version=_count(d.get("version", FORMAT_VERSION), "version"),
                        selection=Selection.from_json(d.get("selection")),
                        origin_problems=tuple((_string(p), _string(m)) for p, m in d.get("origin_problems", [])),
-                       foreign=_names(d.get("foreign", [])))
+                       foreign=_names(d.get("foreign", [])),
+                       archives=tuple(_string(a) for a in _list(d.get("archives", []))))
         except KeyError as e:
             raise VerificationError(f"malformed completion manifest: no field {e}", hint=_HINT) from None
         except UntrustedInputError as e:
@@ -106,6 +115,12 @@ def _count(v: object, what: str) -> int:
     """A JSON integer in ``[0, 2**63)`` (``true`` is not one, nor ``1.0``)."""
     if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**63:
         raise ValueError(f"{what} must be an integer in [0, 2**63), got {show(v)}")
+    return v
+
+
+def _list(v: object) -> list[Any]:
+    if not isinstance(v, list):
+        raise ValueError(f"expected a list, got {show(v)}")
     return v
 
 

@@ -34,7 +34,16 @@ from .hashing import checkable, hash_file
 from .manifest import Manifest, write_manifest
 from .paths import STAGING_DIRNAME, safe_relpath, staging_root
 from .ready import published_manifest
-from .staging import ASIDE_SUFFIX, STATE_DIRNAME, aside_path, load_state, own_staging, remove_tree, stat_key
+from .staging import (
+    ASIDE_SUFFIX,
+    LAYERS_DIRNAME,
+    STATE_DIRNAME,
+    aside_path,
+    load_state,
+    own_staging,
+    remove_tree,
+    stat_key,
+)
 
 __all__ = ["publish", "recover_aside", "recover_interrupted_publish"]
 
@@ -84,10 +93,10 @@ def _check_staged(staging: Path, manifest: Manifest) -> None:
         rel_dir = Path(dirpath).relative_to(staging).as_posix()
         for name in [*dirnames, *filenames]:
             rel = name if rel_dir == "." else f"{rel_dir}/{name}"
-            if rel != STATE_DIRNAME and rel not in listed and rel not in folders:
+            if rel not in (STATE_DIRNAME, LAYERS_DIRNAME) and rel not in listed and rel not in folders:
                 problems.append(f"{rel}: in staging but not in the manifest")
         if rel_dir == ".":
-            dirnames[:] = [d for d in dirnames if d != STATE_DIRNAME]
+            dirnames[:] = [d for d in dirnames if d not in (STATE_DIRNAME, LAYERS_DIRNAME)]
     for rel, mf in listed.items():
         state = load_state(staging, mf.path)
         try:
@@ -152,6 +161,7 @@ def _foreign_at(dest: Path, manifest: Manifest) -> list[str]:
 
 def _publish_owned(staging: Path, dest: Path, manifest: Manifest) -> Manifest:
     remove_tree(staging / STATE_DIRNAME)
+    remove_tree(staging / LAYERS_DIRNAME)
     foreign = _foreign_at(dest, manifest)
     # linked before the swap: a kill anywhere leaves them in dest (and only extra names in staging, tidied later)
     unlinked = adopt.carry_foreign(dest, staging, foreign) if foreign else []

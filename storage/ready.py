@@ -63,17 +63,22 @@ def manifest_matches(manifest: Manifest, listing: Listing, model_dir: Path | Non
         return False
     if manifest.selection != listing.selection or not manifest.files:
         return False
-    have = {f.path: f for f in manifest.files}
-    if set(have) != {f.path for f in listing.files}:
+    # a listing's archives are known by their digests (the revision pins them); their files only by extracting
+    if manifest.archives != tuple(a.locator for a in listing.archives):
         return False
-    for rf in listing.files:
+    have = {f.path: f for f in manifest.files if not f.archive}
+    plain = listing.plain_files
+    if set(have) != {f.path for f in plain}:
+        return False
+    for rf in plain:
         mf = have[rf.path]
         if mf.size != rf.size:
             return False
         for algo in checkable(rf.checksums):
             if algo in mf.checksums and mf.checksums[algo].lower() != rf.checksums[algo].lower():
                 return False
-        if model_dir is not None:
+    if model_dir is not None:
+        for mf in manifest.files:
             try:
                 if os.stat(Path(model_dir) / mf.path).st_size != mf.size:
                     return False

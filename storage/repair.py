@@ -5,7 +5,7 @@ holding files but no completion manifest (adoption: :func:`adopt_into`, refused 
 
 Invariants:
 - The destination's files are never written: each is brought into staging as a hard link (the same inode, no
-  bytes written), else a reflink, else a copy (:func:`_link_or_copy`); the fetch that follows writes only new
+  bytes written), else a reflink, else a copy (:func:`link_or_copy`); the fetch that follows writes only new
   inodes.
 - A seeded file is never trusted as it is: its resume state is dropped, so it is hashed against its checksum
   (:func:`~.present.verify_present`) before it is kept. Files already in staging win (a resumed run's).
@@ -37,14 +37,14 @@ from .ready import damage, manifest_matches, published_manifest
 from .staging import drop_state, load_state, remove_tree, tidy_staging
 from .types import Listing
 
-__all__ = ["adopt_into", "seed_from_published"]
+__all__ = ["adopt_into", "link_or_copy", "seed_from_published"]
 
 log = logging.getLogger(__name__)
 
 _FICLONE = 0x40049409  # ioctl(dest_fd, FICLONE, src_fd): share the extents (btrfs, XFS, bcachefs)
 
 
-def _link_or_copy(src: Path, dst: Path) -> str:
+def link_or_copy(src: Path, dst: Path) -> str:
     """Make ``dst`` hold ``src``'s bytes as cheaply as the filesystem allows: a hard link (the same inode, no
     bytes written), else a reflink, else a copy. Returns which it was."""
     try:
@@ -70,7 +70,7 @@ def _seed(listing: Listing, staging: Path, dest: Path, paths: set[str], cancel: 
     seeded: dict[str, int] = {}
     for rf in listing.files:
         check_cancel(cancel)
-        if rf.path not in paths:
+        if rf.path not in paths or rf.unpack is not None:
             continue
         try:
             src, dst = contained(dest, rf.path, what="file name"), contained(staging, rf.path, what="file name")
@@ -79,7 +79,7 @@ def _seed(listing: Listing, staging: Path, dest: Path, paths: set[str], cancel: 
                 continue
             drop_state(staging, rf.path)
             dst.parent.mkdir(parents=True, exist_ok=True)
-            how = _link_or_copy(src, dst)
+            how = link_or_copy(src, dst)
         except (OSError, UnsafePathError) as e:
             if capacity.is_no_space(e):
                 raise

@@ -4,7 +4,9 @@ Invariants:
 - A staging folder lives in ``<models_root>/.modelherd-staging/`` (same filesystem as every destination, so
   publishing is one rename) and is named by :func:`staging_dir_for` alone.
 - Resume state is a small JSON file per in-progress model file under ``<staging>/.modelherd-parts/``; it holds
-  only relative names, so a staging folder can be moved (:func:`adopt_staging`) and still resume.
+  only relative names, so a staging folder can be moved (:func:`adopt_staging`) and still resume. A listing's
+  archives (tar layers) are fetched into ``<staging>/.modelherd-layers/`` (:mod:`~.unpack`), which
+  :func:`tidy_staging` keeps and publish removes.
 - A checkpoint is recorded only after its bytes were written; on restart every checkpoint is checked against
   the bytes on disk before it is trusted, so the state never needs an fsync to be safe.
 - One owner at a time: whoever writes into, adopts, tidies or publishes a staging folder holds
@@ -45,6 +47,8 @@ from .paths import staging_root
 log = logging.getLogger(__name__)
 
 STATE_DIRNAME = ".modelherd-parts"
+#: the archives (tar layers) of a listing, fetched and verified before they are extracted; never published
+LAYERS_DIRNAME = ".modelherd-layers"
 RESERVED_PREFIX = ".modelherd-"
 LISTING_MARKER = "listing"
 LOCK_SUFFIX = ".lock"
@@ -374,7 +378,7 @@ def tidy_staging(staging: Path, paths: Collection[str], listing_id: str) -> list
             entries = list(it)
         for entry in entries:
             rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
-            if rel == STATE_DIRNAME:
+            if rel in (STATE_DIRNAME, LAYERS_DIRNAME):
                 continue
             st = entry.stat(follow_symlinks=False)
             if stat.S_ISDIR(st.st_mode) and rel in folders:

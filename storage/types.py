@@ -8,6 +8,21 @@ from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
+class Unpack:
+    """How an archive entry of a listing becomes files (:mod:`~modelherd.storage.tarlayer`): a tar layer, plain,
+    gzip or zstd (told by its magic bytes), applied after every archive of a lower ``order``.
+
+    ``root``: only entries under this folder of the archive are taken, with it stripped (``models`` for a modelcar
+    image); ``""`` takes every entry. ``whiteouts``: the archive is an image layer whose ``.wh.`` entries delete
+    what lower layers put there (``.wh..wh..opq``: a folder's whole lower content).
+    """
+
+    order: int
+    root: str = ""
+    whiteouts: bool = False
+
+
+@dataclass(frozen=True)
 class RemoteFile:
     """One file of a model as the source describes it.
 
@@ -16,12 +31,16 @@ class RemoteFile:
     ``sha256``, ``md5``, ``git-sha1`` (git blob sha1), ``md5-multipart`` ("<hex>-<parts>", can only be
     checked when the part size is known, so it is informational), ``crc32c`` (hex).
     ``locator`` is source-private (a URL, an object name).
+    ``unpack`` marks an archive (a tar layer): it is fetched and verified like any file, but into staging's hidden
+    ``.modelherd-layers/<path>``, never published; the model's files are what it extracts to
+    (:mod:`~modelherd.storage.unpack`). Its ``path`` then only names it in that folder.
     """
 
     path: str
     size: int
     checksums: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
     locator: str = ""
+    unpack: Unpack | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +113,17 @@ class Listing:
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
+
+    @property
+    def plain_files(self) -> tuple[RemoteFile, ...]:
+        """The files stored as they are (no archive)."""
+        return tuple(f for f in self.files if f.unpack is None)
+
+    @property
+    def archives(self) -> tuple[RemoteFile, ...]:
+        """The archives (tar layers), in the order they are applied."""
+        return tuple(sorted((f for f in self.files if f.unpack is not None),
+                            key=lambda f: f.unpack.order if f.unpack is not None else 0))
 
 
 class ByteStream(Protocol):

@@ -1,7 +1,8 @@
 """An OCI registry (any distribution-spec registry: Harbor, Quay, ECR, GAR, ACR, distribution) as a model source.
 
-``oci://HOST[:PORT]/REPO:TAG`` (or ``@sha256:DIGEST``): a CNCF ModelPack artifact or an ORAS file artifact, one
-file per raw layer (:mod:`.registry_manifest`). The HTTP client is the engine's own: one ``urllib3.PoolManager``
+``oci://HOST[:PORT]/REPO:TAG`` (or ``@sha256:DIGEST``): a CNCF ModelPack artifact, an ORAS artifact or a modelcar
+image: one file per raw layer, one archive per tar layer (:mod:`.registry_manifest`; the engine extracts it,
+:mod:`~..unpack`). The HTTP client is the engine's own: one ``urllib3.PoolManager``
 with keep-alive, ranged GETs and bodies read straight into the engine's buffer; :mod:`.registry_auth` answers the
 registry's 401 challenges.
 
@@ -192,7 +193,8 @@ class RegistrySource:
 
     def __init__(self, uri: ModelURI, *, auth: RegistryCredentials | Mapping[str, Any] | str | Path | None = None,
                  insecure_registries: Sequence[str] = (), retry: RetryPolicy = DEFAULT_RETRY,
-                 pool_maxsize: int = 32, cancel: threading.Event | None = None, endpoint: str | None = None) -> None:
+                 pool_maxsize: int = 32, cancel: threading.Event | None = None, endpoint: str | None = None,
+                 model_folder: str = "models") -> None:
         if uri.scheme != "oci-registry":
             raise ConfigError(f"RegistrySource needs a registry reference (oci://HOST/REPO:TAG), got {uri.raw!r}")
         self.uri = uri.canonical
@@ -207,6 +209,7 @@ class RegistrySource:
             if prefix:
                 self._repo = f"{prefix.strip('/')}/{self._repo}"
         self._ref = uri.digest or uri.tag or ""
+        self._model_folder = model_folder.strip("/")
         self._insecure = tuple(insecure_registries)
         self._retry = retry
         self._cancel = cancel
@@ -358,7 +361,7 @@ class RegistrySource:
             doc, _ = self._call(lambda: self._manifest(child, what), what)
             if doc.is_index:
                 raise SourceError(f"{what}: the index names another index", hint="name the artifact by digest")
-        files = files_of(doc, what)
+        files = files_of(doc, what, self._model_folder)
         return Listing(uri=self.uri, revision=digest, files=tuple(files))
 
     def _manifest(self, ref: str, what: str) -> tuple[Document, str]:

@@ -3,11 +3,13 @@
 Invariants:
 - every document is untrusted: parsed with :func:`~..untrusted.load_json` (size, nesting and integer length
   bounded), every field type-checked; anything else is a :class:`~..errors.SourceError` saying what is wrong;
-- every file is one raw layer: its path (``org.cncf.model.filepath``, else ``org.opencontainers.image.title``)
-  went through :func:`~..paths.safe_relpath`, its size is an integer in ``[0, MAX_BLOB_SIZE]``, its checksum is the
+- a raw layer is one file: its path (``org.cncf.model.filepath``, else ``org.opencontainers.image.title``) went
+  through :func:`~..paths.safe_relpath`, its size is an integer in ``[0, MAX_BLOB_SIZE]``, its checksum is the
   layer's ``sha256`` digest (the only one accepted) and its locator is that digest;
-- a tar layer (a modelcar image's layers, a ModelPack ``.tar*`` layer, an ORAS folder) is an
-  :class:`UnsupportedArtifactError`, never silently skipped or stored as an archive;
+- a tar layer (every layer of a modelcar image, a ModelPack ``.tar*`` layer, an ORAS folder) is an archive entry
+  (:class:`~..types.Unpack`, in the manifest's layer order; its path ``<order>-<hex>`` only names the blob in
+  staging): a modelcar image's layers are applied with whiteouts and only their ``model_folder`` (``models``) is
+  taken, the others are extracted whole (:mod:`~..tarlayer`); never stored as an archive;
 - an image index yields the one artifact manifest it holds (by ``artifactType``), never a platform guess.
 """
 
@@ -20,7 +22,7 @@ from typing import Any
 
 from ..errors import MalformedListingError, SourceError
 from ..paths import safe_relpath
-from ..types import RemoteFile
+from ..types import RemoteFile, Unpack
 from ..untrusted import UntrustedInputError, load_json, show
 
 __all__ = [
@@ -58,8 +60,6 @@ MAX_BLOB_SIZE = 2**40
 
 _SHA256 = re.compile(r"^sha256:([0-9a-f]{64})$")
 _TAR = re.compile(r"(?:^|[./+])tar(?:$|[.+])")
-_TAR_HINT = ("tar layers (modelcar images, ModelPack .tar layers, folders pushed with oras) are not supported yet; "
-             "push the files as raw layers (modctl --raw, or `oras push` of each file)")
 
 
 class UnsupportedArtifactError(SourceError):
@@ -159,16 +159,17 @@ def pick_from_index(doc: Document, what: str) -> tuple[str, int]:
     platforms = sorted({show(e.get("platform")) for e in entries})[:4]
     raise UnsupportedArtifactError(f"{what}: the image index holds {len(entries)} platform images "
                                    f"({', '.join(platforms)}) and no model artifact",
-                                   hint="modelcar images are not supported yet; name an artifact by digest")
+                                   hint="name the artifact or the one image to pull by digest")
 
 
 def _is_tar(media_type: str) -> bool:
     return bool(_TAR.search(media_type.lower()))
 
 
-def files_of(doc: Document, what: str) -> list[RemoteFile]:
-    """The files of a ModelPack or ORAS file manifest, sorted by path: one per raw layer (see the module's
-    invariants); a tar layer, a compressed raw layer or an image layer is an :class:`UnsupportedArtifactError`."""
+def files_of(doc: Document, what: str, model_folder: str = "models") -> list[RemoteFile]:
+    """The files of a ModelPack or ORAS manifest, or of a modelcar image, sorted by path: one per raw layer, one
+    archive entry per tar layer (see the module's invariants); a compressed raw layer or an image layer that is
+    not a tar is an :class:`UnsupportedArtifactError`."""
     body = doc.body
     config = body.get("config")
     config_type = config.get("mediaType") if isinstance(config, dict) else None
@@ -176,8 +177,10 @@ def files_of(doc: Document, what: str) -> list[RemoteFile]:
     modelpack = artifact_type == MODELPACK_ARTIFACT or config_type == MODELPACK_CONFIG
     image = config_type in IMAGE_CONFIGS and not artifact_type
     files: list[RemoteFile] = []
-    for layer in _descriptors(body, "layers", what):
+    for order, layer in enumerate(_descriptors(body, "layers", what)):
         media_type = layer.get("mediaType")
+        if image and media_type is None:
+            media_type = "application/vnd.oci.image.layer.v1.tar"
         if not isinstance(media_type, str):
             raise SourceError(f"{what}: layer {show(layer.get('digest'))} has no media type",
                               hint="the manifest is malformed")
@@ -192,10 +195,16 @@ def files_of(doc: Document, what: str) -> list[RemoteFile]:
                 raise UnsupportedArtifactError(f"{layer_what} is compressed; compressed raw layers are not "
                                                "supported yet", hint="push the weights as .raw layers")
         else:
-            tar = ann.get(ANNOTATION_ORAS_UNPACK, "").lower() == "true" or (not name and _is_tar(media_type))
+            tar = ann.get(ANNOTATION_ORAS_UNPACK, "").lower() == "true" or (
+                ANNOTATION_TITLE not in ann and _is_tar(media_type))
+        if image and not tar:
+            raise UnsupportedArtifactError(f"{layer_what} is an image layer that is not a tar",
+                                           hint="a modelcar image's layers are tar, tar+gzip or tar+zstd")
         if tar:
-            kind = "a modelcar image layer" if image else "a tar layer"
-            raise UnsupportedArtifactError(f"{layer_what} is {kind}", hint=_TAR_HINT)
+            unpack = Unpack(order=order, root=model_folder if image else "", whiteouts=image)
+            files.append(RemoteFile(path=f"{order:04d}-{hexdigest}", size=size, checksums={"sha256": hexdigest},
+                                    locator=f"sha256:{hexdigest}", unpack=unpack))
+            continue
         if not name:
             raise SourceError(f"{layer_what} names no file ({ANNOTATION_FILEPATH} or {ANNOTATION_TITLE})",
                               hint="push the files with `oras push` or `modctl`, which name every layer")

@@ -31,7 +31,6 @@ from modelherd.storage.paths import STAGING_DIRNAME
 from modelherd.storage.retry import RetryPolicy
 from modelherd.storage.sources import open_source
 from modelherd.storage.sources.registry import RegistrySource
-from modelherd.storage.sources.registry_manifest import UnsupportedArtifactError
 from modelherd.storage.uri import parse_uri
 
 from tests.registry_fixtures import Registry, RegistryProxy
@@ -157,11 +156,15 @@ def test_a_digest_reference_pins_the_manifest(registry, tmp_path, root):
         source(registry, "org/model:nope").list_files()
 
 
-def test_a_folder_pushed_as_a_tar_layer_is_not_supported_yet(registry, tmp_path):
-    write_files(tmp_path / "dir", {"x.bin": b"x"})
-    registry.push_files("org/tar:v1", tmp_path, ["dir"])
-    with pytest.raises(UnsupportedArtifactError, match="not supported yet"):
-        source(registry, "org/tar:v1").list_files()
+def test_a_folder_pushed_with_oras_is_unpacked(registry, tmp_path, root):
+    files = {"dir/x.bin": os.urandom(3000), "dir/sub/y.txt": b"y" * 10}
+    write_files(tmp_path, files)
+    digest = registry.push_files("org/tar:v1", tmp_path, ["dir"])
+    listing = source(registry, "org/tar:v1").list_files()
+    assert len(listing.archives) == 1 and not listing.plain_files
+    manifest = pull(source(registry, "org/tar:v1"), root)
+    assert manifest.revision == digest and manifest.archives == (listing.archives[0].locator,)
+    assert_published(root, files)
 
 
 # -- auth -----------------------------------------------------------------------------------------------------------

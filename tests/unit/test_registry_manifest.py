@@ -1,5 +1,5 @@
 """Manifests and indexes read as model files (storage/sources/registry_manifest.py): ModelPack and ORAS layers,
-tar layers refused as not supported yet, sizes bounded, paths contained, an index resolved to its artifact."""
+tar layers as archives to extract, sizes bounded, paths contained, an index resolved to its artifact."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from modelherd.storage.sources.registry_manifest import (
     parse_document,
     pick_from_index,
 )
+from modelherd.storage.types import Unpack
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -64,25 +65,34 @@ def test_modelpack_prefers_the_filepath_annotation() -> None:
 
 
 @pytest.mark.parametrize(
-    "raw",
+    ("raw", "unpack"),
     [
-        manifest([layer(1, "application/vnd.cncf.model.weight.v1.tar", **{FILEPATH: "w"})],
-                 artifact_type=MODELPACK_ARTIFACT),
-        manifest([layer(1, "application/vnd.cncf.model.weight.v1.tar+zstd", **{FILEPATH: "w"})],
-                 artifact_type=MODELPACK_ARTIFACT),
-        manifest([layer(1, "application/vnd.cncf.model.weight.v1.raw+gzip", **{FILEPATH: "w"})],
-                 artifact_type=MODELPACK_ARTIFACT),
-        manifest([layer(1, "application/vnd.oci.image.layer.v1.tar+gzip",
-                        **{TITLE: "dir", "io_deis_oras_content_unpack": "true"})]),
-        manifest([layer(1, "application/vnd.oci.image.layer.v1.tar+gzip")],
-                 config_type="application/vnd.oci.image.config.v1+json"),  # a modelcar image
-        manifest([layer(1, "application/vnd.docker.image.rootfs.diff.tar.gzip")],
-                 config_type="application/vnd.docker.container.image.v1+json"),
+        (manifest([layer(1, "application/vnd.cncf.model.weight.v1.tar", **{FILEPATH: "w"})],
+                  artifact_type=MODELPACK_ARTIFACT), Unpack(0)),
+        (manifest([layer(1, "application/vnd.cncf.model.weight.v1.tar+zstd", **{FILEPATH: "w"})],
+                  artifact_type=MODELPACK_ARTIFACT), Unpack(0)),
+        (manifest([layer(1, "application/vnd.oci.image.layer.v1.tar+gzip",
+                         **{TITLE: "dir", "io_deis_oras_content_unpack": "true"})]), Unpack(0)),
+        (manifest([layer(1, "application/vnd.oci.image.layer.v1.tar+gzip")],
+                  config_type="application/vnd.oci.image.config.v1+json"), Unpack(0, "models", True)),  # modelcar
+        (manifest([layer(1, "application/vnd.docker.image.rootfs.diff.tar.gzip")],
+                  config_type="application/vnd.docker.container.image.v1+json"), Unpack(0, "models", True)),
     ],
 )
-def test_tar_and_compressed_layers_are_not_supported_yet(raw: bytes) -> None:
+def test_tar_layers_are_archives_to_extract(raw: bytes, unpack: Unpack) -> None:
+    (got,) = files_of(parse_document(raw, "", "t"), "t")
+    assert got.unpack == unpack and got.locator == f"sha256:{H[1]}" and got.checksums == {"sha256": H[1]}
+
+
+def test_compressed_raw_layers_are_not_supported_yet() -> None:
     with pytest.raises(UnsupportedArtifactError, match="not supported yet"):
-        files(raw)
+        files(manifest([layer(1, "application/vnd.cncf.model.weight.v1.raw+gzip", **{FILEPATH: "w"})],
+                       artifact_type=MODELPACK_ARTIFACT))
+
+
+def test_a_modelcar_layer_that_is_not_a_tar_is_refused() -> None:
+    with pytest.raises(UnsupportedArtifactError, match="not a tar"):
+        files(manifest([layer(1, "application/octet-stream")], config_type="application/vnd.oci.image.config.v1+json"))
 
 
 @pytest.mark.parametrize("name", ["../x", "/etc/passwd", "a/../../x", "a\\b", "x\ny", ""])
