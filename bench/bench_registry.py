@@ -11,9 +11,11 @@ builds it): ``oras push --artifact-type application/vnd.cncf.model.manifest.v1+j
 ``application/vnd.cncf.model.weight.v1.raw`` layer per shard with its ``org.cncf.model.filepath`` annotation
 (oras adds ``org.opencontainers.image.title``), tag ``v1``.
 
-Each round runs, in rotating order (interleaved), after removing the last destination, ``sync``, waiting for the
-disk to settle and (root, unless ``--no-drop-caches``) dropping the page cache, then reading the registry's blob
-files once so that every tool is served from memory (the registry's disk is not the client's cost):
+One untimed warm-up round runs every tool once (the pull runs without ``PYTHONDONTWRITEBYTECODE``, so its ``.pyc``
+files exist as in any installed package). Then each round runs, in rotating order (interleaved), after removing the
+last destination, ``sync``, waiting for the disk to settle and (root, unless ``--no-drop-caches``) dropping the page
+cache, then reading the registry's blob files once so that every tool is served from memory (the registry's disk is
+not the client's cost):
 
 - ``pull``: ``modelherd pull oci://127.0.0.1:PORT/org/<model>:v1 --dest ... --storage-mode local --coordination
   none`` in a subprocess (the sha256 of every layer checked while streaming, fsync, atomic publish);
@@ -196,6 +198,9 @@ def main() -> int:
     ref = f"{repo}:v1"
     dest = OUT / "dest"
     modelherd = str(Path(sys.executable).with_name("modelherd"))
+    # An installed modelherd has its bytecode compiled (pip does it; the image's `modelherd --help` too): a session
+    # with PYTHONDONTWRITEBYTECODE=1 would otherwise compile ~200 modules from source in every pull (~0.35 s here).
+    pull_env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     rounds_requests: dict[str, list[dict[str, int]]] = {}
 
     with Procs() as procs:
@@ -238,7 +243,7 @@ def main() -> int:
             out = dest / "pull"
             res = run_child([modelherd, "pull", uri, "--dest", str(out), "--models-root", str(dest),
                              "--no-progress", "--coordination", "none", "--storage-mode", "local",
-                             "--log-level", "WARNING", *args.pull_arg])
+                             "--log-level", "WARNING", *args.pull_arg], env=pull_env)
             note("pull")
             check(out, "modelherd pull")
             ready = json.loads(res.stdout.strip().splitlines()[-1])
@@ -274,7 +279,12 @@ def main() -> int:
             check(out, "curl")
             return {"curl": Result(plain, 0.0), "curl+fsync": Result(synced, 0.0)}
 
-        series = interleave({"pull": pull, "oras": oras_pull, "curl": curl}, args.repeat)
+        tools = {"pull": pull, "oras": oras_pull, "curl": curl}
+        print("warm-up round (not counted): writes the pull's .pyc files, warms the registry", flush=True)
+        for tool in tools.values():
+            tool()
+        rounds_requests.clear()
+        series = interleave(tools, args.repeat)
         clean(dest)
 
     med = {k: median(v) for k, v in series.items()}
