@@ -189,6 +189,7 @@ def main() -> int:
     ap.add_argument("--registry", default="/usr/bin/docker-registry", help="the registry binary")
     args = ap.parse_args()
 
+    load_at_start = os.getloadavg()
     oras = find_oras()
     folder = cached_model(args.size_mib, args.files)
     shards = sorted(p for p in model_files(folder) if p.suffix == ".safetensors")
@@ -306,11 +307,14 @@ def main() -> int:
     print(f"  pull (CLI seconds)/curl {med['pull (CLI seconds)'].seconds / med['curl'].seconds:5.2f}  "
           "(without interpreter start-up)")
     report = {"bytes": total, "layers": len(shards), "repeat": args.repeat, "page_cache_dropped": cold,
-              "oras_args": args.oras_arg, "pull_args": args.pull_arg, "load_average": os.getloadavg(),
+              "oras_args": args.oras_arg, "pull_args": args.pull_arg,
+              "load_average": {"start": load_at_start, "end": os.getloadavg()},
               "runs": {k: [r.__dict__ for r in v] for k, v in series.items()},
               "registry_requests": rounds_requests,
               "medians": {k: m.__dict__ for k, m in med.items()},
               "targets": {k: {"value": v, "target": t, "pass": ok} for k, (v, t, ok) in checks.items()}}
+    print(f"  load average {load_at_start[0]:.2f} at the start, {os.getloadavg()[0]:.2f} at the end "
+          f"({os.cpu_count()} cores)")
     print(f"\nwrote {save_json('bench_registry.json', report)}")
     shutil.rmtree(OUT / "registry-push" / ".docker", ignore_errors=True)
     return 0 if all(ok for _, _, ok in checks.values()) else 1
