@@ -180,6 +180,9 @@ def test_one_cluster_base_model_is_ready_on_every_node_after_one_download(
     wait_for(lambda: m.all("Ready"), 180, f"{m.label}=Ready on {nodes}")
     assert cluster.hub_stats()["body_bytes"] - before == m.size, "origin bytes must be exactly one model"
     for n in nodes:
+        # OME's order: the label first, then the entry (one more request) — read the entry once it had its time
+        wait_for(lambda n=n: json.loads(cluster.core.read_namespaced_config_map(n, release).data[m.key])["status"]
+                 == "Ready", 10, f"{n}'s entry Ready after its label")
         cm = cluster.core.read_namespaced_config_map(n, release)
         assert cm.metadata.labels["models.ome/basemodel-status"] == "true"
         entry = json.loads(cm.data[m.key])
