@@ -135,6 +135,17 @@ def _manifest_layers(reg: Registry, ref: str) -> list[dict[str, Any]]:
     return layers
 
 
+def _entries(cluster: Cluster, release: str, nodes: list[str], names: dict[str, str]) -> dict[str, Any]:
+    """node -> model -> (status, the agent's message) from the nodes' ConfigMaps: why a model is not Ready."""
+    out: dict[str, Any] = {}
+    for n in nodes:
+        cm = cluster.core.read_namespaced_config_map(n, release).data or {}
+        for kind, name in names.items():
+            entry = json.loads(cm.get(configmap_key("ClusterBaseModel", "", name), "{}"))
+            out.setdefault(n, {})[kind] = (entry.get("status"), (entry.get("modelherd") or {}).get("message"))
+    return out
+
+
 @pytest.fixture(scope="module")
 def release(cluster: Cluster) -> Iterator[str]:
     if cluster.env.get("STORAGE") != "shared":
@@ -164,8 +175,11 @@ def test_cluster_base_models_from_the_registry_are_ready_on_every_node_after_one
     try:
         for kind, ref in refs.items():
             cluster.create_cbm(names[kind], f"oci://{reg.host}/{ref}")
-        wait_for(lambda: all(cluster.node_labels(n).get(lb) == "Ready" for n in nodes for lb in labels.values()),
-                 120, f"{sorted(labels.values())}=Ready on {nodes}")
+        try:
+            wait_for(lambda: all(cluster.node_labels(n).get(lb) == "Ready" for n in nodes for lb in labels.values()),
+                     90, f"{sorted(labels.values())}=Ready on {nodes}")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; the nodes' entries: {_entries(cluster, release, nodes, names)}") from None
         for n in nodes:
             cm = cluster.core.read_namespaced_config_map(n, release).data or {}
             for name in names.values():
