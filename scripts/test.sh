@@ -60,25 +60,8 @@ bash scripts/chart-tools.sh >&2
 echo "chart tools build/cache check: $(( $(date +%s) - start ))s" >&2
 
 step "oras CLI for the registry tests (from its Go module; cached)"
-ORAS_VERSION=v1.3.6  # tests/registry_fixtures.py looks for this one
-ORAS_DIR="${MODELHERD_CACHE:-$HOME/.cache/modelherd}/tools/oras-$ORAS_VERSION"
-if [ ! -x "$ORAS_DIR/bin/oras" ]; then
-  start=$(date +%s)
-  mkdir -p "$ORAS_DIR"
-  (
-    flock 9  # one build at a time, even with parallel callers
-    if [ ! -x "$ORAS_DIR/bin/oras" ]; then
-      go="$(command -v go || echo /usr/local/go/bin/go)"
-      # go install MODULE@VERSION: checksum-verified through sum.golang.org; built into a temporary GOBIN, then moved
-      rm -rf "$ORAS_DIR/bin.tmp"
-      GOBIN="$ORAS_DIR/bin.tmp" CGO_ENABLED=0 GOFLAGS=-buildvcs=false \
-        "$go" install -trimpath -ldflags="-s -w" "oras.land/oras/cmd/oras@$ORAS_VERSION" >&2
-      mkdir -p "$ORAS_DIR/bin" && mv "$ORAS_DIR/bin.tmp/oras" "$ORAS_DIR/bin/oras" && rm -rf "$ORAS_DIR/bin.tmp"
-    fi
-  ) 9>"$ORAS_DIR/build.lock"
-  echo "oras build: $(( $(date +%s) - start ))s" >&2
-fi
-"$ORAS_DIR/bin/oras" version 2>&1 | head -1 >&2
+ORAS="$(bash scripts/oras.sh)"
+"$ORAS" version 2>&1 | head -1 >&2
 
 step "alert rules rendered from the chart's files/alerts.yaml are up to date"
 .venv/bin/python monitoring/render_rules.py --check

@@ -5,8 +5,9 @@ Invariants (each layer's blob was verified against its digest before it is opene
 - Nothing is written outside ``dest``, and nothing but regular files and folders is created in it: a name is taken
   only when it is relative, has no ``..`` segment, no control character, no segment of the reserved
   ``.modelherd-`` prefix and no segment over ``NAME_MAX`` bytes; ``tarfile.data_filter`` checks every entry again
-  against ``dest``. Files are opened ``O_CREAT|O_EXCL|O_NOFOLLOW`` after their name was unlinked: always a new
-  inode, never written through a link.
+  against ``dest`` (on a Python without it, before 3.11.4, ``_data_filter_problem`` applies the same rules). Files
+  are opened ``O_CREAT|O_EXCL|O_NOFOLLOW`` after their name was unlinked: always a new inode, never written through
+  a link.
 - A hardlink is taken only to a file already extracted inside the model folder (a hard link in ``dest``: tar's own
   semantics, the link keeps the bytes it had); a symlink only when it resolves, inside the model folder, to a file
   of the final model (it is stored as a hard link to that file); no entry is ever written through a symlink or
@@ -26,6 +27,7 @@ Invariants (each layer's blob was verified against its digest before it is opene
 from __future__ import annotations
 
 import contextlib
+import copy
 import gzip
 import hashlib
 import os
@@ -117,6 +119,34 @@ def _segments(name: str, what: str) -> list[str]:
 
 
 _HINT = "the layer is malformed or hostile; nothing outside staging was written and nothing was published"
+
+
+def _data_filter_problem(m: tarfile.TarInfo, dest: str) -> str | None:
+    """What ``tarfile.data_filter`` (PEP 706, Python >= 3.11.4) would refuse in ``m`` extracted into ``dest``, for
+    the Pythons that lack it; None when it would pass. The same rules: the entry stays inside ``dest`` once
+    resolved, no device, FIFO or other special file, a link's target neither absolute nor outside ``dest``; an
+    absolute name, which ``data_filter`` would strip, is refused (callers pass relative names only)."""
+    root = os.path.realpath(dest)
+
+    def inside(path: str) -> bool:
+        return os.path.commonpath([root, os.path.realpath(path)]) == root
+
+    name = m.name
+    if name.startswith("/") or os.path.isabs(name):
+        return f"member {name!r} has an absolute path"
+    target = os.path.join(root, name)
+    if not inside(target):
+        return f"{name!r} would be extracted to {os.path.realpath(target)!r}, which is outside the destination"
+    if not (m.isreg() or m.isdir() or m.islnk() or m.issym()):
+        return f"{name!r} is a special file"
+    if m.islnk() or m.issym():
+        link = m.linkname
+        if link.startswith("/") or os.path.isabs(link):
+            return f"{name!r} is a link to an absolute path"
+        where = os.path.join(root, os.path.dirname(name), link) if m.issym() else os.path.join(root, link)
+        if not inside(where):
+            return f"{name!r} would link to {os.path.realpath(where)!r}, which is outside the destination"
+    return None
 
 
 class _Extraction:
@@ -224,9 +254,17 @@ class _Extraction:
             raise UnsafeArchiveError(f"{what}: {show(rel)} is a device, FIFO or other special file", hint=_HINT)
 
     def _filter(self, m: tarfile.TarInfo, rel: str, linkname: str, what: str) -> None:
+        member = copy.copy(m)  # TarInfo.replace() is PEP 706 too: absent before 3.11.4
+        member.name, member.linkname = rel, linkname
+        data_filter = getattr(tarfile, "data_filter", None)
+        if data_filter is None:  # Python < 3.11.4 (Debian bookworm's 3.11.2): the same checks, ours
+            problem = _data_filter_problem(member, str(self.dest))
+            if problem:
+                raise UnsafeArchiveError(f"{what}: {show(rel)}: {problem}", hint=_HINT)
+            return
         try:
-            tarfile.data_filter(m.replace(name=rel, linkname=linkname, deep=False), str(self.dest))
-        except tarfile.FilterError as e:
+            data_filter(member, str(self.dest))
+        except tarfile.FilterError as e:  # exists wherever data_filter does
             raise UnsafeArchiveError(f"{what}: {show(rel)}: {e}", hint=_HINT) from None
 
     def _regular(self, tf: tarfile.TarFile, m: tarfile.TarInfo, rel: str, layer: Layer, what: str) -> None:

@@ -14,7 +14,7 @@ CL_CACHE="${MODELHERD_CACHE:-$HOME/.cache/modelherd}/cluster"
 
 CL_KUBE_RECIPE="kubelet kube-controller-manager kube-scheduler from k8s.io/kubernetes/cmd, CGO_ENABLED=0 -trimpath v1"
 CL_BASE_RECIPE="debootstrap --variant=minbase --include=python3 bookworm http://deb.debian.org/debian; strip doc/man/locale v1"
-CL_APT_PACKAGES="containerd runc containernetworking-plugins socat debootstrap busybox-static sshfs openssh-server openssh-client iptables iproute2 fuse3 gcc libc6-dev util-linux"
+CL_APT_PACKAGES="containerd runc containernetworking-plugins socat debootstrap busybox-static sshfs openssh-server openssh-client iptables iproute2 fuse3 gcc libc6-dev util-linux docker-registry"
 # the sandbox (pause) and busybox images (README.md, "Images")
 CL_PAUSE_IMAGE="localhost/modelherd-e2e/pause:1"
 CL_BUSYBOX_IMAGE="localhost/modelherd-e2e/busybox:1"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One node, run by `up` as: setsid nsenter --net=/run/netns/NS unshare --mount --uts --propagation slave node.sh NODEDIR
 # (its own network, mount and UTS namespaces). Reads NODEDIR/node.env. In order: hostname; the models root
-# (sshfs of the shared export, or a bind of the node's private folder), and always a private LOCAL_ROOT; containerd; image imports; the Hub relay
-# on this node's loopback; then exec the kubelet (so the pid `up` recorded is the kubelet's).
+# (sshfs of the shared export, or a bind of the node's private folder), and always a private LOCAL_ROOT; containerd; image imports; the relays of
+# the Hub and the registry on this node's loopback; then exec the kubelet (so the pid `up` recorded is the kubelet's).
 set -euo pipefail
 D="$1"
 # shellcheck disable=SC1091
@@ -33,10 +33,10 @@ for _ in $(seq 1 200); do [ -S "$D/containerd.sock" ] && ctr -a "$D/containerd.s
 for img in "$IMAGES"/*.tar; do
   ctr -a "$D/containerd.sock" -n k8s.io images import "$img" >/dev/null
 done
-# the Hub as pods see it: 127.0.0.1:<port> on the node, relayed to the host end of the veth
-for p in $HUB_PORTS; do
+# the Hub, its CDN and the registry as pods see them: 127.0.0.1:<port> on the node, relayed to the host end of the veth
+for p in $RELAY_PORTS; do
   socat "TCP-LISTEN:$p,bind=127.0.0.1,fork,reuseaddr" "TCP:$HOST_IP:$p" >/dev/null 2>&1 &
-  echo $! > "$D/hubrelay-$p.pid"
+  echo $! > "$D/relay-$p.pid"
 done
 exec kubelet --config "$D/kubelet.yaml" --kubeconfig "$D/kubeconfig" --root-dir "$D/kubelet" \
   --cert-dir "$D/kubelet-certs" --hostname-override "$NODE_NAME" --node-ip "$NODE_IP" \

@@ -68,3 +68,53 @@ def test_a_file_under_a_file_is_refused(tmp_path):
 def test_whole_archive_layers_take_every_entry(tmp_path):
     got = extract(tmp_path, [tar_bytes([("dir/x", b"x"), ("dir/.wh.y", b"kept as a file")])], root="")
     assert set(got) == {"dir/x", "dir/.wh.y"}
+
+
+# Python before 3.11.4 (Debian bookworm's 3.11.2, the e2e agent image) has no tarfile.data_filter: the same checks
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_without_tarfiles_data_filter_hostile_entries_are_still_refused(tmp_path, monkeypatch, case):
+    monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    monkeypatch.delattr(tarfile, "FilterError", raising=False)
+    monkeypatch.delattr(tarfile.TarInfo, "replace", raising=False)
+    test_hostile_entries_are_refused_and_write_nothing_outside(tmp_path, case)
+
+
+def test_without_tarfiles_data_filter_a_modelcar_with_links_extracts(tmp_path, monkeypatch):
+    monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    monkeypatch.delattr(tarfile, "FilterError", raising=False)
+    monkeypatch.delattr(tarfile.TarInfo, "replace", raising=False)
+    got = extract(tmp_path, [tar_bytes([("bin/sh", b"#!"), ("models/w.bin", b"w"), ("models/sub/c.json", b"{}"),
+                                        info("models/sub/link.bin", tarfile.SYMTYPE, "../w.bin"),
+                                        info("models/hard.json", tarfile.LNKTYPE, "models/sub/c.json")])])
+    assert sorted(got) == ["hard.json", "sub/c.json", "sub/link.bin", "w.bin"]
+    assert (tmp_path / "dest/sub/link.bin").read_bytes() == b"w"
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.type, ti.linkname = kind, linkname
+    return ti
+
+
+FILTER_CASES = [_member("a/b.bin"), _member("a/"), _member("../x"), _member("a/../../x"),
+                _member("dev", tarfile.CHRTYPE), _member("fifo", tarfile.FIFOTYPE),
+                _member("a/l", tarfile.SYMTYPE, "../b"), _member("a/l", tarfile.SYMTYPE, "../../b"),
+                _member("a/l", tarfile.SYMTYPE, "/etc/passwd"), _member("h", tarfile.LNKTYPE, "a/b.bin"),
+                _member("h", tarfile.LNKTYPE, "../b"), _member("h", tarfile.LNKTYPE, "/etc/passwd")]
+
+
+@pytest.mark.skipif(not hasattr(tarfile, "data_filter"), reason="this Python has no tarfile.data_filter to agree with")
+@pytest.mark.parametrize("member", FILTER_CASES, ids=lambda m: f"{m.name}->{m.linkname}")
+def test_the_fallback_refuses_exactly_what_tarfiles_data_filter_refuses(tmp_path, member):
+    from modelherd.storage.tarlayer import _data_filter_problem
+    try:
+        tarfile.data_filter(member, str(tmp_path))
+        refused = False
+    except tarfile.FilterError:
+        refused = True
+    assert (_data_filter_problem(member, str(tmp_path)) is not None) == refused
+
+
+def test_the_fallback_refuses_an_absolute_name_which_tarfiles_data_filter_would_strip(tmp_path):
+    from modelherd.storage.tarlayer import _data_filter_problem
+    assert "absolute" in (_data_filter_problem(_member("/etc/passwd"), str(tmp_path)) or "")
