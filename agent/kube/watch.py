@@ -78,11 +78,19 @@ def open_stream(api: Any, path: str, query: Sequence[tuple[str, str]], *, connec
 def lines(resp: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
     """The non-empty newline-delimited lines of a streamed response, as they arrive.
 
-    A broken stream raises what urllib3 raised (``HTTPError``, ``OSError``, ``ValueError``); the caller decides
-    whether that is a failure or its own stop cutting the response.
+    A broken stream raises what urllib3 raised (``HTTPError``, ``OSError``, ``ValueError``) — a response closed by
+    another thread mid-read too, as a ``ProtocolError`` (http.client itself fails there with ``AttributeError``);
+    the caller decides whether that is a failure or its own stop cutting the response.
     """
     buf = b""
-    for chunk in resp.stream(amt=None, decode_content=True):
+    chunks = resp.stream(amt=None, decode_content=True)
+    while True:
+        try:
+            chunk = next(chunks)
+        except StopIteration:
+            break
+        except AttributeError:  # http.client reading a response another thread closed (its fp is gone)
+            raise urllib3.exceptions.ProtocolError("the watch response was closed while it was read") from None
         buf += chunk
         while b"\n" in buf:
             line, buf = buf.split(b"\n", 1)
