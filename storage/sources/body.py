@@ -4,11 +4,20 @@ urllib3's ``HTTPResponse.readinto`` reads a fresh ``bytes`` object and copies it
 allocation and one extra copy per chunk. :func:`readinto_direct` reads through the ``http.client`` response
 underneath instead, into the caller's buffer, whenever that yields exactly the same bytes: the body is not
 being decoded by urllib3 (sources ask for raw bodies) and urllib3 has buffered nothing of it yet.
+
+:class:`ExactBody` is the byte stream every HTTP source hands the engine: exactly the bytes asked for, a short body
+a :class:`~..errors.TransientSourceError` (the engine resumes from what it has), and the connection kept alive
+only when its body was read to the end.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+from ..errors import TransientSourceError
+
+_SKIP_CHUNK = 1024 * 1024
 
 
 def raw_fp(resp: Any) -> Any:
@@ -30,3 +39,56 @@ def fully_read(resp: Any) -> bool:
     """``resp``'s body was read to its end (through either path), so its connection can be kept alive."""
     return getattr(resp, "length_remaining", None) == 0 or (getattr(resp, "_fp", None) is not None
                                                             and raw_fp(resp) is None)
+
+
+class ExactBody:
+    """A body of exactly ``length`` bytes (``None``: until the server's end); a short one raises
+    :class:`TransientSourceError` with the source's ``hint``. ``mapper`` turns a transport exception into the
+    source's typed error."""
+
+    def __init__(self, resp: Any, length: int | None, what: str, mapper: Callable[[Exception], Exception], *,
+                 hint: str) -> None:
+        self._resp = resp
+        self._left = length
+        self._what = what
+        self._map = mapper
+        self._hint = hint
+
+    def readinto(self, buf: memoryview) -> int:
+        if self._left is not None:
+            if self._left <= 0:
+                return 0
+            if len(buf) > self._left:
+                buf = buf[: self._left]
+        if self._resp is None:
+            return 0
+        try:
+            n = readinto_direct(self._resp, buf)
+        except Exception as exc:
+            raise self._map(exc) from None
+        if n == 0 and self._left not in (None, 0):
+            raise TransientSourceError(f"{self._what}: body ended {self._left} bytes early", hint=self._hint)
+        if self._left is not None:
+            self._left -= n
+        return n
+
+    def skip(self, n: int) -> None:
+        """Discard ``n`` bytes (a server that ignored ``Range``)."""
+        scratch = memoryview(bytearray(min(_SKIP_CHUNK, max(1, n))))
+        saved, self._left = self._left, n
+        try:
+            while self._left:
+                self.readinto(scratch)
+        finally:
+            self._left = saved
+
+    def close(self) -> None:
+        """Give the connection back for keep-alive when its body was read to the end, else drop it."""
+        resp, self._resp = self._resp, None
+        if resp is None:
+            return
+        if self._left in (None, 0) and fully_read(resp):
+            resp.release_conn()
+        else:
+            resp.close()
+            resp.release_conn()

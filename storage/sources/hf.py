@@ -74,7 +74,7 @@ from ..paths import safe_relpath
 from ..retry import RetryPolicy, call_with_retry, parse_retry_after
 from ..types import Listing, RemoteFile, Selection
 from ..uri import ModelURI
-from .body import fully_read, readinto_direct
+from .body import ExactBody
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -86,7 +86,6 @@ READ_TIMEOUT_S = 60.0
 API_TIMEOUT_S = 30.0
 MAX_REDIRECTS = 5
 MAX_TREE_PAGES = 10_000  # 10 million entries at the Hub's 1000 per page; a Link that never repeats ends here
-_SKIP_CHUNK = 1024 * 1024
 DEFAULT_RETRY = RetryPolicy()
 
 AUTH_HINT = ("set HF_TOKEN to a token that can read this repository; for a gated model, accept its licence "
@@ -145,56 +144,6 @@ def _header_error(exc: BaseException) -> bool:
 
 def _header_failure(what: str) -> ConfigError:
     return ConfigError(f"{what}: {HEADER_MESSAGE}", hint=HEADER_HINT)
-
-
-class _HFBody:
-    """A body of exactly ``length`` bytes (``None``: until the server's end); short bodies raise."""
-
-    def __init__(self, resp: urllib3.BaseHTTPResponse | None, length: int | None, what: str,
-                 mapper: Callable[[Exception], Exception]) -> None:
-        self._resp = resp
-        self._left = length
-        self._what = what
-        self._map = mapper
-
-    def readinto(self, buf: memoryview) -> int:
-        if self._left is not None:
-            if self._left <= 0:
-                return 0
-            if len(buf) > self._left:
-                buf = buf[: self._left]
-        if self._resp is None:
-            return 0
-        try:
-            n = readinto_direct(self._resp, buf)
-        except Exception as exc:
-            raise self._map(exc) from None
-        if n == 0 and self._left not in (None, 0):
-            raise TransientSourceError(f"{self._what}: body ended {self._left} bytes early", hint=TRANSIENT_HINT)
-        if self._left is not None:
-            self._left -= n
-        return n
-
-    def skip(self, n: int) -> None:
-        """Discard ``n`` bytes (a server that ignored ``Range``)."""
-        scratch = memoryview(bytearray(min(_SKIP_CHUNK, max(1, n))))
-        saved, self._left = self._left, n
-        try:
-            while self._left:
-                self.readinto(scratch)
-        finally:
-            self._left = saved
-
-    def close(self) -> None:
-        """Give the connection back for keep-alive when its body was read to the end, else drop it."""
-        resp, self._resp = self._resp, None
-        if resp is None:
-            return
-        if fully_read(resp):
-            resp.release_conn()
-        else:
-            resp.close()
-            resp.release_conn()
 
 
 class HFSource:
@@ -428,7 +377,7 @@ class HFSource:
         return redact(text, (self._token,) if self._token else ())
 
     # -- bodies ------------------------------------------------------------------------------
-    def open(self, file: RemoteFile, start: int = 0, end: int | None = None) -> _HFBody:
+    def open(self, file: RemoteFile, start: int = 0, end: int | None = None) -> ExactBody:
         """Exactly the bytes ``[start, end)`` of ``file`` (``end=None``: to its end)."""
         stop = file.size if end is None else end
         if start < 0 or stop < start or stop > file.size:
@@ -441,7 +390,7 @@ class HFSource:
         if ranged:
             headers["range"] = f"bytes={start}-{stop - 1}"
         if stop == start:
-            return _HFBody(None, 0, what, self._urllib3_mapper(what))
+            return ExactBody(None, 0, what, self._urllib3_mapper(what), hint=TRANSIENT_HINT)
         try:
             resp = self._pool.urlopen("GET", file.locator, headers=headers, preload_content=False,
                                       decode_content=False, redirect=True)
@@ -455,8 +404,8 @@ class HFSource:
             raise
 
     def _checked_body(self, resp: urllib3.BaseHTTPResponse, file: RemoteFile, start: int, stop: int,
-                      ranged: bool, what: str) -> _HFBody:
-        body = _HFBody(resp, stop - start, what, self._urllib3_mapper(what))
+                      ranged: bool, what: str) -> ExactBody:
+        body = ExactBody(resp, stop - start, what, self._urllib3_mapper(what), hint=TRANSIENT_HINT)
         if resp.status == 206:
             m = _CONTENT_RANGE_RE.match(resp.headers.get("Content-Range", "").strip())
             if not m or int(m.group(1)) != start or int(m.group(2)) != stop - 1 or \

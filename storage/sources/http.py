@@ -57,7 +57,7 @@ from ..retry import RetryPolicy, call_with_retry, parse_retry_after
 from ..types import Listing, RemoteFile
 from ..untrusted import show
 from ..uri import ModelURI
-from .body import fully_read, readinto_direct
+from .body import ExactBody
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -69,7 +69,6 @@ MAX_REDIRECTS = 5
 SIZE_CONCURRENCY = 16  # HEAD requests in flight while listing
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 60.0
-_SKIP_CHUNK = 1024 * 1024
 _DRAIN_MAX = 64 * 1024  # a body this small is read to reuse its connection rather than dropped
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
@@ -205,52 +204,6 @@ def _origin(url: str) -> tuple[str, str, int | None]:
     except ValueError:
         port = -1  # unreadable: never equal to a real origin
     return scheme, (parts.hostname or "").lower(), port if port is not None else {"http": 80, "https": 443}.get(scheme)
-
-
-class _Body:
-    """A body of exactly ``length`` bytes; a short body raises ``TransientSourceError``."""
-
-    def __init__(self, resp: urllib3.BaseHTTPResponse | None, length: int, what: str,
-                 mapper: Callable[[Exception], Exception]) -> None:
-        self._resp = resp
-        self._left = length
-        self._what = what
-        self._map = mapper
-
-    def readinto(self, buf: memoryview) -> int:
-        if self._left <= 0 or self._resp is None:
-            return 0
-        if len(buf) > self._left:
-            buf = buf[: self._left]
-        try:
-            n = readinto_direct(self._resp, buf)
-        except Exception as exc:
-            raise self._map(exc) from None
-        if n == 0:
-            raise TransientSourceError(f"{self._what}: body ended {self._left} bytes early", hint=TRANSIENT_HINT)
-        self._left -= n
-        return n
-
-    def skip(self, n: int) -> None:
-        """Discard ``n`` bytes (a server that ignored ``Range``)."""
-        scratch = memoryview(bytearray(min(_SKIP_CHUNK, max(1, n))))
-        saved, self._left = self._left, n
-        try:
-            while self._left:
-                self.readinto(scratch)
-        finally:
-            self._left = saved
-
-    def close(self) -> None:
-        """Give the connection back for keep-alive when its body was read to the end, else drop it."""
-        resp, self._resp = self._resp, None
-        if resp is None:
-            return
-        if fully_read(resp):
-            resp.release_conn()
-        else:
-            resp.close()
-            resp.release_conn()
 
 
 def _discard(resp: urllib3.BaseHTTPResponse, *, bodiless: bool = False) -> None:
@@ -458,14 +411,14 @@ class HTTPSource:
                           hint="serve the files as static files (nginx, an object store), not as a chunked stream")
 
     # -- bodies ------------------------------------------------------------------------------
-    def open(self, file: RemoteFile, start: int = 0, end: int | None = None) -> _Body:
+    def open(self, file: RemoteFile, start: int = 0, end: int | None = None) -> ExactBody:
         """Exactly the bytes ``[start, end)`` of ``file`` (``end=None``: to its end)."""
         stop = file.size if end is None else end
         if start < 0 or stop < start or stop > file.size:
             raise ValueError(f"bad range [{start}, {end}) for {file.path} of {file.size} bytes")
         what = f"GET {file.path} [{start}, {stop})"
         if stop == start:
-            return _Body(None, 0, what, self._mapper(what))
+            return ExactBody(None, 0, what, self._mapper(what), hint=TRANSIENT_HINT)
         headers = dict(self._headers)
         ranged = not (start == 0 and stop == file.size)
         if ranged:
@@ -478,12 +431,12 @@ class HTTPSource:
             raise
 
     def _checked_body(self, resp: urllib3.BaseHTTPResponse, file: RemoteFile, start: int, stop: int,
-                      ranged: bool, what: str) -> _Body:
+                      ranged: bool, what: str) -> ExactBody:
         encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
         if resp.status in (200, 206) and encoding not in ("", "identity"):
             raise SourceError(f"{what}: the server compressed the body (Content-Encoding: {show(encoding)}) "
                               "although asked not to", hint="turn off compression for model files on the server")
-        body = _Body(resp, stop - start, what, self._mapper(what))
+        body = ExactBody(resp, stop - start, what, self._mapper(what), hint=TRANSIENT_HINT)
         if resp.status == 206:
             m = _CONTENT_RANGE_RE.match(resp.headers.get("Content-Range", "").strip())
             if not m or int(m.group(1)) != start or int(m.group(2)) != stop - 1 or \

@@ -58,7 +58,7 @@ from ..retry import RetryPolicy, call_with_retry, parse_retry_after
 from ..types import Listing, RemoteFile
 from ..untrusted import UntrustedInputError, load_json, show
 from ..uri import ModelURI
-from .body import fully_read, readinto_direct
+from .body import ExactBody
 from .registry_auth import AUTH_HINT, Authorizer
 from .registry_manifest import ACCEPT, MAX_MANIFEST_BYTES, Document, files_of, parse_document, pick_from_index
 
@@ -72,7 +72,6 @@ READ_TIMEOUT_S = 60.0
 PROBE_TIMEOUT = urllib3.Timeout(connect=5.0, read=10.0)
 MAX_REDIRECTS = 5
 MAX_ERROR_BODY = 64 * 1024
-_SKIP_CHUNK = 1024 * 1024
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _REDIRECTS = (301, 302, 303, 307, 308)
@@ -126,52 +125,6 @@ def _origin(url: str) -> tuple[str, str, str]:
     scheme = parts.scheme.lower()
     host, port = _host_port(parts.netloc)
     return scheme, host, port or {"http": "80", "https": "443"}.get(scheme, "")
-
-
-class _BlobBody:
-    """A body of exactly ``length`` bytes; a short one raises :class:`TransientSourceError`."""
-
-    def __init__(self, resp: urllib3.BaseHTTPResponse | None, length: int, what: str,
-                 mapper: Callable[[Exception], Exception]) -> None:
-        self._resp = resp
-        self._left = length
-        self._what = what
-        self._map = mapper
-
-    def readinto(self, buf: memoryview) -> int:
-        if self._left <= 0 or self._resp is None:
-            return 0
-        if len(buf) > self._left:
-            buf = buf[: self._left]
-        try:
-            n = readinto_direct(self._resp, buf)
-        except Exception as exc:
-            raise self._map(exc) from None
-        if n == 0:
-            raise TransientSourceError(f"{self._what}: body ended {self._left} bytes early", hint=TRANSIENT_HINT)
-        self._left -= n
-        return n
-
-    def skip(self, n: int) -> None:
-        """Discard ``n`` bytes (a registry that ignored ``Range``)."""
-        scratch = memoryview(bytearray(min(_SKIP_CHUNK, max(1, n))))
-        saved, self._left = self._left, n
-        try:
-            while self._left:
-                self.readinto(scratch)
-        finally:
-            self._left = saved
-
-    def close(self) -> None:
-        """Give the connection back for keep-alive when its body was read to the end, else drop it."""
-        resp, self._resp = self._resp, None
-        if resp is None:
-            return
-        if self._left == 0 and fully_read(resp):
-            resp.release_conn()
-        else:
-            resp.close()
-            resp.release_conn()
 
 
 def _credentials(registry: str, auth: RegistryCredentials | Mapping[str, Any] | str | Path | None
@@ -392,7 +345,7 @@ class RegistrySource:
         return parse_document(data, resp.headers.get("content-type", ""), what), digest
 
     # -- bodies ----------------------------------------------------------------------------------
-    def open(self, file: RemoteFile, start: int = 0, end: int | None = None) -> _BlobBody:
+    def open(self, file: RemoteFile, start: int = 0, end: int | None = None) -> ExactBody:
         """Exactly the bytes ``[start, end)`` of ``file``'s blob (``end=None``: to its end)."""
         stop = file.size if end is None else end
         if not 0 <= start <= stop <= file.size:
@@ -400,7 +353,7 @@ class RegistrySource:
         what = f"GET {file.path} [{start}, {stop}) from {self.uri}"
         mapper = self._mapper(what)
         if start == stop:
-            return _BlobBody(None, 0, what, mapper)
+            return ExactBody(None, 0, what, mapper, hint=TRANSIENT_HINT)
         if not _DIGEST.match(file.locator):
             raise SourceError(f"{what}: the locator {show(file.locator)} is not a sha256 digest",
                               hint="the listing does not come from this source")
@@ -418,8 +371,8 @@ class RegistrySource:
             raise
 
     def _checked_body(self, resp: urllib3.BaseHTTPResponse, file: RemoteFile, start: int, stop: int, ranged: bool,
-                      what: str, mapper: Callable[[Exception], Exception]) -> _BlobBody:
-        body = _BlobBody(resp, stop - start, what, mapper)
+                      what: str, mapper: Callable[[Exception], Exception]) -> ExactBody:
+        body = ExactBody(resp, stop - start, what, mapper, hint=TRANSIENT_HINT)
         if resp.status == 206:
             cr = resp.headers.get("content-range", "").strip()
             m = _CONTENT_RANGE.match(cr)
@@ -481,7 +434,7 @@ class MirroredRegistrySource:
         self._use_mirror = True
         return listing
 
-    def open(self, file: RemoteFile, start: int = 0, end: int | None = None) -> _BlobBody:
+    def open(self, file: RemoteFile, start: int = 0, end: int | None = None) -> ExactBody:
         if self._use_mirror:
             try:
                 return self._mirror.open(file, start, end)
