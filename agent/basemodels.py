@@ -16,8 +16,9 @@ Invariants:
   ClusterBaseModels, and BaseModels only in the namespaces the operator opted in (:attr:`ModelSpec.ambient`); a
   registry artifact (``oci://REGISTRY/REPO:TAG``) of any other BaseModel uses its own ``dockerconfigjson`` Secret
   or goes anonymous, and an ``https://`` folder gets only the model's own Secret or inline token, never an agent's;
-- ``http://`` is accepted here as a URI; the source refuses plain HTTP to a host that is neither loopback nor in
-  ``http_insecure_hosts``, so such a model is Failed with that reason before any request.
+- ``http://`` is accepted here as a URI; the source refuses plain HTTP to a host not in ``http_insecure_hosts``
+  (loopback included: the agent opens a CR's source with ``trust_loopback=False``), so such a model is Failed with
+  that reason before any request.
 """
 
 from __future__ import annotations

@@ -55,11 +55,13 @@ def _add_transfer(p: argparse.ArgumentParser) -> None:
                    help="docker config JSON with registry credentials (default REGISTRY_AUTH_FILE, else "
                         "$DOCKER_CONFIG/config.json, else ~/.docker/config.json)")
     p.add_argument("--insecure-registry", dest="insecure_registries", action="append", metavar="HOST[:PORT]",
-                   help="a registry that may be spoken to in plain HTTP (repeatable; loopback always may)")
+                   help="a registry that may be spoken to in plain HTTP (repeatable; `pull` may use loopback "
+                        "unlisted, the agent's CRs only when listed)")
     p.add_argument("--registry-mirror", dest="registry_mirrors", action="append", metavar="REGISTRY=MIRROR",
                    help="ask MIRROR (host[:port][/prefix], e.g. a Harbor proxy cache) before REGISTRY (repeatable)")
-    p.add_argument("--http-insecure-host", dest="http_insecure_hosts", action="append", metavar="HOST",
-                   help="a host whose http:// model folders may be fetched in plain HTTP (repeatable)")
+    p.add_argument("--http-insecure-host", dest="http_insecure_hosts", action="append", metavar="HOST[:PORT]",
+                   help="a host whose http:// model folders may be fetched in plain HTTP (repeatable; `pull` may "
+                        "use loopback unlisted, the agent's CRs only when listed)")
 
 
 def build_parser() -> argparse.ArgumentParser:

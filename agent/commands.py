@@ -107,8 +107,8 @@ def cmd_pull(args: argparse.Namespace, settings: Settings, cancel: threading.Eve
         if uri.scheme == "oci-registry" else None
     bearer = http_token(None, namespace=ns, read_secret=None, ambient=move.http_token) \
         if uri.scheme in ("https", "http") else None
-    source = transfer.open_model_source(uri, move, hf_token=token, registry_auth=docker_config, http_token=bearer,
-                                        allow=args.allow, ignore=args.ignore, cancel=cancel)
+    source = transfer.open_model_source(uri, move, hf_token=token, trust_loopback=True, registry_auth=docker_config,
+                                        http_token=bearer, allow=args.allow, ignore=args.ignore, cancel=cancel)
     del token, docker_config, bearer
     progress = _ProgressBar(enabled=not args.no_progress and sys.stderr.isatty(), desc=uri.canonical)
     try:

@@ -105,6 +105,7 @@ class NodeAgent:
         self.policy = SpecPolicy.from_settings(settings.tenancy)
         self.configmap = StatusConfigMap(api, self.namespace, node_name,
                                          cache=lambda: self.cm_informer.get(f"{self.namespace}/{node_name}"))
+        self.metrics.status_configmap_bytes.set_function(self.configmap.size)
         self.labels = NodeLabels(api, node_name, cache=self._node, attempts=agent.node_label_retry)
         lease_api = KubeLeases(api)
         place: dict[str, Any] = {"models_root": self.models_root, "storage_kind": self.storage_kind,
@@ -299,8 +300,8 @@ class NodeAgent:
         self.metrics.queue_depth.set(len(self.queue))
         with self._busy_lock:
             self.metrics.active_workers.set(self._busy)
-        for verb, n in REQUESTS.snapshot().items():
-            self.metrics.api_requests.labels(verb=verb).set(n)
+        for (verb, resource), n in REQUESTS.snapshot().items():
+            self.metrics.api_requests.labels(verb=verb, resource=resource).set(n)
         self.metrics.synced.set(1 if self._synced else 0)
         self.metrics.last_heartbeat.set(time.time())
 

@@ -100,14 +100,15 @@ class Settings(BaseSettings):
     docker_config: Path | None = Field(default=None, description="docker's DOCKER_CONFIG folder",
                                        validation_alias=AliasChoices("DOCKER_CONFIG", "docker_config"))
     insecure_registries: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="registries (host or host:port) that may be spoken to in plain HTTP "
-        "(loopback always may), as containerd's and docker's insecure registries")
+        default_factory=list, description="registries (host or host:port) that may be spoken to in plain HTTP, "
+        "as containerd's and docker's insecure registries (the CLI's pull may also use loopback unlisted; a CR's "
+        "model never: list a loopback registry here)")
     registry_mirrors: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=dict, description="registry host[:port] -> mirror host[:port][/PREFIX] asked first (a "
         "Harbor proxy cache); the registry itself when the mirror fails. JSON object, or reg=mirror,reg2=mirror2")
     http_insecure_hosts: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="hosts of http:// model folders that may be fetched in plain HTTP "
-        "(loopback always may)")
+        default_factory=list, description="hosts (host or host:port) of http:// model folders that may be fetched "
+        "in plain HTTP (the CLI's pull may also use loopback unlisted; a CR's model never)")
     http_token: SecretStr | None = Field(
         default=None, description="bearer token the CLI's `pull` sends to an https:// model folder's origin; "
         "never used by the agent (a CR names the URL, so a BaseModel's token comes from its own Secret)",

@@ -55,7 +55,7 @@ def engine_options(transfer: TransferSettings, storage_kind: str) -> EngineOptio
     )
 
 
-def open_model_source(uri: ModelURI, transfer: TransferSettings, *, hf_token: str | None,
+def open_model_source(uri: ModelURI, transfer: TransferSettings, *, hf_token: str | None, trust_loopback: bool,
                       oci_auth: str | None = None, oci_region: str | None = None,
                       registry_auth: Mapping[str, Any] | None = None, http_token: str | None = None,
                       allow: list[str] | None = None, ignore: list[str] | None = None,
@@ -63,7 +63,9 @@ def open_model_source(uri: ModelURI, transfer: TransferSettings, *, hf_token: st
     """The source of ``uri``. ``hf_token``, ``registry_auth`` (a parsed docker config) and ``http_token`` are what
     the caller resolved through the one chain (agent/lifecycle/credentials.py), never read here;
     ``oci_auth``/``oci_region`` override the transfer settings' when given (a CR's own). Plain HTTP, registry
-    mirrors: the transfer settings'. ``cancel`` ends the source's own back-offs (the listing's) at once."""
+    mirrors: the transfer settings'. ``trust_loopback``: plain HTTP may go to this machine's loopback without the
+    operator listing it — the CLI's pull (whoever runs it owns the machine), never a CR's (a tenant's URI must not
+    reach the node's own services). ``cancel`` ends the source's own back-offs (the listing's) at once."""
     return open_source(
         uri,
         hf_token=hf_token,
@@ -80,6 +82,7 @@ def open_model_source(uri: ModelURI, transfer: TransferSettings, *, hf_token: st
         registry_mirrors=dict(transfer.registry_mirrors),
         http_token=http_token,
         http_insecure_hosts=transfer.http_insecure_hosts,
+        trust_loopback=trust_loopback,
         retry=retry_policy(transfer),
         pool_maxsize=max(32, transfer.concurrency * transfer.multipart_concurrency),
         cancel=cancel,

@@ -128,8 +128,39 @@ class Cluster:
         path = Path(self.env.get("CLUSTER_DIR", "/tmp")) / f"values-{namespace}-{uuid.uuid4().hex[:6]}.json"
         path.write_text(json.dumps(values))
         verb = ["upgrade"] if upgrade else ["install", "--create-namespace"]
-        self.helm(*verb, release, str(CHART), "-n", namespace, "-f", str(path), "--wait",
-                  "--timeout", f"{timeout_s}s", timeout=timeout_s + 60)
+        try:
+            self.helm(*verb, release, str(CHART), "-n", namespace, "-f", str(path), "--wait",
+                      "--timeout", f"{timeout_s}s", timeout=timeout_s + 60)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{self.why_not_ready(namespace)}") from None
+
+    def why_not_ready(self, namespace: str) -> str:
+        """What a failed ``--wait`` needs to be understood: the nodes, the pods of ``namespace`` and of every other
+        namespace still holding pods on the suite's nodes (hostNetwork: a port held by a terminating agent), the
+        namespace's Events, and the last log lines of each of its pods."""
+        out: list[str] = []
+
+        def add(title: str, *args: str) -> None:
+            try:
+                text = self.kubectl(*args, timeout=30)
+            except (AssertionError, subprocess.TimeoutExpired) as e:
+                text = f"({e})"
+            out.append(f"--- {title}\n{text[-4000:]}")
+
+        add("nodes", "get", "nodes", "-o", "wide")
+        add("pods (all namespaces)", "get", "pods", "-A", "-o", "wide")
+        add(f"events of {namespace}", "get", "events", "-n", namespace, "--sort-by=.lastTimestamp")
+        try:
+            pods = [p.metadata.name for p in self.core.list_namespaced_pod(namespace).items]
+        except client.ApiException:
+            pods = []
+        for pod in pods:
+            add(f"logs of {pod}", "logs", "-n", namespace, pod, "--tail", "30", "--all-containers")
+        # a process stuck in the kernel (D state) on this machine: a hung shared mount stops every agent's start
+        ps = subprocess.run(["ps", "-eo", "pid,stat,wchan:24,args"], capture_output=True, text=True).stdout
+        stuck = [line for line in ps.splitlines()[1:] if line.split()[1].startswith("D")]
+        out.append("--- processes in D state\n" + ("\n".join(stuck) or "(none)"))
+        return "\n".join(out)
 
     def uninstall(self, namespace: str, release: str = "modelherd") -> None:
         self.helm("uninstall", release, "-n", namespace, "--wait", "--timeout", "120s")

@@ -153,7 +153,8 @@ def release(cluster: Cluster) -> Iterator[str]:
     if not cluster.env.get("REGISTRY"):
         pytest.skip("this cluster has no registry (REGISTRY in DIR/env: e2e/cluster/up starts one)")
     ns = f"mh-reg-{uuid.uuid4().hex[:6]}"
-    cluster.install(ns, cluster.chart_values(**VALUES))
+    # the registry is on every node's loopback: a CR's model reaches it only because the operator lists it
+    cluster.install(ns, cluster.chart_values(**VALUES, storage={"registry": {"insecure": [cluster.env["REGISTRY"]]}}))
     yield ns
     cluster.uninstall(ns)
     cluster.kubectl("delete", "namespace", ns, "--wait=false")

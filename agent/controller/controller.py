@@ -62,7 +62,8 @@ class ControllerMetrics:
                             ("state",), registry=r)
         self.watch_restarts = Counter("modelherd_controller_watch_restarts", "Watch restarts by resource",
                                       ("resource",), registry=r)
-        self.api_requests = Gauge("modelherd_controller_api_requests", "API requests made, by verb", ("verb",),
+        self.api_requests = Gauge("modelherd_controller_api_requests", "API requests made, by verb and resource",
+                                  ("verb", "resource"),
                                   registry=r)
 
 
@@ -274,8 +275,8 @@ class ModelController:
 
     def _before_scrape(self) -> None:
         self.metrics.queue_depth.set(len(self.queue))
-        for verb, n in REQUESTS.snapshot().items():
-            self.metrics.api_requests.labels(verb=verb).set(n)
+        for (verb, resource), n in REQUESTS.snapshot().items():
+            self.metrics.api_requests.labels(verb=verb, resource=resource).set(n)
         counts: dict[str, int] = {s: 0 for s in (LifecycleState.READY, LifecycleState.FAILED,
                                                   LifecycleState.IN_TRANSIT)}
         for inf in self.models.values():

@@ -4,8 +4,9 @@ The transport is the project's KubeClient (base URL, bearer token, one TLS-confi
 a ``kubernetes.client.ApiClient`` is accepted too and adapted to it (its auth settings and its pool).
 
 The agent reads and writes objects as plain JSON dicts (custom and core objects alike), so no request goes
-through the generated model classes. Every request made here is counted in :data:`REQUESTS` (per verb), which the
-agent exposes as a metric and the benchmarks read.
+through the generated model classes. Every request made here, and every watch stream opened by :mod:`.watch`, is
+counted in :data:`REQUESTS` (per verb and resource, RBAC's words), which the agent exposes as a metric and the
+benchmarks read.
 
 Invariant: a request goes to exactly the object its caller named. A path is built from segments
 (:func:`api_path`); any segment that is empty, ``.``/``..``, or holds ``/``, ``%``, ``?``, ``#``, a backslash or a
@@ -76,10 +77,10 @@ def check_path(path: str) -> None:
         _check_segment(segment)
 
 
-def action_of(method: str, path: str) -> str:
-    """RBAC's words for a request: ``get secrets in team-a``, ``patch nodes``, ``update configmaps in ome``."""
-    parts = path.strip("/").split("/")
-    verb = _VERBS.get(method.upper(), method.lower())
+def _resource_of(path: str) -> tuple[str, str]:
+    """``(resource, namespace)`` of an API path: ``("configmaps", "ome")``, ``("nodes", "")``,
+    ``("nodes/status", "")``."""
+    parts = path.split("?")[0].strip("/").split("/")
     namespace = ""
     if "namespaces" in parts and len(parts) > parts.index("namespaces") + 2:
         namespace = parts[parts.index("namespaces") + 1]
@@ -89,19 +90,43 @@ def action_of(method: str, path: str) -> str:
     resource = parts[0] if parts else "?"
     if len(parts) >= 3:
         resource += "/" + parts[2]
+    return resource, namespace
+
+
+def verb_of(method: str, path: str, query: Sequence[tuple[str, str]] | None = None) -> str:
+    """RBAC's verb: ``get``/``list``/``watch`` for a GET (of one object, a collection, a watch), else by method."""
+    if method.upper() != "GET":
+        return _VERBS.get(method.upper(), method.lower())
+    if any(k == "watch" and v.lower() in ("1", "true") for k, v in (query or ())):
+        return "watch"
+    parts = path.split("?")[0].strip("/").split("/")
+    core = parts[:1] == ["api"]
+    rest = parts[2:] if core else parts[3:]
+    if rest[:1] == ["namespaces"] and len(rest) >= 3:
+        rest = rest[2:]
+    return "get" if len(rest) % 2 == 0 and rest else "list"
+
+
+def action_of(method: str, path: str) -> str:
+    """RBAC's words for a request: ``get secrets in team-a``, ``patch nodes``, ``update configmaps in ome``."""
+    verb = _VERBS.get(method.upper(), method.lower())
+    resource, namespace = _resource_of(path)
     return f"{verb} {resource}" + (f" in {namespace}" if namespace else "")
 
 
 class _Counts:
+    """Requests sent, by ``(verb, resource)``."""
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._c: Counter[str] = Counter()
+        self._c: Counter[tuple[str, str]] = Counter()
 
-    def add(self, verb: str) -> None:
+    def add(self, method: str, path: str, query: Sequence[tuple[str, str]] | None = None) -> None:
+        key = (verb_of(method, path, query), _resource_of(path)[0])
         with self._lock:
-            self._c[verb] += 1
+            self._c[key] += 1
 
-    def snapshot(self) -> dict[str, int]:
+    def snapshot(self) -> dict[tuple[str, str], int]:
         with self._lock:
             return dict(self._c)
 
@@ -129,7 +154,7 @@ def request(api: Any, method: str, path: str, *, query: Sequence[tuple[str, str]
         headers["Content-Type"] = content_type
         data = json.dumps(body).encode()
     url, headers = client.prepare(path, query, headers)
-    REQUESTS.add(method.lower())
+    REQUESTS.add(method, path, query)
     try:
         resp = client.pool.request(method, url, body=data, headers=headers, retries=False,
                                    timeout=urllib3.Timeout(connect=min(5.0, timeout_s), read=timeout_s))

@@ -24,7 +24,7 @@ from typing import Any
 import urllib3
 
 from .client import transport
-from .request import JSON, ApiError, action_of, check_path
+from .request import JSON, REQUESTS, ApiError, action_of, check_path
 
 __all__ = ["lines", "open_stream", "watch_events"]
 
@@ -64,6 +64,7 @@ def open_stream(api: Any, path: str, query: Sequence[tuple[str, str]], *, connec
     client = transport(api)
     # The transport adds the bearer token (re-read when it rotates); its pool carries the TLS settings.
     url, headers = client.prepare(path, query, {"Accept": JSON})
+    REQUESTS.add("GET", path, query)
     try:
         resp: urllib3.BaseHTTPResponse = client.pool.request(
             "GET", url, headers=headers, preload_content=False, retries=False,

@@ -82,7 +82,7 @@ class Puller:
                                       ambient=transfer.registry_auth_file) if uri.scheme == "oci-registry" else None
         bearer = http_token(spec, namespace=self.namespace, read_secret=self.read_secret,
                             ambient=None) if uri.scheme in ("https", "http") else None
-        source = open_model_source(uri, transfer, hf_token=token,
+        source = open_model_source(uri, transfer, hf_token=token, trust_loopback=False,
                                    oci_auth=OCI_AUTH.get(spec.oci_auth) if spec.oci_auth else None,
                                    oci_region=spec.oci_region or None, registry_auth=docker_config,
                                    http_token=bearer, cancel=cancel)

@@ -1,14 +1,22 @@
 """This node's status ConfigMap, in OME's format, without OME's lost updates.
 
 Invariants:
-- Every write is a read-modify-write of exactly one key under the ``resourceVersion`` just read (a 409 means
-  someone else wrote in between: read again and redo); other keys, and fields of our key's JSON that we do not
-  know, are kept as read. Nothing is ever written from a stale copy of the whole map (OME bug §11.1).
+- Every write is a read-modify-write of exactly one key under the ``resourceVersion`` of the copy it started from
+  (our last write's answer or the watch cache's, so a state change costs one request; else one read): the server
+  refuses a stale copy (409), and then the map is read again and the change redone. Other keys, and fields of our
+  key's JSON that we do not know, are kept as read. Nothing is ever written from a stale copy of the whole map
+  (OME bug §11.1). This process's writes are serialised: its workers never conflict with one another.
 - A delete of our key retries on conflict like any write (OME bug §11.2).
 - The ConfigMap always carries ``models.ome/basemodel-status: "true"`` and ``node``, and OME's annotations,
   also when it is re-created after someone deleted it (OME bug §11.3): :meth:`restore` puts back every entry
   this process last wrote or found already in place (:meth:`own`: after a restart nothing needs writing, yet
   every entry is ours to restore).
+- The API server refuses a ConfigMap whose keys and values (``data`` and ``binaryData``) exceed 1 MiB
+  (:data:`DATA_LIMIT`, etcd's object size). A write that would grow the map past it is never sent: it raises
+  :class:`ConfigMapFullError` naming the size, for that one model to be reported Failed; a write that keeps or
+  shrinks the map (a state change of an existing entry to a shorter one, a removal) always goes through, so the
+  other models' entries are never lost and a full map drains. :attr:`StatusConfigMap.data_bytes` is the size last
+  seen (a metric and an alert watch it).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ...storage.errors import ModelherdError
 from ..kube import ApiError, request
 from .freshness import OwnWrites
 
@@ -31,6 +40,30 @@ MANAGED_BY = "model-agent"
 
 Render = Callable[[str | None], str | None]
 
+DATA_LIMIT = 1_048_576  # bytes of keys + values the API server accepts in one ConfigMap (corev1.MaxSecretSize)
+
+
+def data_bytes(cm: dict[str, Any] | None) -> int:
+    """What the API server counts against :data:`DATA_LIMIT`: the UTF-8 bytes of every key and value of ``data``
+    and ``binaryData`` (binaryData values as sent, base64)."""
+    total = 0
+    for field in ("data", "binaryData"):
+        for k, v in ((cm or {}).get(field) or {}).items():
+            total += len(str(k).encode()) + len(str(v).encode())
+    return total
+
+
+class ConfigMapFullError(ModelherdError):
+    """Writing an entry would take this node's status ConfigMap past the API server's 1 MiB limit."""
+
+    def __init__(self, namespace: str, node: str, key: str, size: int, models: int) -> None:
+        super().__init__(
+            f"this node's status ConfigMap {namespace}/{node} would hold {size} bytes with this model's entry "
+            f"({models} entries), over the API server's limit of {DATA_LIMIT} bytes (1 MiB); the entry is not written",
+            hint="fewer models on this node (narrow the models' node selectors), or remove unused models; this model "
+                 "is retried and becomes Ready once there is room")
+        self.key, self.size = key, size
+
 
 class StatusConfigMap:
     """The ConfigMap ``<namespace>/<node>``. Thread-safe; every method is one logical write."""
@@ -42,6 +75,9 @@ class StatusConfigMap:
         self._lock = threading.Lock()
         self._ours: dict[str, str] = {}  # what we last wrote per key (for restore)
         self._own: OwnWrites[str] = OwnWrites()
+        self.data_bytes = 0  # the size (DATA_LIMIT's measure) of the map as last read or written
+        self._write_lock = threading.Lock()
+        self._last: dict[str, Any] | None = None  # the map as our last write left it (the server's answer)
 
     def current(self, key: str) -> str | None:
         """The entry as the watch cache has it, or our own later write while the cache has not caught up."""
@@ -72,11 +108,34 @@ class StatusConfigMap:
     def read(self) -> dict[str, Any] | None:
         try:
             obj: dict[str, Any] = request(self.api, "GET", self.path)
-            return obj
         except ApiError as e:
             if e.status == 404:
+                self.data_bytes = 0
                 return None
             raise
+        self.data_bytes = data_bytes(obj)
+        return obj
+
+    def size(self) -> int:
+        """The map's size against :data:`DATA_LIMIT`, from the watch cache (else as last read or written)."""
+        cm = self._cache()
+        return data_bytes(cm) if cm is not None else self.data_bytes
+
+    def check_fits(self, key: str, render: Render) -> None:
+        """Raise :class:`ConfigMapFullError` when ``render``'s entry for ``key`` would take the map as the watch cache
+        has it past :data:`DATA_LIMIT` (and grow it); no request. :meth:`update` checks again on what it reads."""
+        cm = self._cache()
+        if cm is None:
+            return
+        data = dict(cm.get("data") or {})
+        before = data_bytes(cm)
+        new = render(self.current(key))
+        if new is None:
+            return
+        data[key] = new
+        after = data_bytes({"data": data, "binaryData": cm.get("binaryData")})
+        if after > DATA_LIMIT and after > before:
+            raise ConfigMapFullError(self.namespace, self.node, key, after, len(data))
 
     def get(self, key: str) -> str | None:
         """The current value of ``key`` on the server (``None``: absent)."""
@@ -85,27 +144,46 @@ class StatusConfigMap:
         value = data.get(key)
         return value if isinstance(value, str) else None
 
+    def _base(self) -> dict[str, Any] | None:
+        """What the next write starts from without a request: the object our last write returned, else the watch
+        cache's copy (either may be stale: the write carries its ``resourceVersion``, a 409 re-reads)."""
+        cm = self._last if self._last is not None else self._cache()
+        if cm is None:
+            return None
+        return {**cm, "metadata": dict(cm.get("metadata") or {}), "data": dict(cm.get("data") or {})}
+
     def update(self, key: str, render: Render) -> str | None:
         """Set ``key`` to ``render(current value)`` (``None`` from ``render`` removes the key).
 
-        Returns what is stored afterwards. ``render`` may be called several times (once per conflict).
+        Returns what is stored afterwards. ``render`` may be called several times (once per conflict). Writes of
+        this process are serialised (its workers never conflict with one another) and start from :meth:`_base`, so
+        a state change costs one request; a 409 (another writer) reads the map again.
         """
+        with self._write_lock:
+            return self._update(key, render)
+
+    def _update(self, key: str, render: Render) -> str | None:
+        base = self._base()
         for attempt in range(self.attempts):
-            cm = self.read()
+            cm, base = (base if base is not None else self.read()), None
             if cm is None:
                 new = render(None)
                 if new is None:
                     return None
+                if data_bytes({"data": {key: new}}) > DATA_LIMIT:
+                    raise ConfigMapFullError(self.namespace, self.node, key, data_bytes({"data": {key: new}}), 1)
                 try:
                     made = request(self.api, "POST", f"/api/v1/namespaces/{self.namespace}/configmaps",
                                    body=self._fresh({key: new}))
                 except ApiError as e:
                     if e.status == 409:  # created by someone else meanwhile: read-modify-write it
+                        self._last = None
                         continue
                     raise
                 self._remember(key, new, made)
                 return new
             data: dict[str, str] = dict(cm.get("data") or {})
+            before = data_bytes(cm)
             old = data.get(key)
             new = render(old)
             meta = cm.setdefault("metadata", {})
@@ -119,14 +197,19 @@ class StatusConfigMap:
                 data.pop(key, None)
             else:
                 data[key] = new
+            after = data_bytes({"data": data, "binaryData": cm.get("binaryData")})
+            if after > DATA_LIMIT and after > before:  # never sent: the API server would refuse it (422)
+                raise ConfigMapFullError(self.namespace, self.node, key, after, len(data))
             meta["labels"] = {**labels, **self._labels()}
             meta["annotations"] = {**annotations, **self._annotations()}
             cm["data"] = data
             try:
                 written = request(self.api, "PUT", self.path, body=cm)  # carries the resourceVersion we read
             except ApiError as e:
-                if e.status in (409, 404):
-                    time.sleep(min(0.05 * (attempt + 1), 0.5))
+                if e.status in (409, 404):  # someone else wrote (or deleted it) since our copy: read again
+                    self._last = None
+                    if attempt:
+                        time.sleep(min(0.05 * attempt, 0.5))
                     continue
                 raise
             self._remember(key, new, written)
@@ -137,6 +220,9 @@ class StatusConfigMap:
         self.update(key, lambda _old: None)
 
     def _remember(self, key: str, value: str | None, obj: dict[str, Any]) -> None:
+        self.data_bytes = data_bytes(obj)
+        if (obj.get("metadata") or {}).get("resourceVersion"):
+            self._last = obj
         self._own.wrote(key, value, (obj.get("metadata") or {}).get("resourceVersion"))
         with self._lock:
             if value is None:

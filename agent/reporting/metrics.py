@@ -92,8 +92,11 @@ class AgentMetrics:
                                registry=r)
         self.watch_restarts = Counter("modelherd_watch_restarts", "Watches restarted after an error or 410 Gone",
                                       ("resource",), registry=r)
-        self.api_requests = Gauge("modelherd_api_requests", "Requests this agent sent to the API server, by verb",
-                                  ("verb",), registry=r)
+        self.api_requests = Gauge("modelherd_api_requests", "Requests this agent sent to the API server (watch "
+                                  "streams included), by verb and resource", ("verb", "resource"), registry=r)
+        self.status_configmap_bytes = Gauge(
+            "modelherd_status_configmap_bytes", "Bytes of keys and values in this node's status ConfigMap (the API "
+            "server refuses more than 1048576)", registry=r)
         self.synced = Gauge("modelherd_informers_synced", "1 once the initial lists are in", registry=r)
         self.last_heartbeat = Gauge("modelherd_loop_heartbeat_timestamp_seconds", "Unix time of the last worker "
                                     "loop and watch heartbeat", registry=r)

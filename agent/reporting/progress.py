@@ -28,6 +28,7 @@ from ...storage.adopt import Adoption
 from ..basemodels import ModelRef
 from ..kube import ApiError
 from ..ome.entry import DownloadProgress
+from .configmap import ConfigMapFullError
 from .metrics import AgentMetrics
 
 log = logging.getLogger("modelherd.agent")
@@ -135,7 +136,7 @@ class ProgressReporter:
                                     speed_bytes_per_sec=round(speed, 1), last_updated=_now_rfc3339())
         try:
             self.status.progress(self.ref, progress)
-        except ApiError as e:
+        except (ApiError, ConfigMapFullError) as e:  # progress is best effort; the state writes report a full map
             log.debug("progress write for %s failed: %s", self.ref.display, e)
             return False
         self._written = done

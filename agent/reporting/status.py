@@ -9,6 +9,9 @@ Invariants:
   exactly this: a restart with every model on disk sends no write (the entry found in place is still ours to
   restore), and no label ever leaves Ready for nothing;
 - an Event and an INFO line are emitted only for a change (a state written), never for a rewrite of the same state;
+- an entry that would take the ConfigMap past the API server's 1 MiB is written without the model's metadata, and
+  when even that does not fit the model is Failed by label and Event alone (:class:`~.configmap.ConfigMapFullError`
+  from :meth:`ModelStatusWriter.write` for any other state, before its label changes); other entries never move;
 - a status write refused with 403 (the agent's RBAC was removed) is logged once per refused verb, recorded as a
   Warning Event, and reported by :meth:`denied` until a write goes through again.
 """
@@ -23,7 +26,7 @@ from ..basemodels import ModelRef, ModelSpec
 from ..kube import ApiError
 from ..ome.entry import KEEP, DownloadProgress, EntryStatus, parse_entry, render_entry
 from ..ome.states import ModelStatus
-from .configmap import StatusConfigMap
+from .configmap import ConfigMapFullError, Render, StatusConfigMap
 from .events import EventRecorder
 from .labels import NodeLabels
 from .metrics import AgentMetrics
@@ -74,17 +77,27 @@ class ModelStatusWriter:
         if status != ModelStatus.READY and message:
             ours["message"] = message[:MESSAGE_MAX]
 
-        def render(old: str | None) -> str:
-            return render_entry(old, name=ref.name, status=status, config=config, progress=progress,
-                                extra={"modelherd": ours})
+        def renderer(config: Any) -> Render:
+            def render(old: str | None) -> str:
+                return render_entry(old, name=ref.name, status=status, config=config, progress=progress,
+                                    extra={"modelherd": ours})
+            return render
 
+        render, room = self._fitting(ref, status, renderer(config), renderer(None))
         cached = self.cm.current(ref.cm_key)
         label_changed = self.labels.set(ref.label_key, status) if write_label else False
-        if cached is not None and render(cached) == cached and not label_changed:
+        if not room:
+            entry_changed = False  # Failed in a full ConfigMap: the label and the Event say it
+        elif cached is not None and render(cached) == cached and not label_changed:
             entry_changed = False  # the ConfigMap already says exactly this: no request at all
             self.cm.own(ref.cm_key, cached)  # ...and it is ours to restore (a restart writes nothing)
         else:
-            entry_changed = self.cm.update(ref.cm_key, render) != cached
+            try:
+                entry_changed = self.cm.update(ref.cm_key, render) != cached
+            except ConfigMapFullError:
+                if status != ModelStatus.FAILED:
+                    raise
+                entry_changed = False
         changed = label_changed or entry_changed
         if changed:
             self._denied = None  # the API server takes our writes again
@@ -97,6 +110,25 @@ class ModelStatusWriter:
                 why = f" ({message})" if message and status != ModelStatus.READY else ""
                 log.info("%s: %s%s", ref.display, status, why, extra=extra)
         return changed
+
+    def _fitting(self, ref: ModelRef, status: EntryStatus, full: Render, compact: Render) -> tuple[Render, bool]:
+        """The entry that fits the ConfigMap (judged on the watch cache, before the label is touched, so a full
+        map never flaps a label): ``full``, else ``compact`` (without the model's metadata), with True; for Failed
+        in a map with room for neither, ``(full, False)`` (the label alone says it). Raises
+        :class:`ConfigMapFullError` for any other state with no room."""
+        try:
+            self.cm.check_fits(ref.cm_key, full)
+            return full, True
+        except ConfigMapFullError as e:
+            try:
+                self.cm.check_fits(ref.cm_key, compact)
+            except ConfigMapFullError:
+                if status != ModelStatus.FAILED:
+                    raise
+                return full, False
+            log.warning("%s: the entry goes without the model's metadata (config): %s", ref.display, e.message,
+                        extra={"model": ref.display, "reason": "ConfigMapFull"})
+            return compact, True
 
     def ready(self, ref: ModelRef, spec: ModelSpec, *, config: dict[str, Any] | None, revision: str,
               role: Role) -> bool:

@@ -15,6 +15,7 @@ from ..errors import BadURIError
 from ..retry import RetryPolicy
 from ..types import Source
 from ..uri import ModelURI
+from .origins import HostPolicy
 
 DEFAULT_RETRY = RetryPolicy()
 
@@ -36,17 +37,22 @@ def open_source(
     registry_mirrors: Mapping[str, str] | None = None,
     http_token: str | None = None,
     http_insecure_hosts: Sequence[str] = (),
+    trust_loopback: bool = True,
     retry: RetryPolicy = DEFAULT_RETRY,
     pool_maxsize: int = 32,
     cancel: threading.Event | None = None,
 ) -> Source:
     """The source for ``uri``: ``HFSource``, ``OCISource``, ``HTTPSource`` (``https://``/``http://``, plain
-    http only to loopback and ``http_insecure_hosts``) or ``LocalSource``; each gets only its options.
+    http only to ``http_insecure_hosts``) or ``LocalSource``; each gets only its options.
 
     ``oci://HOST/REPO:TAG`` registry artifacts get ``RegistrySource`` with ``registry_auth`` (a docker config: a
     mapping, a ``config.json`` path or its JSON text; ``None``: anonymous) and ``insecure_registries`` (plain
-    HTTP allowed there; loopback always) and ``registry_mirrors`` (registry ``host[:port]`` -> mirror
-    ``host[:port][/PREFIX]``, asked first).
+    HTTP allowed there) and ``registry_mirrors`` (registry ``host[:port]`` -> mirror ``host[:port][/PREFIX]``,
+    asked first).
+
+    ``trust_loopback``: plain HTTP may also go to this machine's loopback without being listed (the CLI). The node
+    agent passes ``False`` for CRs: a tenant's URI, or a redirect from a server a tenant controls, then reaches no
+    node-local host (loopback, link-local, unspecified) in any scheme unless listed (:mod:`.origins`).
 
     ``cancel`` (the pull's cancel Event) ends every back-off of the source's own retries (the listing's) at once.
     """
@@ -65,12 +71,14 @@ def open_source(
     if uri.scheme == "oci-registry":
         from .registry import open_registry
 
-        return open_registry(uri, auth=registry_auth, insecure_registries=insecure_registries,
+        return open_registry(uri, auth=registry_auth,
+                             hosts=HostPolicy.of(insecure_registries, loopback=trust_loopback),
                              mirrors=registry_mirrors, retry=retry, pool_maxsize=pool_maxsize, cancel=cancel)
     if uri.scheme in ("https", "http"):
         from .http import HTTPSource
 
-        return HTTPSource(uri, token=http_token, insecure_hosts=http_insecure_hosts, retry=retry,
+        return HTTPSource(uri, token=http_token,
+                          hosts=HostPolicy.of(http_insecure_hosts, loopback=trust_loopback), retry=retry,
                           pool_maxsize=pool_maxsize, cancel=cancel)
     if uri.scheme == "local":
         from .local import LocalSource

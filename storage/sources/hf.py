@@ -75,6 +75,7 @@ from ..retry import RetryPolicy, call_with_retry, parse_retry_after
 from ..types import Listing, RemoteFile, Selection
 from ..uri import ModelURI
 from .body import ExactBody
+from .origins import origin
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -112,17 +113,6 @@ def _field(entry: dict[str, Any], key: str, kind: type[T]) -> T:
         raise SourceError(f"the Hub's tree entry {entry.get('path')!r} has no valid {key!r}",
                           hint="the endpoint does not answer like the Hub API")
     return value
-
-
-def _origin(url: str) -> tuple[str, str, int | None]:
-    """``(scheme, host, port)`` of ``url``, the default port filled in: what "the same origin" compares."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    try:
-        port = parts.port
-    except ValueError:
-        port = -1  # unreadable: never equal to a real origin
-    return scheme, (parts.hostname or "").lower(), port if port is not None else {"http": 80, "https": 443}.get(scheme)
 
 
 def _header_error(exc: BaseException) -> bool:
@@ -167,7 +157,7 @@ class HFSource:
         self._model_uri = uri
         self._token = check_token(token, what=TOKEN_WHAT) if token else None
         self._endpoint = endpoint.rstrip("/")
-        self._endpoint_origin = _origin(self._endpoint)
+        self._endpoint_origin = origin(self._endpoint)
         self._cancel = cancel
         self._allow = list(allow_patterns) if allow_patterns is not None else None
         self._ignore = list(ignore_patterns) if ignore_patterns is not None else None
@@ -265,7 +255,7 @@ class HFSource:
 
         Memory: the parser holds one entry at a time; entries the patterns drop are gone as soon as they are read.
         """
-        headers = self._api_headers if _origin(url) == self._endpoint_origin else self._anon_api_headers
+        headers = self._api_headers if origin(url) == self._endpoint_origin else self._anon_api_headers
         with get_session().stream("GET", url, headers=headers, timeout=API_TIMEOUT_S) as r:
             if r.status_code >= 300:
                 r.read()

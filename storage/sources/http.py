@@ -13,8 +13,9 @@ Invariants:
   ``sha256sum ./*`` writes, is dropped); no name is listed twice or is both a file and a folder; ``SHA256SUMS``
   itself is never a model file; a missing, empty, oversized or malformed ``SHA256SUMS`` is a typed error naming
   the line and what to fix;
-* plain ``http://`` is used only for loopback hosts (127.0.0.0/8, ::1, ``localhost``) and the hosts the caller
-  lists as insecure, for the folder URL and for every redirect: a redirect elsewhere is refused;
+* every URL (the folder's, every redirect hop) goes only where the caller's :class:`~.origins.HostPolicy`
+  allows: plain ``http://`` to listed hosts (and loopback for a caller that trusts this machine), a node-local host
+  in no scheme for a caller that does not (the agent serving CRs); a redirect elsewhere is refused;
 * redirects are followed here (at most :data:`MAX_REDIRECTS`, a loop refused at once), and the token is sent
   only to the folder's origin (scheme, host, port), never to a host a redirect leads to; it never appears in a
   message (:func:`~..credentials.redact`);
@@ -27,12 +28,11 @@ Invariants:
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import logging
 import re
 import ssl
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 from urllib.parse import quote, urldefrag, urljoin, urlsplit
@@ -58,6 +58,7 @@ from ..types import Listing, RemoteFile
 from ..untrusted import show
 from ..uri import ModelURI
 from .body import ExactBody
+from .origins import LOOPBACK_TRUSTED, HostPolicy, origin
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -82,18 +83,6 @@ SUMS_HINT = ("write it with sha256sum in the model folder, e.g. `sha256sum * > S
 TRANSIENT_HINT = "the server or the network failed; it is retried, check connectivity to the server if it persists"
 AUTH_HINT = "the server refused access; give a token that can read this folder, or check the server's permissions"
 TOKEN_WHAT = "the HTTP bearer token"
-
-
-def is_loopback(host: str) -> bool:
-    """``host`` (a name or an IP literal, IPv6 with or without brackets) is this machine: 127.0.0.0/8, ::1,
-    ``localhost``."""
-    host = host.strip("[]").lower().rstrip(".")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _unescape(name: str) -> str | None:
@@ -195,17 +184,6 @@ def parse_sha256sums(data: bytes, *, where: str = SUMS_NAME) -> list[tuple[str, 
     return entries
 
 
-def _origin(url: str) -> tuple[str, str, int | None]:
-    """``(scheme, host, port)`` of ``url``, the default port filled in: what "the same origin" compares."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    try:
-        port = parts.port
-    except ValueError:
-        port = -1  # unreadable: never equal to a real origin
-    return scheme, (parts.hostname or "").lower(), port if port is not None else {"http": 80, "https": 443}.get(scheme)
-
-
 def _discard(resp: urllib3.BaseHTTPResponse, *, bodiless: bool = False) -> None:
     """Drop a response whose body is not wanted. What is left of a small body (nothing: the answer to a ``HEAD``
     (``bodiless``), a redirect, an error page) is read so that its connection goes back to the pool; a larger
@@ -226,7 +204,7 @@ class HTTPSource:
         uri: ModelURI,
         *,
         token: str | None = None,
-        insecure_hosts: Sequence[str] = (),
+        hosts: HostPolicy = LOOPBACK_TRUSTED,
         retry: RetryPolicy = DEFAULT_RETRY,
         pool_maxsize: int = 32,
         cancel: threading.Event | None = None,
@@ -235,8 +213,8 @@ class HTTPSource:
             raise ValueError(f"HTTPSource needs an http(s):// URI, got {uri.canonical}")
         self.uri = uri.canonical
         self._folder = uri.canonical
-        self._origin = _origin(self._folder)
-        self._insecure = frozenset(h.strip().strip("[]").lower() for h in insecure_hosts if h.strip())
+        self._origin = origin(self._folder)
+        self._hosts = hosts
         self._token = check_token(token, what=TOKEN_WHAT) if token else None
         self._check_scheme(self._folder, "the model URL")
         self._retry = retry
@@ -254,20 +232,15 @@ class HTTPSource:
         return f"HTTPSource({self.uri!r}, token={'set' if self._token else 'none'})"
 
     def _check_scheme(self, url: str, what: str) -> None:
-        """Refuse a URL that is not http(s), and plain http to a host that is neither loopback nor insecure."""
+        """Refuse a URL that is not http(s), or whose host :class:`HostPolicy` does not allow in its scheme."""
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
-        if scheme == "https":
-            return
-        host = (parts.hostname or "").lower()
-        if scheme != "http":
+        if scheme not in ("http", "https"):
             raise SourceError(f"{what} {show(self._redact(url))} is not an http(s) URL",
                               hint="the server or a proxy redirects to a location that is not http(s)")
-        if not (is_loopback(host) or host in self._insecure):
-            raise ConfigError(f"{what} {show(self._redact(url))} uses plain http:// to {host or 'no host'}, which "
-                              "is neither loopback nor listed as insecure",
-                              hint="use https://, or list the host as an insecure (plain HTTP) host if this "
-                                   "network is trusted")
+        refusal = self._hosts.refusal(scheme, parts.netloc.rpartition("@")[2])
+        if refusal:
+            raise ConfigError(f"{what} {show(self._redact(url))}: {refusal}", hint=self._hosts.hint())
 
     def _redact(self, text: str) -> str:
         return redact(text, (self._token,) if self._token else ())
@@ -281,7 +254,7 @@ class HTTPSource:
             self._check_scheme(url, f"{what}: the URL")
             seen.add(url)
             sent = dict(headers)
-            if self._token and _origin(url) == self._origin:
+            if self._token and origin(url) == self._origin:
                 sent["authorization"] = f"Bearer {self._token}"
             try:
                 resp = self._pool.urlopen(method, url, headers=sent, preload_content=False, decode_content=False,

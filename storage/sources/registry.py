@@ -15,10 +15,12 @@ Invariants:
 - ``open`` yields exactly the bytes ``[start, end)`` or raises a typed ``SourceError``: a 206 must carry exactly the
   asked ``Content-Range``, a 200 (a registry that ignores ``Range``) must carry the listed size and is skipped to
   ``start``; a short body is a ``TransientSourceError``;
-- plain HTTP only to a loopback registry or one listed in ``insecure_registries`` (HTTPS is tried first, as docker
-  does); a redirect never downgrades to plain HTTP elsewhere, never leaves http(s), is followed at most
-  ``MAX_REDIRECTS`` times, and the registry's ``Authorization`` goes only to the registry's own origin (a redirect
-  to blob storage gets none);
+- every host (the registry's, every redirect hop's, the token realm's) only where the caller's
+  :class:`~.origins.HostPolicy` allows: plain HTTP to a listed insecure registry (and loopback for a caller that
+  trusts this machine), a node-local host in no scheme for one that does not; HTTPS tried first as docker does;
+  a redirect never
+  downgrades to plain HTTP elsewhere, never leaves http(s), is followed at most ``MAX_REDIRECTS`` times, and the
+  registry's ``Authorization`` goes only to the registry's own origin (a redirect to blob storage gets none);
 - after a 401 a request is sent once more with the refreshed authorization (an expired token mid-download), and a
   second 401 is an :class:`AuthError`; no credential or token reaches a message or a log line;
 - a mirror (:func:`open_registry` with ``mirrors``, e.g. a Harbor proxy cache) is asked first and the registry
@@ -29,12 +31,11 @@ Invariants:
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import logging
 import re
 import ssl
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, TypeVar
@@ -59,10 +60,11 @@ from ..types import Listing, RemoteFile
 from ..untrusted import UntrustedInputError, load_json, show
 from ..uri import ModelURI
 from .body import ExactBody
+from .origins import LOOPBACK_TRUSTED, HostPolicy, origin
 from .registry_auth import AUTH_HINT, Authorizer
 from .registry_manifest import ACCEPT, MAX_MANIFEST_BYTES, Document, files_of, parse_document, pick_from_index
 
-__all__ = ["MirroredRegistrySource", "RegistrySource", "mirror_for", "open_registry", "plain_http_allowed"]
+__all__ = ["MirroredRegistrySource", "RegistrySource", "mirror_for", "open_registry"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -88,45 +90,6 @@ def _user_agent() -> str:
         return "modelherd/0"
 
 
-def _host_port(netloc: str) -> tuple[str, str]:
-    """``(host, port)`` of ``host[:port]`` (``[v6]:port`` too), host lower case without brackets."""
-    parts = urlsplit(f"//{netloc}")
-    try:
-        port = str(parts.port or "")
-    except ValueError:
-        port = "?"
-    return (parts.hostname or "").lower(), port
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def plain_http_allowed(netloc: str, insecure: Sequence[str] = ()) -> bool:
-    """Plain HTTP may be spoken to ``netloc`` (``host[:port]``): a loopback host, or one ``insecure`` lists (an
-    entry ``host`` covers every port of it, ``host:port`` that port only)."""
-    host, port = _host_port(netloc)
-    if _loopback(host):
-        return True
-    for entry in insecure:
-        h, p = _host_port(entry.strip().removeprefix("http://").removeprefix("https://").rstrip("/"))
-        if h == host and (not p or p == port):
-            return True
-    return False
-
-
-def _origin(url: str) -> tuple[str, str, str]:
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    host, port = _host_port(parts.netloc)
-    return scheme, host, port or {"http": "80", "https": "443"}.get(scheme, "")
-
-
 def _credentials(registry: str, auth: RegistryCredentials | Mapping[str, Any] | str | Path | None
                  ) -> RegistryCredentials | None:
     if auth is None or isinstance(auth, RegistryCredentials):
@@ -139,13 +102,13 @@ class RegistrySource:
 
     ``auth``: the credentials themselves, or a docker config (a parsed mapping, the path of a ``config.json``, or
     a Secret's ``.dockerconfigjson`` text) whose ``auths`` entry for the registry is used; ``None``: anonymous.
-    ``insecure_registries``: ``host[:port]`` entries that may be spoken to in plain HTTP (loopback always may).
+    ``hosts``: who may be spoken to and how (the insecure registries; loopback when the caller trusts this machine).
     ``endpoint``: a mirror ``host[:port][/PREFIX]`` to ask instead of the registry (the repository goes under
     ``PREFIX``, as a Harbor proxy-cache project wants); the credentials are then the mirror host's.
     """
 
     def __init__(self, uri: ModelURI, *, auth: RegistryCredentials | Mapping[str, Any] | str | Path | None = None,
-                 insecure_registries: Sequence[str] = (), retry: RetryPolicy = DEFAULT_RETRY,
+                 hosts: HostPolicy = LOOPBACK_TRUSTED, retry: RetryPolicy = DEFAULT_RETRY,
                  pool_maxsize: int = 32, cancel: threading.Event | None = None, endpoint: str | None = None,
                  model_folder: str = "models") -> None:
         if uri.scheme != "oci-registry":
@@ -163,7 +126,7 @@ class RegistrySource:
                 self._repo = f"{prefix.strip('/')}/{self._repo}"
         self._ref = uri.digest or uri.tag or ""
         self._model_folder = model_folder.strip("/")
-        self._insecure = tuple(insecure_registries)
+        self._hosts = hosts
         self._retry = retry
         self._cancel = cancel
         self._ua = _user_agent()
@@ -172,7 +135,7 @@ class RegistrySource:
                                          ssl_context=ssl.create_default_context())
         self._auth = Authorizer(registry=self._registry, repository=self._repo,
                                 credentials=_credentials(self._registry, auth), pool=self._pool,
-                                plain_ok=self._plain_ok, user_agent=self._ua)
+                                hosts=self._hosts, user_agent=self._ua)
         self._base: str | None = None
         self._base_lock = threading.Lock()
 
@@ -184,8 +147,6 @@ class RegistrySource:
         """The host this source asks (the registry's, or its mirror's)."""
         return self._host
 
-    def _plain_ok(self, netloc: str) -> bool:
-        return plain_http_allowed(netloc, self._insecure)
 
     # -- transport -------------------------------------------------------------------------------
     def _base_url(self, what: str) -> str:
@@ -196,7 +157,10 @@ class RegistrySource:
             return self._base
 
     def _probe(self, what: str) -> str:
-        if not self._plain_ok(self._host):
+        refusal = self._hosts.refusal("https", self._host)
+        if refusal:
+            raise ConfigError(f"{what}: the registry {self._host}: {refusal}", hint=self._hosts.hint())
+        if not self._hosts.allows("http", self._host):
             return "https"
         try:
             resp = self._pool.urlopen("GET", f"https://{self._host}/v2/", redirect=False, retries=False,
@@ -213,12 +177,12 @@ class RegistrySource:
         """The response to ``method url`` after redirects and at most one answered 401; the caller closes it.
 
         The registry's ``Authorization`` is sent only to the registry's origin."""
-        registry = _origin(url)
+        registry = origin(url)
         answered = False
         for _ in range(MAX_REDIRECTS + 1):
             send = dict(headers)
             auth, generation = self._auth.current()
-            if auth and _origin(url) == registry:
+            if auth and origin(url) == registry:
                 send["authorization"] = auth
             try:
                 resp = self._pool.urlopen(method, url, headers=send, redirect=False, retries=False,
@@ -230,7 +194,7 @@ class RegistrySource:
                 _discard(resp)
                 url = self._redirect_target(url, location, what)
                 continue
-            if resp.status == 401 and _origin(url) == registry and not answered:
+            if resp.status == 401 and origin(url) == registry and not answered:
                 challenge = resp.headers.get("www-authenticate", "")
                 _discard(resp)
                 self._auth.refresh(challenge, generation, what)
@@ -247,9 +211,10 @@ class RegistrySource:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise SourceError(f"{what}: redirected to an unusable URL ({show(parts.scheme)}:)",
                               hint="the registry or a proxy redirects to a location that is not http(s)")
-        if parts.scheme == "http" and not self._plain_ok(parts.netloc):
-            raise SourceError(f"{what}: redirected to plain HTTP on {parts.hostname}",
-                              hint="the registry's blob storage must be HTTPS (or list that host as insecure)")
+        refusal = self._hosts.refusal(parts.scheme, parts.netloc.rpartition("@")[2])
+        if refusal:
+            raise SourceError(f"{what}: redirected to {parts.scheme}://{parts.hostname}: {refusal}",
+                              hint=f"the registry's blob storage must be HTTPS; {self._hosts.hint()}")
         return target
 
     def _call(self, fn: Callable[[], T], what: str) -> T:
@@ -449,21 +414,21 @@ class MirroredRegistrySource:
 
 
 def open_registry(uri: ModelURI, *, auth: RegistryCredentials | Mapping[str, Any] | str | Path | None = None,
-                  insecure_registries: Sequence[str] = (), mirrors: Mapping[str, str] | None = None,
+                  hosts: HostPolicy = LOOPBACK_TRUSTED, mirrors: Mapping[str, str] | None = None,
                   retry: RetryPolicy = DEFAULT_RETRY, pool_maxsize: int = 32,
                   cancel: threading.Event | None = None) -> RegistrySource | MirroredRegistrySource:
     """The source of a registry artifact: :class:`RegistrySource`, behind its mirror when ``mirrors`` names one for
     its registry (``{"docker.io": "harbor.corp/dockerhub-proxy"}``)."""
     config = auth if auth is None or isinstance(auth, RegistryCredentials) else load_docker_config(auth)
-    origin = RegistrySource(uri, auth=config, insecure_registries=insecure_registries, retry=retry,
-                            pool_maxsize=pool_maxsize, cancel=cancel)
+    direct = RegistrySource(uri, auth=config, hosts=hosts, retry=retry, pool_maxsize=pool_maxsize,
+                            cancel=cancel)
     mirror = mirror_for(mirrors or {}, uri.registry)
     if not mirror:
-        return origin
+        return direct
     via = RegistrySource(uri, auth=config if not isinstance(config, RegistryCredentials) else None,
-                         insecure_registries=insecure_registries, retry=retry, pool_maxsize=pool_maxsize,
-                         cancel=cancel, endpoint=mirror)
-    return MirroredRegistrySource(via, origin)
+                         hosts=hosts, retry=retry, pool_maxsize=pool_maxsize, cancel=cancel,
+                         endpoint=mirror)
+    return MirroredRegistrySource(via, direct)
 
 
 def _discard(resp: urllib3.BaseHTTPResponse) -> None:

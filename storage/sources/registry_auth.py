@@ -9,8 +9,9 @@ Invariants:
 - one refresh per generation: threads that saw the same 401 share one token request (a refresh asked with an
   outdated generation returns at once), and a caller retries a request at most once after a 401;
 - the scope asked for is ``repository:REPO:pull``, whatever the challenge asks: a pull never asks for more;
-- basic credentials go to the realm only over HTTPS, or plain HTTP to a host the caller allows plain HTTP for
-  (loopback, an insecure registry); a realm that is neither is refused, nothing sent;
+- the realm is asked only where the caller's :class:`~.origins.HostPolicy` allows (HTTPS, or plain HTTP to a
+  listed insecure registry or, for a caller that trusts this machine, loopback; no node-local host for one that
+  does not): a realm elsewhere is refused and nothing is sent;
 - no message holds a credential or a token: messages name the registry, the realm's host and the HTTP status;
   everything else built from an exception goes through :func:`~..credentials.redact`; tokens are checked with
   :func:`~..credentials.check_token` (one header-safe line) before use.
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable
 from urllib.parse import urlencode, urlsplit
 
 import urllib3
@@ -30,6 +30,7 @@ from ..dockerauth import RegistryCredentials
 from ..errors import AuthError, RateLimitedError, SourceError, TransientSourceError
 from ..retry import parse_retry_after
 from ..untrusted import UntrustedInputError, load_json
+from .origins import HostPolicy
 
 __all__ = ["Authorizer", "parse_challenge"]
 
@@ -58,12 +59,12 @@ class Authorizer:
     """The ``Authorization`` value for one registry and repository; thread-safe."""
 
     def __init__(self, *, registry: str, repository: str, credentials: RegistryCredentials | None,
-                 pool: urllib3.PoolManager, plain_ok: Callable[[str], bool], user_agent: str) -> None:
+                 pool: urllib3.PoolManager, hosts: HostPolicy, user_agent: str) -> None:
         self._registry = registry
         self._scope = f"repository:{repository}:pull"
         self._creds = credentials
         self._pool = pool
-        self._plain_ok = plain_ok
+        self._hosts = hosts
         self._ua = user_agent
         self._lock = threading.Lock()
         self._header: str | None = None
@@ -122,10 +123,10 @@ class Authorizer:
         realm_what = f"{what}: the token service of {self._registry} ({parts.scheme}://{parts.netloc})"
         if parts.scheme not in ("http", "https") or not host:
             raise AuthError(f"{what}: {self._registry} names no usable token realm", hint=AUTH_HINT)
-        if parts.scheme == "http" and not self._plain_ok(parts.netloc):
-            raise AuthError(f"{realm_what} is plain HTTP on a host that is neither loopback nor an insecure registry; "
-                            "no credentials were sent", hint="use an HTTPS token service, or list the host as an "
-                                                             "insecure registry if it is one")
+        refusal = self._hosts.refusal(parts.scheme, parts.netloc.rpartition("@")[2])
+        if refusal:
+            raise AuthError(f"{realm_what}: {refusal}; no credentials were sent",
+                            hint=f"the token service must be HTTPS on a host the agent may reach; {self._hosts.hint()}")
         query = {"scope": self._scope}
         if service := params.get("service"):
             query["service"] = service

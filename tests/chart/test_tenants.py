@@ -276,6 +276,8 @@ def test_a_secret_key_cannot_reach_another_namespace_and_tenants_get_no_platform
     message = c.failed_everywhere("ambient")[0]["modelherd"]["message"]
     assert "access denied" in message, message
     assert c.hub.stats()["bytes_served"] == 0
+    probes = [r.path for r in c.hub.request_log if "SHA256SUMS" in r.path or r.path.startswith(("/v2", "/x/"))]
+    assert probes == [], "a tenant's URL reached a service on the node's loopback"
     tokened = [r for r in c.hub.request_log if PLATFORM_TOKEN in r.headers.get("authorization", "")]
     assert tokened == [], "a tenant's model reached the Hub with the platform's token"
 
@@ -307,6 +309,14 @@ def _collide(namespace: str) -> str:
     return hashlib.sha256(namespace.encode()).hexdigest()[:8]
 
 
+def node_patches(metrics: str) -> int:
+    """The agent's ``modelherd_api_requests{verb="patch",resource="nodes"}`` from its /metrics text."""
+    for line in metrics.splitlines():
+        if line.startswith("modelherd_api_requests{") and 'verb="patch"' in line and 'resource="nodes"' in line:
+            return int(float(line.split()[-1]))
+    return 0
+
+
 def test_colliding_label_keys_make_no_patch_storm_and_leave_the_victims_label_alone(cluster: Cluster) -> None:
     c = cluster
     victim_ns = c.release.tenant
@@ -319,9 +329,7 @@ def test_colliding_label_keys_make_no_patch_storm_and_leave_the_victims_label_al
         c.fleet.create_bm(name, f"hf://{PLATFORM}", namespace=victim_ns)
         eventually(lambda: all(c.fleet.labels(n).get(key) == "Ready" for n in c.nodes), timeout=60,
                    what="the victim Ready")
-        before = [int(a.get("/metrics")[1].split('modelherd_api_requests{verb="patch"}')[1].split()[0].split(".")[0])
-                  if 'modelherd_api_requests{verb="patch"}' in a.get("/metrics")[1] else 0
-                  for a in c.fleet.agents.values()]
+        before = [node_patches(a.get("/metrics")[1]) for a in c.fleet.agents.values()]
         time.sleep(1.1)  # creationTimestamp has 1 s resolution: the victim is senior by time, not by the tie-break
         with LabelSampler(c, key) as sampler:
             c.fleet.create_bm(name, f"hf://{EVIL}", namespace=evil_ns)
@@ -330,9 +338,7 @@ def test_colliding_label_keys_make_no_patch_storm_and_leave_the_victims_label_al
             time.sleep(5)
         assert "collides with basemodel/" + victim_ns in entry["modelherd"]["message"], entry
         assert sampler.seen == {"Ready"}, sampler.seen
-        after = [int(a.get("/metrics")[1].split('modelherd_api_requests{verb="patch"}')[1].split()[0].split(".")[0])
-                 if 'modelherd_api_requests{verb="patch"}' in a.get("/metrics")[1] else 0
-                 for a in c.fleet.agents.values()]
+        after = [node_patches(a.get("/metrics")[1]) for a in c.fleet.agents.values()]
         assert sum(after) - sum(before) <= 3, f"Node patches after the collision: {sum(after) - sum(before)}"
         # the later model goes: the victim's label stays
         c.fleet.delete_model("basemodels", name, evil_ns)
@@ -425,9 +431,15 @@ def test_a_status_write_the_api_server_forbids_is_named_in_an_event_and_fails_re
                what="/readyz passing again")
 
 
-def _hostile_specs(root: Path, ns: str, outside: Path) -> list[tuple[str, dict[str, Any]]]:
-    """(name, storage) pairs: hostile values for every field of spec.storage the agent reads."""
+def _hostile_specs(root: Path, ns: str, outside: Path, node_service: str) -> list[tuple[str, dict[str, Any]]]:
+    """(name, storage) pairs: hostile values for every field of spec.storage the agent reads. ``node_service``: the
+    ``host:port`` of a service on the nodes' loopback (the Hub here), which a tenant's URL must never reach."""
     long = "a" * 5000
+    port = node_service.rpartition(":")[2]
+    node_local = [f"http://{node_service}/{PRIVATE}/", f"http://localhost:{port}/x/", f"http://[::1]:{port}/x/",
+                  f"oci://{node_service}/{PRIVATE}:main", f"oci://localhost:{port}/x/y:v1",
+                  "ocios://n/ns/b/bucket/o/p", f"https://{node_service}/{PRIVATE}/", "oci://127.0.0.1:1/x/y@sha256:"
+                  + "0" * 64]
     uris = ["hf://../../etc", "hf://acme/llama@../../x", "local:///etc/../etc", "file:///etc/passwd",
             "hf://" + "a" * 300, "oci://n/../b/x/o/y", "hf://acme/llama?x=1", "http://169.254.169.254/latest",
             f"local://{outside}", f"local://{root}/../{outside.name}", "s3://bucket/x", "hf://acme/llama@main\n",
@@ -440,6 +452,7 @@ def _hostile_specs(root: Path, ns: str, outside: Path) -> list[tuple[str, dict[s
                                     {"region": "../x"}, {"token": PLATFORM_TOKEN + "\r\nX-Evil: 1"}]
     out: list[tuple[str, dict[str, Any]]] = []
     out += [(f"uri-{i}", {"storageUri": u}) for i, u in enumerate(uris)]
+    out += [(f"local-net-{i}", {"storageUri": u}) for i, u in enumerate(node_local)]
     out += [(f"path-{i}", {"storageUri": f"hf://{EVIL}", "path": p}) for i, p in enumerate(paths)]
     out += [(f"key-{i}", {"storageUri": f"hf://{PRIVATE}", "key": k}) for i, k in enumerate(keys)]
     out += [(f"param-{i}", {"storageUri": "oci://n/ns/b/bucket/o/p" if "auth" in p else f"hf://{PRIVATE}",
@@ -467,7 +480,7 @@ def test_hostile_values_in_every_field_reach_nothing_outside_and_disturb_no_othe
         metadata=client.V1ObjectMeta(name="cluster-hf"), data={"token": base64.b64encode(PEM.encode()).decode()}))
     created: list[str] = []
     with LabelSampler(c, node_label_key("ClusterBaseModel", "", cbm)) as sampler:
-        for name, storage in _hostile_specs(c.root, c.release.namespace, outside):
+        for name, storage in _hostile_specs(c.root, c.release.namespace, outside, c.hub.endpoint.split("/")[2]):
             body = c.fleet.model_body("BaseModel", name, "x", namespace=c.release.tenant)
             body["spec"]["storage"] = {**storage, **{k: v for k, v in body["spec"]["storage"].items()
                                                     if k == "nodeSelector" and "nodeSelector" not in storage}}
@@ -500,6 +513,8 @@ def test_hostile_values_in_every_field_reach_nothing_outside_and_disturb_no_othe
         if len(line) >= 8:
             assert line not in text, f"a line of a Secret leaked: {line[:12]}..."
     assert "passwd" not in text.replace("file:///etc/passwd", ""), "a file name from /etc reached an output"
+    probes = [r.path for r in c.hub.request_log if "SHA256SUMS" in r.path or r.path.startswith(("/v2", "/x/"))]
+    assert probes == [], "a tenant's URL reached a service on the node's loopback"
     tokened = [r for r in c.hub.request_log if PLATFORM_TOKEN in r.headers.get("authorization", "")]
     assert tokened == [], "a tenant's model reached the Hub with the platform's token"
     assert not list(c.root.glob("**/mh-evil*"))

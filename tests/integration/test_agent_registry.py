@@ -80,7 +80,8 @@ def test_cluster_model_from_an_authenticated_registry_is_ready_on_three_agents_a
             "metadata": {"name": "regcred"}, "type": "kubernetes.io/dockerconfigjson",
             "data": {".dockerconfigjson": base64.b64encode(json.dumps(docker_config(proxy.host)).encode()).decode()}})
         nodes = [fleet.add_node(s) for s in ("a", "b", "c")]
-        agents = [fleet.start(n, root, "--storage-mode", "shared", "--coordination", "kubernetes") for n in nodes]
+        agents = [fleet.start(n, root, "--storage-mode", "shared", "--coordination", "kubernetes",
+                              "--insecure-registry", proxy.host) for n in nodes]
         for ag in agents:
             fleet.wait_ready(ag)
         name = f"reg-{fleet.tag}"
@@ -117,7 +118,7 @@ def test_registry_credentials_of_the_agent_serve_cluster_models_but_not_a_tenant
     root.mkdir()
     node = fleet.add_node("solo")
     agent = fleet.start(node, root, "--storage-mode", "local", "--coordination", "none",
-                        env={"REGISTRY_AUTH_FILE": str(auth_file)})
+                        "--insecure-registry", basic_registry.host, env={"REGISTRY_AUTH_FILE": str(auth_file)})
     fleet.wait_ready(agent)
     uri = f"oci://{basic_registry.host}/org/model:v1"
 
@@ -138,28 +139,49 @@ def test_registry_credentials_of_the_agent_serve_cluster_models_but_not_a_tenant
     assert leaked_into(fleet, api_client, [agent], (PASSWORD, BASIC)) == []
 
 
-def test_cluster_model_from_a_plain_http_folder_with_sha256sums(fleet: Fleet, tmp_path: Path) -> None:
+def test_a_plain_http_folder_is_ready_when_listed_and_a_tenants_loopback_url_reaches_nothing(
+        fleet: Fleet, tmp_path: Path) -> None:
+    """The operator lists the model server (``--http-insecure-host 127.0.0.1:PORT``): its ClusterBaseModel is Ready.
+    A tenant's BaseModel naming another service on the node's loopback (kubelet's read-only port, an exporter) is
+    Failed saying it is not listed, and that service sees no request."""
     www = tmp_path / "www"
     src = www / "models" / "x"
     make_sharded_model(src, n_shards=3, shard_bytes=64 * 1024)
     names = sorted(str(p.relative_to(src)) for p in src.rglob("*") if p.is_file())
     sums = subprocess.run(["sha256sum", *names], cwd=src, check=True, capture_output=True).stdout
     (src / "SHA256SUMS").write_bytes(sums)
+    (tmp_path / "node-service" / "x").mkdir(parents=True)
+    (tmp_path / "node-service" / "x" / "SHA256SUMS").write_text("not\na sums file: the node's private data\n")
     server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(www)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    node_service = ThreadingHTTPServer(("127.0.0.1", 0),
+                                       functools.partial(_Counted, directory=str(tmp_path / "node-service")))
+    _Counted.seen = []
+    for srv in (server, node_service):
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         root = tmp_path / "models"
         root.mkdir()
         node = fleet.add_node("web")
-        agent = fleet.start(node, root, "--storage-mode", "local", "--coordination", "none")
+        agent = fleet.start(node, root, "--storage-mode", "local", "--coordination", "none",
+                            "--http-insecure-host", f"127.0.0.1:{server.server_address[1]}")
         fleet.wait_ready(agent)
         name = f"web-{fleet.tag}"
         fleet.create_cbm(name, f"http://127.0.0.1:{server.server_address[1]}/models/x/")
+        tenant = f"probe-{fleet.tag}"
+        fleet.create_bm(tenant, f"http://127.0.0.1:{node_service.server_address[1]}/x/")
         key = node_label_key("ClusterBaseModel", "", name)
+        tkey = node_label_key("BaseModel", fleet.namespace, tenant)
         eventually(lambda: fleet.labels(node).get(key) == "Ready", timeout=60, what="http model Ready")
+        eventually(lambda: fleet.labels(node).get(tkey) == "Failed", timeout=60, what="the tenant's model Failed")
+        entry = fleet.entry(node, configmap_key("BaseModel", fleet.namespace, tenant))
+        assert entry is not None and entry["status"] == "Failed"
+        message = entry["modelherd"]["message"]
+        assert "not listed" in message and "private data" not in message, message
+        assert _Counted.seen == [], "the node's own service got a request"
     finally:
-        server.shutdown()
-        server.server_close()
+        for srv in (server, node_service):
+            srv.shutdown()
+            srv.server_close()
     dest = root / "127.0.0.1" / "models" / "x"
     assert_model(dest, {n: (src / n).read_bytes() for n in names})
     assert not (dest / "SHA256SUMS").exists()
@@ -168,3 +190,10 @@ def test_cluster_model_from_a_plain_http_folder_with_sha256sums(fleet: Fleet, tm
 class _Quiet(SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         return None
+
+
+class _Counted(SimpleHTTPRequestHandler):
+    seen: list[str] = []
+
+    def log_message(self, format: str, *args: Any) -> None:
+        _Counted.seen.append(self.path)

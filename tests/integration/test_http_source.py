@@ -401,3 +401,32 @@ def test_a_redirect_to_plain_http_elsewhere_is_refused(served: tuple[FolderServe
     with pytest.raises(ConfigError, match="plain http://"):
         s.list_files()
     assert not any(h.get("host", "").startswith("models.example.com") for _, _, h in server.b.seen)
+
+
+# -- the agent's policy: a CR's URL never reaches the node's own services unlisted ------------------------------
+
+
+def test_without_trust_in_loopback_plain_http_goes_only_to_listed_hosts(served: tuple[FolderServer, Path]) -> None:
+    server, _ = served
+    netloc = server.url.split("/")[2]  # 127.0.0.1:PORT
+    with pytest.raises(ConfigError, match="not listed"):
+        source(server, trust_loopback=False)
+    with pytest.raises(ConfigError, match="not listed"):
+        source(server, trust_loopback=False, http_insecure_hosts=["127.0.0.1:1"])  # another port of it
+    assert not server.b.seen, "refused before any request"
+    listed = source(server, trust_loopback=False, http_insecure_hosts=[netloc])
+    assert len(listed.list_files().files) == len(model_files(served[1]))
+
+
+def test_a_redirect_to_another_loopback_service_is_refused_when_loopback_is_not_trusted(
+        served: tuple[FolderServer, Path], tmp_path: Path) -> None:
+    """The listed server (a tenant's) redirects every file to a service on the node's loopback (kubelet's read-only
+    port, an exporter, the agent's own /metrics): no request reaches it."""
+    server, _ = served
+    (tmp_path / "node-service" / "models" / "x").mkdir(parents=True)
+    with FolderServer(tmp_path / "node-service") as node_service:
+        server.b.redirect_to = node_service.url.replace("127.0.0.1", "localhost")
+        s = source(server, trust_loopback=False, http_insecure_hosts=[server.url.split("/")[2]])
+        with pytest.raises(ConfigError, match="not listed"):
+            s.list_files()
+        assert not node_service.b.seen

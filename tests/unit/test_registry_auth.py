@@ -1,5 +1,5 @@
-"""Registry credentials (storage/dockerauth.py), WWW-Authenticate parsing and the plain-HTTP rule of the registry
-source: pure functions, no network."""
+"""Registry credentials (storage/dockerauth.py), WWW-Authenticate parsing and the token realm's plain-HTTP rule:
+no network."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import urllib3
 from modelherd.storage.dockerauth import (
     RegistryCredentials,
     auth_file_path,
@@ -15,9 +16,9 @@ from modelherd.storage.dockerauth import (
     load_docker_config,
     registry_key,
 )
-from modelherd.storage.errors import ConfigError
-from modelherd.storage.sources.registry import plain_http_allowed
-from modelherd.storage.sources.registry_auth import parse_challenge
+from modelherd.storage.errors import AuthError, ConfigError
+from modelherd.storage.sources.origins import HostPolicy
+from modelherd.storage.sources.registry_auth import Authorizer, parse_challenge
 
 SECRET = "pa:ss w0rd-Secret"
 
@@ -124,12 +125,21 @@ def test_parse_challenge(header: str, scheme: str, params: dict[str, str]) -> No
     assert parse_challenge(header) == (scheme, params)
 
 
-@pytest.mark.parametrize(
-    ("netloc", "insecure", "allowed"),
-    [("127.0.0.1:5000", (), True), ("localhost", (), True), ("[::1]:5000", (), True), ("127.8.9.1", (), True),
-     ("reg.io", (), False), ("reg.io:5000", ("reg.io",), True), ("reg.io:5000", ("reg.io:5001",), False),
-     ("reg.io:5000", ("http://reg.io:5000/",), True), ("evil.localhost.io", (), False), ("10.0.0.1", (), False)],
-)
-def test_plain_http_only_for_loopback_and_insecure_registries(netloc: str, insecure: tuple[str, ...],
-                                                               allowed: bool) -> None:
-    assert plain_http_allowed(netloc, insecure) is allowed
+class NoPool(urllib3.PoolManager):
+    """A pool that fails the test if anything is sent through it."""
+
+    def urlopen(self, *args: object, **kw: object) -> urllib3.BaseHTTPResponse:  # type: ignore[override]
+        raise AssertionError(f"a request was sent: {args[:2]}")
+
+
+@pytest.mark.parametrize("realm", ["http://127.0.0.1:10255/token", "http://localhost:8080/t", "http://[::1]/t",
+                                   "http://169.254.169.254/latest/meta-data/", "https://127.0.0.1:10250/token",
+                                   "https://169.254.169.254/t"])
+def test_a_plain_http_token_realm_on_the_nodes_loopback_is_refused_unless_listed(realm: str) -> None:
+    """A registry a tenant controls names a token realm on the node's own services: no request, no credentials."""
+    creds = RegistryCredentials(username="u", password=SECRET)
+    auth = Authorizer(registry="reg.example.com", repository="org/m", credentials=creds, pool=NoPool(),
+                      hosts=HostPolicy(loopback=False), user_agent="t")
+    with pytest.raises(AuthError, match="own address|plain http") as e:
+        auth.refresh(f'Bearer realm="{realm}",service="reg"', 0, "listing")
+    assert SECRET not in str(e.value) and SECRET not in (e.value.hint or "")
