@@ -139,7 +139,7 @@ class Settings(BaseSettings):
     model_retry_max_s: float = Field(default=600.0, gt=0, description="cap of the per-model back-off")
     startup_jitter_s: float = Field(default=10.0, ge=0,
                                     description="models needing origin work wait up to this long after start")
-    progress_interval_s: float = Field(default=5.0, gt=0, description="ConfigMap progress writes, at most every")
+    progress_interval_s: float = Field(default=2.0, gt=0, description="ConfigMap progress writes, at most every")
     watch_timeout_s: float = Field(default=300.0, gt=0, description="server-side watch timeout (re-watch after)")
     heartbeat_max_age_s: float = Field(default=120.0, gt=0, description="/livez fails when a loop is older")
     staging_gc_interval_s: float = Field(default=600.0, gt=0, description="staging GC: one round every")

@@ -76,6 +76,7 @@ class LeaseTiming:
     jitter_s: float = 1.0
     safety_margin_s: float | None = None
     max_wait_s: float = 24 * 3600.0
+    progress_period_s: float = 2.0  # while bytes move, the Lease's progress is written at least this often
 
     @property
     def margin_s(self) -> float:
@@ -116,7 +117,9 @@ class _Progress:
 
 
 class _Renewer(threading.Thread):
-    """Renews ``held`` every renew period; on a 409 or a missed deadline sets ``stop_writing`` and exits.
+    """Renews ``held`` every renew period, and sooner (every ``progress_period_s``) while the download's byte
+    count moves, so ``kubectl get lease -o yaml`` / ``modelherd leases`` show progress that advances at any origin
+    speed; on a 409 or a missed deadline sets ``stop_writing`` and exits.
 
     The deadline is ``last successful renewal (time the request was sent) + duration - margin`` on our
     monotonic clock; it is checked before every attempt, so a process resumed after SIGSTOP stops writing
@@ -136,6 +139,11 @@ class _Renewer(threading.Thread):
         self._nudged = threading.Event()
         self._lock = threading.Lock()
         self.lost: str | None = None
+        self._written_done: int | None = None  # bytes_done of the status we last wrote
+
+    def _progress_due(self, now: float) -> bool:
+        return now - self.last_ok >= self.timing.progress_period_s and \
+            self._status().bytes_done != self._written_done
 
     def deadline(self) -> float:
         return self.last_ok + self.timing.duration_s - self.timing.margin_s
@@ -160,7 +168,7 @@ class _Renewer(threading.Thread):
             if now >= self.deadline():
                 self._lose("no successful renewal within the lease duration")
                 return
-            if now < next_at and not self._nudged.is_set():
+            if now < next_at and not self._nudged.is_set() and not self._progress_due(now):
                 self._done.wait(min(0.2, next_at - now))
                 continue
             self._nudged.clear()
@@ -169,8 +177,10 @@ class _Renewer(threading.Thread):
                 with self._lock:
                     if self._done.is_set():
                         return
-                    self.held = self.lease.renew(self.held, self._status(), timeout_s=self.deadline() - sent)
+                    status = self._status()
+                    self.held = self.lease.renew(self.held, status, timeout_s=self.deadline() - sent)
                     self.last_ok = sent
+                    self._written_done = status.bytes_done
                 next_at = sent + self.timing.renew_period_s
             except LeaseLostError as e:
                 self._lose(e.message)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import time
 import urllib.request
@@ -114,7 +115,9 @@ class Cluster:
             # auto: the agent detects the root itself; kind sets STORAGE_MODE=shared (its shared folder is a bind
             # mount of one host folder, which detection rightly calls local)
             "storage": {"mode": self.env.get("STORAGE_MODE", "auto"), "modelsRoot": self.env["MODELS_ROOT"]},
-            "agent": {"hubUrl": self.env["HUB_URL"], "logFormat": "json"},
+            # a port of its own per release: with hostNetwork, an agent of an earlier release still terminating (or
+            # stuck) on a node never blocks this one's bind
+            "agent": {"hubUrl": self.env["HUB_URL"], "logFormat": "json", "port": random.randint(20000, 29999)},
             # nodes here have no pod network to the host: the agent uses the node's (its veth, no default route)
             "hostNetwork": True,
             "nodeSelector": dict([self.env.get("NODE_SELECTOR", "modelherd.e2e/netns=true").split("=", 1)]),
@@ -163,7 +166,17 @@ class Cluster:
         return "\n".join(out)
 
     def uninstall(self, namespace: str, release: str = "modelherd") -> None:
+        """``helm uninstall --wait``, then wait until the release's pods are gone too (helm waits for the DaemonSet
+        object, not its pods): the next test's release never overlaps this one's agents on a node."""
         self.helm("uninstall", release, "-n", namespace, "--wait", "--timeout", "120s")
+
+        def gone() -> bool:
+            pods = self.core.list_namespaced_pod(namespace, label_selector="app.kubernetes.io/name=modelherd").items
+            return not pods
+        try:
+            wait_for(gone, 120, f"the pods of release {release} in {namespace} gone")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{self.why_not_ready(namespace)}") from None
 
     def agent_pods(self, namespace: str) -> dict[str, str]:
         """node -> name of the agent pod running there."""

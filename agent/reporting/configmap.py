@@ -65,6 +65,15 @@ class ConfigMapFullError(ModelherdError):
         self.key, self.size = key, size
 
 
+def _not_older(a: dict[str, Any], b: dict[str, Any] | None) -> bool:
+    """``a`` is at least as recent as ``b`` by ``resourceVersion`` (etcd's revision; opaque ones compare as older,
+    so the watch cache's copy is taken)."""
+    if b is None:
+        return True
+    ra, rb = (str((o.get("metadata") or {}).get("resourceVersion") or "") for o in (a, b))
+    return ra.isdigit() and rb.isdigit() and int(ra) >= int(rb)
+
+
 class StatusConfigMap:
     """The ConfigMap ``<namespace>/<node>``. Thread-safe; every method is one logical write."""
 
@@ -145,9 +154,10 @@ class StatusConfigMap:
         return value if isinstance(value, str) else None
 
     def _base(self) -> dict[str, Any] | None:
-        """What the next write starts from without a request: the object our last write returned, else the watch
-        cache's copy (either may be stale: the write carries its ``resourceVersion``, a 409 re-reads)."""
-        cm = self._last if self._last is not None else self._cache()
+        """What the next write starts from without a request: the newer of the object our last write returned and
+        the watch cache's copy (either may be stale: the write carries its ``resourceVersion``, a 409 re-reads)."""
+        cached, last = self._cache(), self._last
+        cm = last if last is not None and _not_older(last, cached) else cached
         if cm is None:
             return None
         return {**cm, "metadata": dict(cm.get("metadata") or {}), "data": dict(cm.get("data") or {})}
@@ -165,6 +175,7 @@ class StatusConfigMap:
     def _update(self, key: str, render: Render) -> str | None:
         base = self._base()
         for attempt in range(self.attempts):
+            fresh = base is None
             cm, base = (base if base is not None else self.read()), None
             if cm is None:
                 new = render(None)
@@ -191,6 +202,8 @@ class StatusConfigMap:
             identity_ok = all(labels.get(k) == v for k, v in self._labels().items()) and \
                 all(annotations.get(k) == v for k, v in self._annotations().items())
             if new == old and identity_ok:
+                if not fresh:  # "nothing to write" is decided on what the server holds, never on a copy
+                    continue
                 self._remember(key, new, cm)
                 return new
             if new is None:

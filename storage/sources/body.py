@@ -5,6 +5,11 @@ allocation and one extra copy per chunk. :func:`readinto_direct` reads through t
 underneath instead, into the caller's buffer, whenever that yields exactly the same bytes: the body is not
 being decoded by urllib3 (sources ask for raw bodies) and urllib3 has buffered nothing of it yet.
 
+A read fills the whole buffer (4 MiB: one write, one hash update) when the bytes come fast, but returns what it has
+once :data:`FILL_WAIT_S` has passed, cut at a page boundary (:data:`PAGE`), so on a slow origin (50 KB/s per
+connection) the engine writes, hashes and reports progress about once a second instead of once per 4 MiB (80 s),
+and a direct-I/O writer keeps its alignment.
+
 :class:`ExactBody` is the byte stream every HTTP source hands the engine: exactly the bytes asked for, a short body
 a :class:`~..errors.TransientSourceError` (the engine resumes from what it has), and the connection kept alive
 only when its body was read to the end.
@@ -12,6 +17,8 @@ only when its body was read to the end.
 
 from __future__ import annotations
 
+import http.client
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,13 +33,46 @@ def raw_fp(resp: Any) -> Any:
     return fp if fp is not None and getattr(fp, "fp", None) is not None else None
 
 
-def readinto_direct(resp: Any, buf: memoryview) -> int:
-    """Fill ``buf`` from the body of urllib3 response ``resp``; 0 at its end. Same bytes as ``resp.readinto``."""
+FILL_WAIT_S = 1.0  # a read returns what it has after this long (whole pages): progress moves on a slow origin
+PAGE = 4096
+
+
+def readinto_direct(resp: Any, buf: memoryview, *, wait_s: float = FILL_WAIT_S) -> int:
+    """Fill ``buf`` from the body of urllib3 response ``resp``, or, after ``wait_s``, as much of it as ends on a
+    :data:`PAGE` boundary; 0 at its end. Same bytes as ``resp.readinto``."""
     fp = raw_fp(resp)
-    if fp is not None and hasattr(fp, "readinto") and not getattr(resp, "_decoded_buffer", None) \
-            and not getattr(resp, "_decoder", None):
+    if fp is None or getattr(resp, "_decoded_buffer", None) or getattr(resp, "_decoder", None):
+        return int(resp.readinto(buf))
+    if not isinstance(fp, http.client.HTTPResponse) or fp.chunked or not hasattr(fp.fp, "readinto1"):
         return int(fp.readinto(buf))
-    return int(resp.readinto(buf))
+    start = time.monotonic()
+    n = 0
+    size = len(buf)
+    while n < size:
+        late = time.monotonic() - start >= wait_s
+        if late and n and n % PAGE == 0:
+            break
+        end = min(size, n + PAGE - n % PAGE) if late else size
+        got = _readinto1(fp, buf[n:end])
+        if not got:
+            break
+        n += got
+    return n
+
+
+def _readinto1(fp: http.client.HTTPResponse, b: memoryview) -> int:
+    """``fp.readinto(b)`` with at most one system call (what ``read1`` is to ``read``): the same bookkeeping of the
+    body's length and of the connection's end as ``http.client`` keeps, into ``b`` without a copy."""
+    if fp.length is not None and len(b) > fp.length:
+        b = b[: fp.length]
+    n = int(fp.fp.readinto1(b))
+    if not n and b:
+        _close_conn(fp)  # what HTTPResponse.readinto does at the body's end
+    elif fp.length is not None:
+        fp.length -= n
+        if not fp.length:
+            _close_conn(fp)
+    return n
 
 
 def fully_read(resp: Any) -> bool:
@@ -92,3 +132,8 @@ class ExactBody:
         else:
             resp.close()
             resp.release_conn()
+
+
+def _close_conn(fp: http.client.HTTPResponse) -> None:
+    close: Callable[[], None] = getattr(fp, "_close_conn")  # noqa: B009 - private to http.client, stable since 3.0
+    close()

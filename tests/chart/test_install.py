@@ -48,7 +48,9 @@ NAMESPACED = {"DaemonSet": "daemonsets.apps", "Deployment": "deployments.apps", 
               "PrometheusRule": "prometheusrules.monitoring.coreos.com"}
 CLUSTER_SCOPED = {"ClusterRole": "clusterroles.rbac.authorization.k8s.io",
                   "ClusterRoleBinding": "clusterrolebindings.rbac.authorization.k8s.io",
-                  "CustomResourceDefinition": "customresourcedefinitions.apiextensions.k8s.io"}
+                  "CustomResourceDefinition": "customresourcedefinitions.apiextensions.k8s.io",
+                  "FlowSchema": "flowschemas.flowcontrol.apiserver.k8s.io",
+                  "PriorityLevelConfiguration": "prioritylevelconfigurations.flowcontrol.apiserver.k8s.io"}
 
 
 @pytest.fixture(scope="module")

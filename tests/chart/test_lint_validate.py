@@ -101,7 +101,7 @@ def test_the_ci_files_together_render_every_kind_the_chart_has(rendered: dict[st
     kinds = {o["kind"] for objs in rendered.values() for o in objs}
     assert kinds == {"DaemonSet", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding",
                      "Deployment", "CustomResourceDefinition", "PodMonitor", "ServiceMonitor", "PrometheusRule",
-                     "Service", "ConfigMap"}, kinds
+                     "Service", "ConfigMap", "FlowSchema", "PriorityLevelConfiguration"}, kinds
 
 
 def _containers(objs: list[dict[str, Any]], kind: str) -> Iterator[dict[str, Any]]:

@@ -417,7 +417,9 @@ def test_after_a_restart_the_agent_owns_every_entry_it_found_ready_and_restores_
     key = node_label_key("ClusterBaseModel", "", name)
     cm_key = configmap_key("ClusterBaseModel", "", name)
     eventually(lambda: _label(fleet, node, key) == "Ready", timeout=60, what="Ready")
-    entry = fleet.entry(node, cm_key)
+    # the label is written first, the entry right after (OME's order): read the entry once it says Ready too
+    entry = eventually(lambda: (e := fleet.entry(node, cm_key)) and e.get("status") == "Ready" and e, timeout=15,
+                       what="the entry Ready")
     assert fleet.stop(node) == 0
     agent = fleet.start(node, root, "--storage-mode", "shared", "--coordination", "none")
     fleet.wait_ready(agent)

@@ -3,8 +3,8 @@ and one whose ConfigMap reaches the API server's 1 MiB limit.
 
 Every ``local://`` model is a generated folder (shards, index, config, tokenizer) verified in place: no byte moves,
 so the figures are the agent's reporting alone (a ``local://`` entry carries no ``config``, as OME's agent writes
-it; ``bench/bench_configmap.py`` sizes entries with the metadata of real models). Requests are read from the agent's own count (``modelherd_api_requests{verb,resource}``, watch
-streams included).
+it; ``bench/bench_configmap.py`` sizes entries with the metadata of real models). Requests are read from the
+agent's own count (``modelherd_api_requests{verb,resource}``, watch streams included).
 """
 
 from __future__ import annotations

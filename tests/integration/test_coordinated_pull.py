@@ -6,6 +6,7 @@ every body byte it serves, so "downloaded once" is measured at the origin.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -325,3 +326,27 @@ def test_an_api_server_restart_mid_download_does_not_cause_a_second_download(
     assert hub.bytes_served <= 1.1 * size
     assert len(_published_by(herd)) == 1
     _assert_model_is_whole(herd)
+
+
+def test_the_leases_progress_moves_every_two_seconds_at_50_kb_per_second(herd: Herd, hub: HubServer) -> None:
+    """An operator watching a rate-limited herd sees the holder's byte count advance about once a second, not once
+    per 4 MiB read buffer (80 s at 50 KB/s), with the default 10 s renew period: progress is written on its own
+    clock while bytes move."""
+    hub.throttle("cdn", bytes_per_s=50 * KiB)
+    herd.duration_s, herd.renew_s = 30.0, 10.0
+    herd.start("node-0")
+    first = herd.wait_for(lambda r: r.held and r.status.bytes_done > 0, timeout=60)
+    lease = herd.lease()
+    seen = [(time.monotonic(), first.status.bytes_done)]
+    try:
+        end = time.monotonic() + 9
+        while time.monotonic() < end:
+            rec = lease.observe()
+            if rec is not None and rec.status.bytes_done != seen[-1][1]:
+                seen.append((time.monotonic(), rec.status.bytes_done))
+            time.sleep(0.1)
+    finally:
+        lease.close()
+    gaps = [round(b[0] - a[0], 2) for a, b in itertools.pairwise(seen)]
+    assert len(seen) >= 5 and all(b[1] > a[1] for a, b in itertools.pairwise(seen)), seen
+    assert max(gaps) <= 2.6, f"the lease's byte count stood still for {max(gaps)} s: {gaps}"

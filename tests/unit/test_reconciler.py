@@ -9,6 +9,7 @@ real (a tmp models root), so "published and verified" is the storage layer's own
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -23,6 +24,7 @@ from modelherd.agent.lifecycle.puller import Pulled
 from modelherd.agent.lifecycle.reconciler import NodeContext, Reconciler
 from modelherd.agent.lifecycle.removal import Removal, RemovalOutcome, RemovalTarget
 from modelherd.agent.ome.entry import parse_entry
+from modelherd.agent.reporting.configmap import DATA_LIMIT, ConfigMapFullError, data_bytes
 from modelherd.agent.reporting.metrics import AgentMetrics
 from modelherd.agent.reporting.status import ModelStatusWriter
 from modelherd.agent.settings import Settings
@@ -64,15 +66,26 @@ class FakeLabels:
 
 
 class FakeConfigMap:
-    def __init__(self, journal: Journal) -> None:
+    """The node's ConfigMap: ``limit`` bytes of keys and values (the API server's 1 MiB, smaller in a test)."""
+
+    def __init__(self, journal: Journal, limit: int = DATA_LIMIT) -> None:
         self.journal, self.data, self.ours = journal, {}, {}  # type: ignore[var-annotated]
+        self.limit = limit
 
     def current(self, key: str) -> str | None:
         return self.data.get(key)
 
+    def check_fits(self, key: str, render: Callable[[str | None], str | None]) -> None:
+        new = render(self.data.get(key))
+        before = data_bytes({"data": self.data})
+        after = data_bytes({"data": {**self.data, key: new}}) if new is not None else before
+        if after > self.limit and after > before:
+            raise ConfigMapFullError("ome", NODE, key, after, len(self.data) + 1)
+
     def update(self, key: str, render: Callable[[str | None], str | None]) -> str | None:
         old = self.data.get(key)
         new = render(old)
+        self.check_fits(key, lambda _old: new)
         if new != old:
             self.journal.append(("entry", key, new))
             if new is None:
@@ -336,3 +349,48 @@ def test_a_path_held_by_a_senior_cr_is_failed_before_any_pull(make: Callable[...
     message = (a.entry() or {})["modelherd"]["message"]
     assert "team/first" in message
     assert a.sample("modelherd_model_failures_total", reason="PathConflict") == 1
+
+
+def test_a_model_that_does_not_fit_a_full_configmap_is_failed_by_label_and_event_and_the_others_keep_theirs(
+        make: Callable[..., Agent]) -> None:
+    """Someone else's key fills the map: the model is Failed (label, Warning Event naming the 1 MiB limit, the
+    ConfigMapFull failure metric), no entry is written and no other key moves; once there is room, the retry makes
+    it Ready."""
+    a = make(None, cr())
+    publish(a.root / "org/tiny")
+    a.cm.data["someone-else"] = "x" * 2000
+    a.cm.limit = 2100  # room for no entry
+    assert a.rec.reconcile(REF) is False  # retried with back-off
+    assert a.label() == "Failed" and a.entry() is None
+    assert a.cm.data == {"someone-else": "x" * 2000}
+    (message,) = a.events("Failed")
+    assert "1 MiB" in message and "would hold" in message
+    assert a.sample("modelherd_model_failures_total", reason="ConfigMapFull") == 1
+
+    del a.cm.data["someone-else"]
+    assert a.rec.reconcile(REF) is True
+    assert a.label() == "Ready" and (a.entry() or {}).get("status") == "Ready"
+
+
+LLAMA_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+                "intermediate_size": 14336, "num_attention_heads": 32, "num_hidden_layers": 32,
+                "num_key_value_heads": 8, "max_position_embeddings": 8192, "torch_dtype": "bfloat16",
+                "vocab_size": 128256, "transformers_version": "4.44.0"}
+
+
+def test_a_ready_entry_that_only_fits_without_its_metadata_is_written_without_it(make: Callable[..., Agent]) -> None:
+    a = make(None, cr())
+    dest = a.root / "org/tiny"
+    make_sharded_model(dest, n_shards=2, shard_bytes=4096)
+    (dest / "config.json").write_text(json.dumps(LLAMA_CONFIG))  # what OME's parser reports metadata for
+    write_test_manifest(dest, source_uri=URI)
+    assert a.rec.reconcile(REF) is True
+    full = a.cm.data[REF.cm_key]
+    assert "config" in (a.entry() or {})  # with room: OME's metadata
+    del a.cm.data[REF.cm_key]
+    a.cm.limit = len(REF.cm_key) + len(full) - 1  # one byte short of the whole entry
+    a.labels.values.pop(REF.label_key)
+    assert a.rec.reconcile(REF) is True
+    entry = a.entry()
+    assert entry is not None and entry["status"] == "Ready" and "config" not in entry
+    assert a.label() == "Ready"

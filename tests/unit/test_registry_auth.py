@@ -140,6 +140,6 @@ def test_a_plain_http_token_realm_on_the_nodes_loopback_is_refused_unless_listed
     creds = RegistryCredentials(username="u", password=SECRET)
     auth = Authorizer(registry="reg.example.com", repository="org/m", credentials=creds, pool=NoPool(),
                       hosts=HostPolicy(loopback=False), user_agent="t")
-    with pytest.raises(AuthError, match="own address|plain http") as e:
+    with pytest.raises(AuthError, match=r"own address|plain http") as e:
         auth.refresh(f'Bearer realm="{realm}",service="reg"', 0, "listing")
     assert SECRET not in str(e.value) and SECRET not in (e.value.hint or "")
