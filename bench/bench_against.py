@@ -93,7 +93,7 @@ def main() -> int:
     ap.add_argument("--base", default="HEAD~1")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--pull-args", default="--size-mib 128 --repeat 1")
-    ap.add_argument("--herd-args", default="--nodes 16 --download-seconds 10")
+    ap.add_argument("--herd-args", default="--nodes 16 --download-seconds 10", help='"none": the pull only')
     args = ap.parse_args()
     base, base_py = base_tree(args.base)
     trees = {"base": (base, base_py), "head": (REPO, REPO / ".venv" / "bin" / "python")}
@@ -104,7 +104,8 @@ def main() -> int:
             tree, py = trees[who]
             t0 = time.monotonic()
             figures = run_pull(tree, py, shlex.split(args.pull_args))
-            figures |= run_herd(tree, py, shlex.split(args.herd_args))
+            if args.herd_args != "none":
+                figures |= run_herd(tree, py, shlex.split(args.herd_args))
             for k, v in figures.items():
                 series[who].setdefault(k, []).append(v)
             print(f"round {r + 1} {who}: " + ", ".join(f"{k} {v:.3f}" for k, v in figures.items())
