@@ -349,4 +349,5 @@ def test_the_leases_progress_moves_every_two_seconds_at_50_kb_per_second(herd: H
         lease.close()
     gaps = [round(b[0] - a[0], 2) for a, b in itertools.pairwise(seen)]
     assert len(seen) >= 5 and all(b[1] > a[1] for a, b in itertools.pairwise(seen)), seen
-    assert max(gaps) <= 2.6, f"the lease's byte count stood still for {max(gaps)} s: {gaps}"
+    # written every 2 s (reads return after 1 s); the observer's polling and a loaded API server add a little
+    assert max(gaps) <= 3.5 and sum(gaps) / len(gaps) <= 2.6, f"the lease's byte count stood still: {gaps}"
