@@ -181,6 +181,10 @@ def test_cluster_base_models_from_the_registry_are_ready_on_every_node_after_one
                      90, f"{sorted(labels.values())}=Ready on {nodes}")
         except AssertionError as e:
             raise AssertionError(f"{e}; the nodes' entries: {_entries(cluster, release, nodes, names)}") from None
+        def entries_ready() -> bool:  # the label is written first, the entry right after (OME's order)
+            return all(status == "Ready" for by_kind in _entries(cluster, release, nodes, names).values()
+                       for status, _ in by_kind.values())
+        wait_for(entries_ready, 30, "every node's entries Ready")
         for n in nodes:
             cm = cluster.core.read_namespaced_config_map(n, release).data or {}
             for name in names.values():

@@ -120,6 +120,8 @@ def test_a_full_configmap_fails_only_the_model_that_does_not_fit_and_drains(flee
     fleet.create_cbm(a, f"local://{first}")
     akey, bkey = (node_label_key("ClusterBaseModel", "", n) for n in (a, b))
     eventually(lambda: fleet.labels(node).get(akey) == "Ready", timeout=60, what="the first model Ready")
+    eventually(lambda: (fleet.entry(node, configmap_key("ClusterBaseModel", "", a)) or {}).get("status") == "Ready",
+               timeout=15, what="the first model's entry Ready")
     cm = fleet.configmap(node) or {}
     used = data_bytes(cm)
     filler = "x" * (DATA_LIMIT - used - len("zz-filler") - 200)  # room for no entry of ~1-2 KiB
@@ -142,5 +144,7 @@ def test_a_full_configmap_fails_only_the_model_that_does_not_fit_and_drains(flee
 
     fleet.core.patch_namespaced_config_map(node, fleet.namespace, {"data": {"zz-filler": None}})
     eventually(lambda: fleet.labels(node).get(bkey) == "Ready", timeout=90, what="Ready once there is room")
-    entry = fleet.entry(node, configmap_key("ClusterBaseModel", "", b))
-    assert entry is not None and entry["status"] == "Ready"
+    # the label is written first, the entry right after (OME's order)
+    entry = eventually(lambda: (e := fleet.entry(node, configmap_key("ClusterBaseModel", "", b)))
+                       and e.get("status") == "Ready" and e, timeout=15, what="the entry Ready once there is room")
+    assert entry["status"] == "Ready"

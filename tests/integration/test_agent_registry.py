@@ -93,8 +93,10 @@ def test_cluster_model_from_an_authenticated_registry_is_ready_on_three_agents_a
         assert proxy.blob_requests == len(files), "one download: each layer's blob fetched exactly once"
     assert_model(root / "org" / "model", files)
     for node in nodes:
-        entry = fleet.entry(node, configmap_key("ClusterBaseModel", "", name))
-        assert entry is not None and entry["status"] == "Ready"
+        entry = eventually(lambda node=node: (e := fleet.entry(node, configmap_key("ClusterBaseModel", "", name)))
+                           and e.get("status") == "Ready" and e, timeout=15,
+                           what="the entry Ready after the label (OME's order)")
+        assert entry["status"] == "Ready"
     assert leaked_into(fleet, api_client, agents, (PASSWORD, BASIC)) == []
 
     common = ["--kubeconfig", str(fleet.kubeconfig), "--namespace", fleet.namespace, "-o", "json"]
@@ -131,8 +133,10 @@ def test_registry_credentials_of_the_agent_serve_cluster_models_but_not_a_tenant
     eventually(lambda: fleet.labels(node).get(ckey) == "Ready", timeout=60, what="cluster model Ready")
     eventually(lambda: fleet.labels(node).get(tkey) == "Failed", timeout=60, what="tenant model Failed")
     assert_model(root / "platform", files)
-    entry = fleet.entry(node, configmap_key("BaseModel", fleet.namespace, tenant))
-    assert entry is not None and entry["status"] == "Failed"
+    entry = eventually(lambda: (e := fleet.entry(node, configmap_key("BaseModel", fleet.namespace, tenant)))
+                       and e.get("status") == "Failed" and e, timeout=15,
+                       what="the entry Failed after the label (OME's order)")
+    assert entry["status"] == "Failed"
     message = entry["modelherd"]["message"]
     assert "ambient_credential_namespaces" in message and "user and password" in message, message
     assert not (root / "tenant").exists()
@@ -173,8 +177,10 @@ def test_a_plain_http_folder_is_ready_when_listed_and_a_tenants_loopback_url_rea
         tkey = node_label_key("BaseModel", fleet.namespace, tenant)
         eventually(lambda: fleet.labels(node).get(key) == "Ready", timeout=60, what="http model Ready")
         eventually(lambda: fleet.labels(node).get(tkey) == "Failed", timeout=60, what="the tenant's model Failed")
-        entry = fleet.entry(node, configmap_key("BaseModel", fleet.namespace, tenant))
-        assert entry is not None and entry["status"] == "Failed"
+        entry = eventually(lambda: (e := fleet.entry(node, configmap_key("BaseModel", fleet.namespace, tenant)))
+                           and e.get("status") == "Failed" and e, timeout=15,
+                           what="the entry Failed after the label (OME's order)")
+        assert entry["status"] == "Failed"
         message = entry["modelherd"]["message"]
         assert "not listed" in message and "private data" not in message, message
         assert _Counted.seen == [], "the node's own service got a request"
