@@ -15,8 +15,9 @@ Invariants:
   (:data:`DATA_LIMIT`, etcd's object size). A write that would grow the map past it is never sent: it raises
   :class:`ConfigMapFullError` naming the size, for that one model to be reported Failed; a write that keeps or
   shrinks the map (a state change of an existing entry to a shorter one, a removal) always goes through, so the
-  other models' entries are never lost and a full map drains. :attr:`StatusConfigMap.data_bytes` is the size last
-  seen (a metric and an alert watch it).
+  other models' entries are never lost and a full map drains (one rule, :meth:`StatusConfigMap._check_room`, for the
+  watch cache's copy and for the copy a write starts from). :meth:`StatusConfigMap.size` is the size in force (a
+  metric and an alert watch it).
 """
 
 from __future__ import annotations
@@ -84,7 +85,6 @@ class StatusConfigMap:
         self._lock = threading.Lock()
         self._ours: dict[str, str] = {}  # what we last wrote per key (for restore)
         self._own: OwnWrites[str] = OwnWrites()
-        self.data_bytes = 0  # the size (DATA_LIMIT's measure) of the map as last read or written
         self._write_lock = threading.Lock()
         self._last: dict[str, Any] | None = None  # the map as our last write left it (the server's answer)
 
@@ -119,31 +119,30 @@ class StatusConfigMap:
             obj: dict[str, Any] = request(self.api, "GET", self.path)
         except ApiError as e:
             if e.status == 404:
-                self.data_bytes = 0
                 return None
             raise
-        self.data_bytes = data_bytes(obj)
         return obj
 
     def size(self) -> int:
-        """The map's size against :data:`DATA_LIMIT`, from the watch cache (else as last read or written)."""
+        """The map's size against :data:`DATA_LIMIT`, from the watch cache (else as our last write left it)."""
         cm = self._cache()
-        return data_bytes(cm) if cm is not None else self.data_bytes
+        return data_bytes(cm if cm is not None else self._last)
 
     def check_fits(self, key: str, render: Render) -> None:
         """Raise :class:`ConfigMapFullError` when ``render``'s entry for ``key`` would take the map as the watch cache
         has it past :data:`DATA_LIMIT` (and grow it); no request. :meth:`update` checks again on what it reads."""
         cm = self._cache()
-        if cm is None:
-            return
-        data = dict(cm.get("data") or {})
-        before = data_bytes(cm)
-        new = render(self.current(key))
+        if cm is not None:
+            self._check_room(cm, key, render(self.current(key)))
+
+    def _check_room(self, cm: dict[str, Any] | None, key: str, new: str | None) -> None:
+        """Raise :class:`ConfigMapFullError` when setting ``key`` to ``new`` in ``cm`` (``None``: no map yet) takes
+        it past :data:`DATA_LIMIT` and grows it; a removal, or a change that keeps or shrinks the map, always fits."""
         if new is None:
             return
-        data[key] = new
-        after = data_bytes({"data": data, "binaryData": cm.get("binaryData")})
-        if after > DATA_LIMIT and after > before:
+        data = {**((cm or {}).get("data") or {}), key: new}
+        after = data_bytes({"data": data, "binaryData": (cm or {}).get("binaryData")})
+        if after > DATA_LIMIT and after > data_bytes(cm):
             raise ConfigMapFullError(self.namespace, self.node, key, after, len(data))
 
     def get(self, key: str) -> str | None:
@@ -160,7 +159,7 @@ class StatusConfigMap:
         cm = last if last is not None and _not_older(last, cached) else cached
         if cm is None:
             return None
-        return {**cm, "metadata": dict(cm.get("metadata") or {}), "data": dict(cm.get("data") or {})}
+        return {**cm, "metadata": dict(cm.get("metadata") or {})}  # what a write changes in place (its data: a copy)
 
     def update(self, key: str, render: Render) -> str | None:
         """Set ``key`` to ``render(current value)`` (``None`` from ``render`` removes the key).
@@ -181,8 +180,7 @@ class StatusConfigMap:
                 new = render(None)
                 if new is None:
                     return None
-                if data_bytes({"data": {key: new}}) > DATA_LIMIT:
-                    raise ConfigMapFullError(self.namespace, self.node, key, data_bytes({"data": {key: new}}), 1)
+                self._check_room(None, key, new)
                 try:
                     made = request(self.api, "POST", f"/api/v1/namespaces/{self.namespace}/configmaps",
                                    body=self._fresh({key: new}))
@@ -194,7 +192,6 @@ class StatusConfigMap:
                 self._remember(key, new, made)
                 return new
             data: dict[str, str] = dict(cm.get("data") or {})
-            before = data_bytes(cm)
             old = data.get(key)
             new = render(old)
             meta = cm.setdefault("metadata", {})
@@ -206,13 +203,11 @@ class StatusConfigMap:
                     continue
                 self._remember(key, new, cm)
                 return new
+            self._check_room(cm, key, new)  # never sent past the limit: the API server would refuse it (422)
             if new is None:
                 data.pop(key, None)
             else:
                 data[key] = new
-            after = data_bytes({"data": data, "binaryData": cm.get("binaryData")})
-            if after > DATA_LIMIT and after > before:  # never sent: the API server would refuse it (422)
-                raise ConfigMapFullError(self.namespace, self.node, key, after, len(data))
             meta["labels"] = {**labels, **self._labels()}
             meta["annotations"] = {**annotations, **self._annotations()}
             cm["data"] = data
@@ -233,7 +228,6 @@ class StatusConfigMap:
         self.update(key, lambda _old: None)
 
     def _remember(self, key: str, value: str | None, obj: dict[str, Any]) -> None:
-        self.data_bytes = data_bytes(obj)
         if (obj.get("metadata") or {}).get("resourceVersion"):
             self._last = obj
         self._own.wrote(key, value, (obj.get("metadata") or {}).get("resourceVersion"))
