@@ -77,19 +77,23 @@ def check_path(path: str) -> None:
         _check_segment(segment)
 
 
+def _scoped(path: str) -> tuple[str, list[str]]:
+    """``(namespace, segments)`` of an API path after its group/version and namespace: ``("ome", ["configmaps",
+    "n"])`` for ``/api/v1/namespaces/ome/configmaps/n``, ``("", ["nodes", "n", "status"])``."""
+    parts = path.split("?")[0].strip("/").split("/")
+    rest = parts[2:] if parts[:1] == ["api"] else parts[3:]
+    if rest[:1] == ["namespaces"] and len(rest) >= 3:
+        return rest[1], rest[2:]
+    return "", rest
+
+
 def _resource_of(path: str) -> tuple[str, str]:
     """``(resource, namespace)`` of an API path: ``("configmaps", "ome")``, ``("nodes", "")``,
     ``("nodes/status", "")``."""
-    parts = path.split("?")[0].strip("/").split("/")
-    namespace = ""
-    if "namespaces" in parts and len(parts) > parts.index("namespaces") + 2:
-        namespace = parts[parts.index("namespaces") + 1]
-        parts = parts[parts.index("namespaces") + 2:]
-    else:
-        parts = parts[2:] if parts[:1] == ["api"] else parts[3:]
-    resource = parts[0] if parts else "?"
-    if len(parts) >= 3:
-        resource += "/" + parts[2]
+    namespace, rest = _scoped(path)
+    resource = rest[0] if rest else "?"
+    if len(rest) >= 3:
+        resource += "/" + rest[2]
     return resource, namespace
 
 
@@ -99,11 +103,7 @@ def verb_of(method: str, path: str, query: Sequence[tuple[str, str]] | None = No
         return _VERBS.get(method.upper(), method.lower())
     if any(k == "watch" and v.lower() in ("1", "true") for k, v in (query or ())):
         return "watch"
-    parts = path.split("?")[0].strip("/").split("/")
-    core = parts[:1] == ["api"]
-    rest = parts[2:] if core else parts[3:]
-    if rest[:1] == ["namespaces"] and len(rest) >= 3:
-        rest = rest[2:]
+    rest = _scoped(path)[1]
     return "get" if len(rest) % 2 == 0 and rest else "list"
 
 
