@@ -238,7 +238,7 @@ class HTTPSource:
         if scheme not in ("http", "https"):
             raise SourceError(f"{what} {show(self._redact(url))} is not an http(s) URL",
                               hint="the server or a proxy redirects to a location that is not http(s)")
-        refusal = self._hosts.refusal(scheme, parts.netloc.rpartition("@")[2])
+        refusal = self._hosts.refusal(scheme, parts.netloc)
         if refusal:
             raise ConfigError(f"{what} {show(self._redact(url))}: {refusal}", hint=self._hosts.hint())
 

@@ -28,8 +28,8 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def host_port(netloc: str) -> tuple[str, int | None]:
-    """``(host, port)`` of ``host[:port]`` (``[v6]:port`` too): the host lower case without brackets or a trailing
-    dot; the port ``None`` when absent, ``-1`` when unreadable."""
+    """``(host, port)`` of ``[userinfo@]host[:port]`` (``[v6]:port`` too): the host lower case without brackets or a
+    trailing dot; the port ``None`` when absent, ``-1`` when unreadable."""
     parts = urlsplit(f"//{netloc.strip()}")
     try:
         port = parts.port
@@ -42,7 +42,7 @@ def origin(url: str) -> tuple[str, str, int]:
     """``(scheme, host, port)`` of ``url``, the default port filled in."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
-    host, port = host_port(parts.netloc.rpartition("@")[2])
+    host, port = host_port(parts.netloc)
     return scheme, host, port if port is not None else DEFAULT_PORTS.get(scheme, -1)
 
 

@@ -211,7 +211,7 @@ class RegistrySource:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise SourceError(f"{what}: redirected to an unusable URL ({show(parts.scheme)}:)",
                               hint="the registry or a proxy redirects to a location that is not http(s)")
-        refusal = self._hosts.refusal(parts.scheme, parts.netloc.rpartition("@")[2])
+        refusal = self._hosts.refusal(parts.scheme, parts.netloc)
         if refusal:
             raise SourceError(f"{what}: redirected to {parts.scheme}://{parts.hostname}: {refusal}",
                               hint=f"the registry's blob storage must be HTTPS; {self._hosts.hint()}")

@@ -123,7 +123,7 @@ class Authorizer:
         realm_what = f"{what}: the token service of {self._registry} ({parts.scheme}://{parts.netloc})"
         if parts.scheme not in ("http", "https") or not host:
             raise AuthError(f"{what}: {self._registry} names no usable token realm", hint=AUTH_HINT)
-        refusal = self._hosts.refusal(parts.scheme, parts.netloc.rpartition("@")[2])
+        refusal = self._hosts.refusal(parts.scheme, parts.netloc)
         if refusal:
             raise AuthError(f"{realm_what}: {refusal}; no credentials were sent",
                             hint=f"the token service must be HTTPS on a host the agent may reach; {self._hosts.hint()}")
