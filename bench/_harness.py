@@ -284,6 +284,17 @@ def best(results: list[Result]) -> float:
     return min(r.seconds for r in results)
 
 
+def report_medians(series: dict[str, list[Result]], total_bytes: int, title: str) -> dict[str, Result]:
+    """Print ``title`` and each tool's median seconds (its best, its MiB/s, its peak RSS); return the medians."""
+    med = {k: median(v) for k, v in series.items()}
+    print(f"\n{title}:")
+    for k, m in med.items():
+        rss = f"  peak RSS {m.rss_mib:6.0f} MiB" if m.rss_mib else ""
+        print(f"  {k:<20} {m.seconds:7.2f} s  (best {best(series[k]):.2f} s, "
+              f"{total_bytes / 2**20 / m.seconds:7.0f} MiB/s){rss}")
+    return med
+
+
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 

@@ -39,13 +39,12 @@ from _harness import (
     DROP_CACHES,
     OUT,
     Result,
-    best,
     cached_model,
     drop_caches,
     interleave,
-    median,
     model_files,
     relink,
+    report_medians,
     run_child,
     save_json,
     verdict,
@@ -115,12 +114,9 @@ def main() -> int:
                              "cat": lambda: eight_way("cat", "cat")}, args.repeat)
     shutil.rmtree(OUT / "adopt", ignore_errors=True)
 
-    med = {k: median(v) for k, v in series.items()}
-    print(f"\nmedians of {args.repeat} interleaved rounds, {total / 2**20:.0f} MiB, {caches}:")
-    for k, m in med.items():
-        rss = f"  peak RSS {m.rss_mib:6.0f} MiB" if m.rss_mib else ""
-        print(f"  {k:<20} {m.seconds:7.2f} s  (best {best(series[k]):.2f} s, "
-              f"{total / 2**20 / m.seconds:7.0f} MiB/s){rss}")
+    med = report_medians(series, total,
+                         f"medians of {args.repeat} interleaved rounds, "
+                         f"{total / 2**20:.0f} MiB, {caches}")
     ratio = med["adopt"].seconds / med["sha256sum"].seconds
     cli_ratio = med["adopt (CLI seconds)"].seconds / med["sha256sum"].seconds
     print(f"\n  adopt/sha256sum  {ratio:5.2f}  (target <= 1.2)  {verdict(ratio <= 1.2)}")

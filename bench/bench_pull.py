@@ -33,14 +33,13 @@ from _harness import (
     REPO,
     Procs,
     Result,
-    best,
     cached_model,
     clean,
     fsync_file,
     interleave,
-    median,
     model_files,
     nginx,
+    report_medians,
     run_child,
     save_json,
     verdict,
@@ -136,12 +135,9 @@ def main() -> int:
         series = interleave(tools, args.repeat)
         clean(dest)
 
-    med = {k: median(v) for k, v in series.items()}
-    print(f"\nmedians of {args.repeat} interleaved rounds, {total / 2**20:.0f} MiB:")
-    for k, m in med.items():
-        rss = f"  peak RSS {m.rss_mib:6.0f} MiB" if m.rss_mib else ""
-        print(f"  {k:<20} {m.seconds:7.2f} s  (best {best(series[k]):.2f} s, "
-              f"{total / 2**20 / m.seconds:7.0f} MiB/s){rss}")
+    med = report_medians(series, total,
+                         f"medians of {args.repeat} interleaved rounds, "
+                         f"{total / 2**20:.0f} MiB")
     pull_curl = med["pull"].seconds / med["curl"].seconds
     print(f"\n  pull/curl        {pull_curl:5.2f}  (target <= 1.25)  {verdict(pull_curl <= 1.25)}")
     print(f"  pull/curl+fsync  {med['pull'].seconds / med['curl+fsync'].seconds:5.2f}")

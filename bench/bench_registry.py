@@ -53,15 +53,14 @@ from _harness import (
     REPO,
     Procs,
     Result,
-    best,
     cached_model,
     clean,
     drop_caches,
     free_port,
     fsync_file,
     interleave,
-    median,
     model_files,
+    report_medians,
     run_child,
     save_json,
     verdict,
@@ -288,12 +287,9 @@ def main() -> int:
         series = interleave(tools, args.repeat)
         clean(dest)
 
-    med = {k: median(v) for k, v in series.items()}
-    print(f"\nmedians of {args.repeat} interleaved rounds, {total / 2**20:.0f} MiB in {len(shards)} layers:")
-    for k, m in med.items():
-        rss = f"  peak RSS {m.rss_mib:6.0f} MiB" if m.rss_mib else ""
-        print(f"  {k:<20} {m.seconds:7.2f} s  (best {best(series[k]):.2f} s, "
-              f"{total / 2**20 / m.seconds:7.0f} MiB/s){rss}")
+    med = report_medians(series, total,
+                         f"medians of {args.repeat} interleaved rounds, "
+                         f"{total / 2**20:.0f} MiB in {len(shards)} layers")
     pull_oras = med["pull"].seconds / med["oras"].seconds
     pull_curl = med["pull"].seconds / med["curl"].seconds
     rss = med["pull"].rss_mib
