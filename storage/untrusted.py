@@ -73,6 +73,25 @@ def _not_regular(mode: int) -> NotRegularFileError:
     return NotRegularFileError(f"is a {file_kind(mode)}, not a regular file (not opened)")
 
 
+def open_regular_fd(path: str | os.PathLike[str], *, mode: int | None = None) -> tuple[int, os.stat_result]:
+    """:func:`open_regular` without the file object: a blocking read-only descriptor of the regular file ``path``
+    and its ``fstat``, for callers that read a few bytes with ``os.pread`` (the caller closes it). Same refusals."""
+    if mode is None:
+        mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise _not_regular(mode)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # swapped after the stat: refuse before any read
+            raise _not_regular(st.st_mode)
+        fcntl.fcntl(fd, fcntl.F_SETFL, 0)  # blocking reads again (O_RDONLY was opened with no other status flag)
+        return fd, st
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def open_regular(path: str | os.PathLike[str], *, mode: int | None = None, buffering: int = -1) -> BinaryIO:
     """Open ``path`` (symlinks followed) for binary reading, only if it is a regular file.
 
@@ -80,16 +99,8 @@ def open_regular(path: str | os.PathLike[str], *, mode: int | None = None, buffe
     Never blocks on a FIFO and never opens a FIFO, socket or device that was in place at the stat. ``mode``: the
     ``st_mode`` of a ``stat`` the caller has just taken (spares taking it again).
     """
-    if mode is None:
-        mode = os.stat(path).st_mode
-    if not stat.S_ISREG(mode):
-        raise _not_regular(mode)
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    fd, _ = open_regular_fd(path, mode=mode)
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):  # swapped after the stat: refuse before any read
-            raise _not_regular(mode)
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         return os.fdopen(fd, "rb", buffering=buffering)
     except BaseException:
         os.close(fd)
@@ -145,6 +156,12 @@ def _no_constant(name: str) -> Any:
     raise UntrustedInputError(f"{name} is not JSON")
 
 
+# Built once: ``json.loads`` with any keyword builds a decoder (and its scanner) a call, which costs more than
+# parsing a safetensors header.
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
+_BOUNDED_DECODER = json.JSONDecoder(parse_int=_bounded_int, parse_constant=_no_constant)
+
+
 def load_json(raw: bytes | str, *, max_bytes: int) -> Any:
     """Parse untrusted JSON, or raise :class:`UntrustedInputError`.
 
@@ -163,9 +180,11 @@ def load_json(raw: bytes | str, *, max_bytes: int) -> Any:
     if why is not None:
         raise UntrustedInputError(f"is not JSON we read: {why}")
     try:
+        if text.startswith("\ufeff"):
+            return json.loads(text)  # json's own error for a byte order mark
         if _DIGIT_RUN not in raw.translate(_DIGITS_TO_ZERO):  # no integer can be too long: no hook for ints
-            return json.loads(text, parse_constant=_no_constant)
-        return json.loads(text, parse_int=_bounded_int, parse_constant=_no_constant)
+            return _DECODER.decode(text)
+        return _BOUNDED_DECODER.decode(text)
     except UntrustedInputError as e:
         raise UntrustedInputError(f"is not JSON we read: {e}") from None
     except json.JSONDecodeError as e:

@@ -35,10 +35,13 @@ from .errors import ModelherdError, UnsafePathError, VerificationError
 from .hashing import checkable, hash_file
 from .manifest import MANIFEST_NAME, Manifest, read_manifest
 from .paths import contained, printable, quote_name, safe_relpath
-from .untrusted import UntrustedInputError, file_kind, load_json, open_regular, read_json_file, show
+from .untrusted import UntrustedInputError, file_kind, load_json, open_regular_fd, read_json_file, show
 
 # safetensors refuses headers above 100 MB; so do we (a corrupt length must not make us read gigabytes).
 MAX_HEADER = 100_000_000
+# The first read of a safetensors file: the 8-byte length and, for a shard of up to a few hundred tensors, the
+# whole header (one system call a shard).
+HEAD_READ = 64 * 1024
 # A shard index or model_index.json: ~100 bytes a tensor; this is room for over half a million.
 MAX_INDEX_BYTES = 64 * 1024 * 1024
 # Bits per element of every dtype the safetensors format accepts (its Rust ``Dtype`` enum, as listed by the
@@ -245,32 +248,42 @@ def _check_manifest(model_dir: Path, manifest: Manifest, found: dict[str, _Found
     return problems
 
 
-def _header(path: Path, mode: int | None = None) -> tuple[dict[str, Any], int, int]:
-    """Parse a safetensors header: ``(header dict, data start offset, file size)``. Reads only the header bytes.
+def _header(path: Path, mode: int | None = None) -> tuple[dict[str, Any], int, int, bool]:
+    """Parse a safetensors header: ``(header dict, data start offset, file size, names are UTF-8)``. Reads only
+    the header bytes: one ``pread`` of :data:`HEAD_READ` bytes holds the length and, for most shards, the whole
+    header; a longer header takes one more read of what is left.
+
+    The last item is False only when the header's raw bytes hold a ``\\u`` escape, the one way a lone surrogate
+    gets past the strict UTF-8 decoding: then each name needs the :func:`_utf8` check, else none does.
 
     Raises ``ValueError`` with a readable reason on any malformation (``OSError`` if unreadable); never
     opens anything but a regular file.
     """
-    with open_regular(path, mode=mode, buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
-        head = f.read(8)
-        if len(head) < 8:
+    fd, st = open_regular_fd(path, mode=mode)
+    try:
+        raw = os.pread(fd, HEAD_READ, 0)
+        if len(raw) < 8:
             raise ValueError("shorter than the 8-byte header length")
-        (n,) = struct.unpack("<Q", head)
+        (n,) = struct.unpack_from("<Q", raw)
         if n > MAX_HEADER:
             raise ValueError(f"header length {n} is implausible (> {MAX_HEADER})")
-        raw = f.read(n)
-        while len(raw) < n and (more := f.read(n - len(raw))):  # unbuffered: a read may come back short
-            raw += more
-    if len(raw) < n:
-        raise ValueError(f"truncated inside the header ({len(raw)} of {n} bytes)")
+        chunks = [raw[8:8 + n]]
+        got = len(chunks[0])
+        while got < n and (more := os.pread(fd, n - got, 8 + got)):  # a read may come back short
+            chunks.append(more)
+            got += len(more)
+    finally:
+        os.close(fd)
+    if got < n:
+        raise ValueError(f"truncated inside the header ({got} of {n} bytes)")
+    text = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     try:
-        header = load_json(raw, max_bytes=MAX_HEADER)
+        header = load_json(text, max_bytes=MAX_HEADER)
     except UntrustedInputError as e:
         raise ValueError(f"header {e}") from None
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
-    return header, 8 + n, size
+    return header, 8 + n, st.st_size, b"\\u" not in text
 
 
 def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
@@ -279,7 +292,7 @@ def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
     Raises ``ValueError`` with a readable reason on any malformation (``OSError`` if unreadable); never
     opens anything but a regular file.
     """
-    header, start, _ = _header(path)
+    header, start, _, _ = _header(path)
     return header, start
 
 
@@ -297,15 +310,16 @@ def _utf8(text: str) -> bool:
     return True
 
 
-def tensor_nbytes(dtype: str, shape: list[int]) -> int | str:
+def tensor_nbytes(dtype: str, shape: list[int], bits_per_element: int | None = None) -> int | str:
     """Exact bytes of a ``dtype`` x ``shape`` tensor, or why there is no such size (as safetensors says:
-    a product beyond 64 bits, or sub-byte elements that do not end on a byte boundary)."""
+    a product beyond 64 bits, or sub-byte elements that do not end on a byte boundary).
+    ``bits_per_element``: ``DTYPE_BITS[dtype]`` when the caller has looked it up."""
     numel = 1
     for d in shape:  # in order, like safetensors' checked_mul fold: [2**63, 2**63, 0] overflows
         numel *= d
         if numel > U64_MAX:
             return f"{dtype} x {show(shape)} overflows 64 bits"
-    bits = numel * DTYPE_BITS[dtype]
+    bits = numel * (DTYPE_BITS[dtype] if bits_per_element is None else bits_per_element)
     if bits > U64_MAX:
         return f"{dtype} x {show(shape)} overflows 64 bits"
     if bits % 8:
@@ -313,28 +327,36 @@ def tensor_nbytes(dtype: str, shape: list[int]) -> int | str:
     return bits // 8
 
 
-def _tensor_reason(name: str, info: object) -> tuple[str | None, tuple[int, int] | None]:
+def _tensor_reason(name: str, info: object, name_ok: bool = False) -> tuple[str | None, tuple[int, int] | None]:
     """``(reason, (begin, end))`` for one header entry: a reason when it is malformed, the span it claims
-    when its offsets are well-formed (even if its size is wrong, so the tiling is still checked)."""
-    if not _utf8(name):
+    when its offsets are well-formed (even if its size is wrong, so the tiling is still checked).
+    ``name_ok``: the name is known to be valid Unicode (:func:`_header` says when)."""
+    if not name_ok and not _utf8(name):
         return f"tensor {show(name)}: name is not valid Unicode", None
     if not isinstance(info, dict):
         return f"tensor {show(name)}: entry is not an object", None
     dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+    if not isinstance(dtype, str) or (bits := DTYPE_BITS.get(dtype)) is None:
         return f"tensor {show(name)}: unknown dtype {show(dtype)}", None
-    if not (type(shape) is list and all(type(d) is int and 0 <= d <= U64_MAX for d in shape)):
+    if type(shape) is not list or not _dims(shape):
         return f"tensor {show(name)}: bad shape {show(shape)}", None
-    if not (type(offs) is list and len(offs) == 2 and type(offs[0]) is int and type(offs[1]) is int
-            and 0 <= offs[0] <= offs[1] <= U64_MAX):
+    if not (type(offs) is list and len(offs) == 2 and type(b := offs[0]) is int and type(e := offs[1]) is int
+            and 0 <= b <= e <= U64_MAX):
         return f"tensor {show(name)}: bad data_offsets {show(offs)}", None
-    span = (offs[0], offs[1])
-    want = tensor_nbytes(dtype, shape)
+    want = tensor_nbytes(dtype, shape, bits)
     if isinstance(want, str):
-        return f"tensor {show(name)}: {want}", span
-    if offs[1] - offs[0] != want:
-        return f"tensor {show(name)}: {offs[1] - offs[0]} bytes but {dtype} x {show(shape)} needs {want}", span
-    return None, span
+        return f"tensor {show(name)}: {want}", (b, e)
+    if e - b != want:
+        return f"tensor {show(name)}: {e - b} bytes but {dtype} x {show(shape)} needs {want}", (b, e)
+    return None, (b, e)
+
+
+_INT_ONLY = frozenset({int})
+
+
+def _dims(shape: list[Any]) -> bool:
+    """Every dimension an integer (not a bool) in ``[0, 2**64)`` (C-speed passes: no Python loop a dimension)."""
+    return _INT_ONLY.issuperset(map(type, shape)) and (not shape or (min(shape) >= 0 and max(shape) <= U64_MAX))
 
 
 def _inspect_safetensors(path: Path, mode: int | None = None) -> tuple[list[str], set[str]]:
@@ -346,7 +368,7 @@ def _inspect_safetensors(path: Path, mode: int | None = None) -> tuple[list[str]
     the end of the file (so truncation and trailing bytes are caught without reading any weights).
     """
     try:
-        header, start, size = _header(path, mode)
+        header, start, size, names_ok = _header(path, mode)
     except (OSError, ValueError) as e:
         return [str(e)], set()
     reasons: list[str] = []
@@ -357,7 +379,7 @@ def _inspect_safetensors(path: Path, mode: int | None = None) -> tuple[list[str]
                     isinstance(v, str) and _utf8(k) and _utf8(v) for k, v in info.items())):
                 reasons.append(f"__metadata__ must map strings to strings, got {show(info)}")
             continue
-        reason, span = _tensor_reason(name, info)
+        reason, span = _tensor_reason(name, info, names_ok)
         if reason is not None:
             reasons.append(reason)
         if span is not None:
