@@ -261,6 +261,7 @@ class Coordinator:
                          observation.age())
             elif record is not None and not record.held:
                 if record.phase == Phase.COMPLETE:
+                    self._report("complete")
                     manifest = self._ready()
                     if manifest is not None:
                         self._remove_abandoned()
@@ -351,6 +352,12 @@ class Coordinator:
             log.info("adopting %s's staging %s (epoch %s)", writer, old.name, epoch)
             adopt_staging(old, staging)
 
+    def _report(self, name: str) -> None:
+        """Tell the caller's ``on_phase`` a step of the coordination itself: ``staged``, ``published`` and
+        ``released`` (the holder), ``complete`` (a follower saw the Lease Complete and verifies the copy next)."""
+        if self._on_phase is not None:
+            self._on_phase(name, None)
+
     def _phase_changed(self, name: str, adoption: Adoption | None) -> None:
         """``stage`` reports a phase: the Lease shows Adopting while the holder hashes a copy it adopts, then
         Downloading; the caller's ``on_phase`` hears every report."""
@@ -416,8 +423,11 @@ class Coordinator:
         if manifest is not None:
             self._release(held, self._status(Phase.COMPLETE, tag))
             return PullResult(manifest, Role.HOLDER, epoch, took_over, self.lease.counter.total)
+        self._report("staged")
         held, published = self._renew_then_publish(held, staging, staged, tag)
+        self._report("published")
         self._release(held, self._status(Phase.COMPLETE, tag))
+        self._report("released")
         log.info("published %s at %s (epoch %d)", listing.uri, self.dest, epoch)
         return PullResult(published, Role.HOLDER, epoch, took_over, self.lease.counter.total)
 

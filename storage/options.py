@@ -29,7 +29,8 @@ Progress = Callable[[int, int], None]
 PhaseFn = Callable[[str, adopt.Adoption | None], None]
 """``on_phase(name, adoption)``: ``("adopting", None)`` when the hashing of a folder being adopted starts,
 ``("adopted", Adoption)`` when it ends (what is kept, what is fetched), ``("downloading", None)`` when fetching
-starts (every stage)."""
+starts (every stage); a coordinated pull adds its own steps (``staged``, ``published``, ``released`` as the
+holder, ``complete`` as a follower). A name a callee does not know is passed over."""
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ from ..ome.states import ModelStatus
 from ..reporting.metrics import AgentMetrics
 from ..reporting.modelconfig import ModelConfigs
 from ..reporting.progress import ProgressReporter
+from ..reporting.timeline import Mark, Timeline
 from ..settings import AgentSettings, CoordinationSettings
 from ..watching.selection import evaluate
 from .claims import Conflict
@@ -142,6 +143,7 @@ class Task:
     total: int = 0
     files: int = 0
     keep_ready: bool = False  # migration: the node already serves this copy (OME's Ready); adopting keeps it Ready
+    timeline: Timeline = field(default_factory=Timeline)  # where this pull's time goes (one INFO line at the end)
 
     def stop(self, why: str) -> None:
         self.why = self.why or why
@@ -277,6 +279,7 @@ class Reconciler:
         assert spec.uri is not None and spec.dest is not None
         if spec.uri.scheme == "local":
             return self._local(ref, spec)
+        timeline = Timeline(self.clock)
         started = self.clock()
         manifest = published_model(spec.dest, spec.uri.canonical, spec.uri.revision)
         self.metrics.verification_duration.observe(self.clock() - started)
@@ -292,10 +295,12 @@ class Reconciler:
             raise PermanentFailure(
                 f"oci:// models of namespace {ref.namespace} may not use the node's OCI identity; a "
                 "ClusterBaseModel may, or the operator opts the namespace in (ambient_credential_namespaces)")
+        timeline.mark(Mark.CHECKED)
         migrating = self._serving_unpublished(ref, spec)
-        if not migrating:
-            self._wait_startup_jitter(ref)
-        task = Task(uid=spec.uid, identity=spec.identity, started=self.clock(), keep_ready=migrating)
+        if not migrating and self._wait_startup_jitter(ref):
+            timeline.mark(Mark.JITTER)
+        task = Task(uid=spec.uid, identity=spec.identity, started=self.clock(), keep_ready=migrating,
+                    timeline=timeline)
         try:
             self._track(ref, task)
             if migrating:
@@ -304,6 +309,7 @@ class Reconciler:
                          spec.dest)
             elif self.status.label(ref) != ModelStatus.FAILED:
                 self.status.write(ref, spec, ModelStatus.UPDATING, progress=None, message="downloading")
+                timeline.mark(Mark.UPDATING)
             # a retry after a failure stays Failed until bytes move (the progress reporter flips it to
             # Updating), so an origin that keeps answering 404 does not make the label flap
             pulled = self._pull(ref, spec, task)
@@ -320,7 +326,14 @@ class Reconciler:
             raise CancelledError(task.why or "cancelled")
         self.metrics.downloads_success.labels(**ref.metric_labels()).inc()
         self.metrics.download_duration.labels(**ref.metric_labels()).observe(self.clock() - task.started)
+        timeline.mark(Mark.PULLED)
         self._ready(ref, spec, pulled.manifest, role=pulled.role)
+        timeline.mark(Mark.REPORTED)
+        summary = timeline.summary()
+        log.info("%s: Ready as %s %.2fs after it was found missing here: %s", ref.display, pulled.role,
+                 summary[Mark.REPORTED], timeline.describe(),
+                 extra={"model": ref.display, "role": str(pulled.role), "timeline": summary,
+                        "timeline_start": round(timeline.started_wall, 3)})
         return True
 
     def _pull(self, ref: ModelRef, spec: ModelSpec, task: Task) -> Pulled:
@@ -347,12 +360,14 @@ class Reconciler:
         with self._lock:
             self._tasks.pop(ref, None)
 
-    def _wait_startup_jitter(self, ref: ModelRef) -> None:
+    def _wait_startup_jitter(self, ref: ModelRef) -> bool:
+        """Wait out what is left of this node's start-up jitter; True when there was any."""
         left = self._jitter_s - (self.clock() - self._started)
         if left > 0:
             log.info("%s: needs origin work; waiting %.1fs of start-up jitter", ref.display, left)
             if self.shutdown.wait(left):
                 raise CancelledError("agent shutting down")
+        return left > 0
 
     def _follow_read_only(self, ref: ModelRef, spec: ModelSpec) -> bool:
         """A shared models root mounted read-only here (sites mount it read-write on a few nodes): this node never

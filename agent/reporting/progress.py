@@ -30,6 +30,7 @@ from ..kube import ApiError
 from ..ome.entry import DownloadProgress
 from .configmap import ConfigMapFullError
 from .metrics import AgentMetrics
+from .timeline import Mark, Timeline
 
 log = logging.getLogger("modelherd.agent")
 
@@ -42,6 +43,7 @@ class PullTask(Protocol):
     files: int
     keep_ready: bool
     cancel: threading.Event
+    timeline: Timeline
 
 
 class ProgressSink(Protocol):
@@ -88,7 +90,9 @@ class ProgressReporter:
 
     def phase(self, name: str, adoption: Adoption | None) -> None:
         """The engine's phases of this pull (``adopting`` → ``adopted`` → ``downloading``). A migration adoption
-        whose hashing found damage takes the copy out of service before it is repaired."""
+        whose hashing found damage takes the copy out of service before it is repaired. The coordinator's phases
+        (``staged``, ``published``, ``released``, ``complete``) are marks of the task's timeline only."""
+        self.task.timeline.phase(name)
         if name == "adopting":
             self._hashing = True  # until the download starts, progress counts bytes hashed in place
         elif name == "downloading" and self._hashing:
@@ -101,6 +105,7 @@ class ProgressReporter:
     def follow(self, record: Any) -> None:
         """The coordinator saw ``record`` (a ``LeaseRecord`` held by another node) while we wait; ``None``: we
         hold the Lease now. The timestamp moves only when the holder or its reported bytes change."""
+        self.task.timeline.mark(Mark.LEASE)
         gauge = self.metrics.lease_holder_progress
         if record is None:
             self._followed = None

@@ -91,6 +91,20 @@ def test_cluster_model_selecting_two_of_three_nodes_is_ready_on_exactly_those_wi
     assert key not in fleet.labels(c)
     assert fleet.entry(c, cm_key) is None
     assert verify_deep(root / REPO, require_manifest=True) == []
+    # each pull logged where its time went: the holder's marks in order, a follower's wake-up before its check
+    timelines = {}
+    for ag in agents[:2]:
+        for line in ag.log.read_text().splitlines():
+            rec = json.loads(line)
+            if "timeline" in rec and name in rec["model"]:
+                timelines[rec["role"]] = list(rec["timeline"].items())
+    holder = timelines["holder"]
+    assert [m for m, _ in holder] == ["checked", "updating", "lease", "downloading", "staged", "published", "released",
+                                      "pulled", "reported"]
+    assert [t for _, t in holder] == sorted(t for _, t in holder) and holder[-1][1] > 0
+    if "follower" in timelines:  # unless it first looked after the holder was done (then it was Ready at once)
+        marks = dict(timelines["follower"])
+        assert marks["lease"] <= marks["complete"] <= marks["pulled"] <= marks["reported"]
 
 
 def test_base_model_token_from_a_secret_reaches_the_hub_and_nowhere_else(
