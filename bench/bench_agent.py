@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -260,6 +261,11 @@ def run(args: argparse.Namespace, fleet: Fleet, hub: HubServer, cluster: KubeClu
 
     eventually(all_reconciled, timeout=300, interval=0.2, what="every agent reconciled every model")
     took = time.monotonic() - t0
+    cpu = cpu_by_kind(fleet, cluster, hub)  # fresh processes: CPU-seconds since launch
+    agent_cpu = [v for k, v in cpu.items() if k.startswith("agent:")]
+    print(f"restart CPU: {statistics.mean(agent_cpu):.2f} CPU-s per agent from launch to every model Ready "
+          f"({sum(agent_cpu):.1f} in all: {sum(agent_cpu) / (psutil.cpu_count() or 1):.1f} s of this machine's "
+          f"{psutil.cpu_count()} cores for the agents alone; one agent alone on its node: see bench_scale.py)")
     time.sleep(2.0)
     stop.set()
     sampler.join(10)
@@ -275,17 +281,17 @@ def run(args: argparse.Namespace, fleet: Fleet, hub: HubServer, cluster: KubeClu
 
 
 def cpu_by_kind(fleet: Fleet, cluster: KubeCluster, hub: HubServer) -> dict[str, float]:
-    """CPU-seconds (user + system) so far of each agent (by node), the API server and etcd, and this process
-    (the loopback origin runs in it, as threads)."""
+    """CPU-seconds (user + system) so far of each agent (by node), the control plane (API server + etcd), and this
+    process (the loopback origin runs in it, as threads)."""
     out: dict[str, float] = {}
     for node, agent in fleet.agents.items():
         with contextlib.suppress(psutil.Error):
             out[f"agent:{node}"] = sum(psutil.Process(agent.proc.pid).cpu_times()[:2])
-    for proc in psutil.process_iter(["name", "cmdline"]):
-        name = proc.info["name"] or ""
-        if name in ("kube-apiserver", "etcd") and str(cluster.data_dir) in " ".join(proc.info["cmdline"] or []):
+    for proc in psutil.process_iter(["pid", "cmdline"]):  # e2e/controlplane's one process: kube-apiserver + etcd
+        args = proc.info["cmdline"] or []
+        if proc.info["pid"] != os.getpid() and "serve" in args and str(cluster.data_dir) in args:
             with contextlib.suppress(psutil.Error):
-                out[name] = out.get(name, 0.0) + sum(proc.cpu_times()[:2])
+                out["control plane"] = out.get("control plane", 0.0) + sum(proc.cpu_times()[:2])
     out["origin+bench"] = sum(psutil.Process().cpu_times()[:2])
     return out
 

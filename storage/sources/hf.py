@@ -33,7 +33,6 @@ from __future__ import annotations
 import functools
 import logging
 import re
-import ssl
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
@@ -76,6 +75,7 @@ from ..types import Listing, RemoteFile, Selection
 from ..uri import ModelURI
 from .body import ExactBody
 from .origins import origin
+from .tls import client_context
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -171,7 +171,7 @@ class HFSource:
         tls: dict[str, Any] = {}
         if self._endpoint.startswith("https:"):
             # one TLS context (CA bundle parsed once) for every connection, not one per connection
-            tls["ssl_context"] = ssl.create_default_context()
+            tls["ssl_context"] = client_context()
         self._pool = urllib3.PoolManager(
             maxsize=pool_maxsize,
             block=False,

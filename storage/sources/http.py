@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import ssl
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -59,6 +58,7 @@ from ..untrusted import show
 from ..uri import ModelURI
 from .body import ExactBody
 from .origins import LOOPBACK_TRUSTED, HostPolicy, origin
+from .tls import client_context
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -225,7 +225,7 @@ class HTTPSource:
             block=False,
             retries=False,
             timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT_S, read=READ_TIMEOUT_S),
-            ssl_context=ssl.create_default_context(),  # one CA bundle parse for every connection
+            ssl_context=client_context(),  # one CA bundle parse a process
         )
 
     def __repr__(self) -> str:

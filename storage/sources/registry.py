@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import ssl
 import threading
 from collections.abc import Callable, Mapping
 from importlib.metadata import PackageNotFoundError, version
@@ -63,6 +62,7 @@ from .body import ExactBody
 from .origins import LOOPBACK_TRUSTED, HostPolicy, origin
 from .registry_auth import AUTH_HINT, Authorizer
 from .registry_manifest import ACCEPT, MAX_MANIFEST_BYTES, Document, files_of, parse_document, pick_from_index
+from .tls import client_context
 
 __all__ = ["MirroredRegistrySource", "RegistrySource", "mirror_for", "open_registry"]
 
@@ -132,7 +132,7 @@ class RegistrySource:
         self._ua = _user_agent()
         self._pool = urllib3.PoolManager(maxsize=pool_maxsize, block=False, retries=False,
                                          timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT_S, read=READ_TIMEOUT_S),
-                                         ssl_context=ssl.create_default_context())
+                                         ssl_context=client_context())
         self._auth = Authorizer(registry=self._registry, repository=self._repo,
                                 credentials=_credentials(self._registry, auth), pool=self._pool,
                                 hosts=self._hosts, user_agent=self._ua)
