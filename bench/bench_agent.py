@@ -176,13 +176,13 @@ def run(args: argparse.Namespace, fleet: Fleet, hub: HubServer, cluster: KubeClu
     hub.reset_counters()
     name = f"big-{fleet.tag}"
     key = node_label_key("ClusterBaseModel", "", name)
-    cpu_before = cpu_by_kind(fleet, cluster, hub)
+    cpu_before = cpu_by_kind(fleet, cluster)
     t0, created = time.monotonic(), time.time()
     fleet.create_cbm(name, f"hf://{repo}")
     eventually(lambda: all(v.get(key) == "Ready" for v in labels_by_node(api, fleet.tag).values()), timeout=1800,
                interval=0.2, what="every node Ready")
     took = time.monotonic() - t0
-    cpu_used = {k: v - cpu_before.get(k, 0.0) for k, v in cpu_by_kind(fleet, cluster, hub).items()}
+    cpu_used = {k: v - cpu_before.get(k, 0.0) for k, v in cpu_by_kind(fleet, cluster).items()}
     ratio = hub.stats()["bytes_served"] / big_bytes
     target = 1.1 * base.seconds + 3.0
     ok = took <= target
@@ -261,7 +261,7 @@ def run(args: argparse.Namespace, fleet: Fleet, hub: HubServer, cluster: KubeClu
 
     eventually(all_reconciled, timeout=300, interval=0.2, what="every agent reconciled every model")
     took = time.monotonic() - t0
-    cpu = cpu_by_kind(fleet, cluster, hub)  # fresh processes: CPU-seconds since launch
+    cpu = cpu_by_kind(fleet, cluster)  # fresh processes: CPU-seconds since launch
     agent_cpu = [v for k, v in cpu.items() if k.startswith("agent:")]
     print(f"restart CPU: {statistics.mean(agent_cpu):.2f} CPU-s per agent from launch to every model Ready "
           f"({sum(agent_cpu):.1f} in all: {sum(agent_cpu) / (psutil.cpu_count() or 1):.1f} s of this machine's "
@@ -280,7 +280,7 @@ def run(args: argparse.Namespace, fleet: Fleet, hub: HubServer, cluster: KubeClu
     return failures
 
 
-def cpu_by_kind(fleet: Fleet, cluster: KubeCluster, hub: HubServer) -> dict[str, float]:
+def cpu_by_kind(fleet: Fleet, cluster: KubeCluster) -> dict[str, float]:
     """CPU-seconds (user + system) so far of each agent (by node), the control plane (API server + etcd), and this
     process (the loopback origin runs in it, as threads)."""
     out: dict[str, float] = {}
@@ -318,7 +318,9 @@ STEPS = [  # (step, from mark, to mark, whose): the marks of agent/reporting/tim
     ("holder: listing + download + hash + fsync", "lease", "staged", "holder"),
     ("holder: renew + publish", "staged", "published", "holder"),
     ("holder: release (Complete)", "published", "released", "holder"),
-    ("follower wake-up after release", "released*", "complete", "follower"),
+    # from the holder's publish, its Lease update included: a follower's watch can deliver that update before the
+    # holder's own PUT returns ("released"), so a span from "released" may be negative
+    ("follower wake-up after the publish", "published*", "complete", "follower"),
     ("follower verification", "complete", "pulled", "follower"),
     ("holder: done", "released", "pulled", "holder"),
     ("Ready written (label + entry + Event)", "pulled", "reported", "all"),
@@ -334,14 +336,14 @@ def print_breakdown(tl: dict[str, tuple[str, float, dict[str, float]]], created:
         return
     axis = {n: (role, {"start": start - created, **{k: start - created + v for k, v in m.items()}})
             for n, (role, start, m) in tl.items()}
-    released = next((m["released"] for role, m in axis.values() if role == "holder" and "released" in m), None)
+    published = next((m["published"] for role, m in axis.values() if role == "holder" and "published" in m), None)
     print(f"  where the time goes, {len(axis)} agents (seconds; marks on one axis from the CR's creation):")
     for step, a, b, whose in STEPS:
         spans = []
         for role, m in axis.values():
             if whose != "all" and role != whose:
                 continue
-            start = 0.0 if a == "cr" else released if a == "released*" else m.get(a)
+            start = 0.0 if a == "cr" else published if a == "published*" else m.get(a)
             if start is not None and b in m:
                 spans.append(m[b] - start)
         if spans:

@@ -310,16 +310,15 @@ def _utf8(text: str) -> bool:
     return True
 
 
-def tensor_nbytes(dtype: str, shape: list[int], bits_per_element: int | None = None) -> int | str:
+def tensor_nbytes(dtype: str, shape: list[int]) -> int | str:
     """Exact bytes of a ``dtype`` x ``shape`` tensor, or why there is no such size (as safetensors says:
-    a product beyond 64 bits, or sub-byte elements that do not end on a byte boundary).
-    ``bits_per_element``: ``DTYPE_BITS[dtype]`` when the caller has looked it up."""
+    a product beyond 64 bits, or sub-byte elements that do not end on a byte boundary)."""
     numel = 1
     for d in shape:  # in order, like safetensors' checked_mul fold: [2**63, 2**63, 0] overflows
         numel *= d
         if numel > U64_MAX:
             return f"{dtype} x {show(shape)} overflows 64 bits"
-    bits = numel * (DTYPE_BITS[dtype] if bits_per_element is None else bits_per_element)
+    bits = numel * DTYPE_BITS[dtype]
     if bits > U64_MAX:
         return f"{dtype} x {show(shape)} overflows 64 bits"
     if bits % 8:
@@ -336,14 +335,14 @@ def _tensor_reason(name: str, info: object, name_ok: bool = False) -> tuple[str 
     if not isinstance(info, dict):
         return f"tensor {show(name)}: entry is not an object", None
     dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if not isinstance(dtype, str) or (bits := DTYPE_BITS.get(dtype)) is None:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
         return f"tensor {show(name)}: unknown dtype {show(dtype)}", None
     if type(shape) is not list or not _dims(shape):
         return f"tensor {show(name)}: bad shape {show(shape)}", None
     if not (type(offs) is list and len(offs) == 2 and type(b := offs[0]) is int and type(e := offs[1]) is int
             and 0 <= b <= e <= U64_MAX):
         return f"tensor {show(name)}: bad data_offsets {show(offs)}", None
-    want = tensor_nbytes(dtype, shape, bits)
+    want = tensor_nbytes(dtype, shape)
     if isinstance(want, str):
         return f"tensor {show(name)}: {want}", (b, e)
     if e - b != want:

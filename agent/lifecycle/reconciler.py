@@ -51,7 +51,7 @@ from ..ome.states import ModelStatus
 from ..reporting.metrics import AgentMetrics
 from ..reporting.modelconfig import ModelConfigs
 from ..reporting.progress import ProgressReporter
-from ..reporting.timeline import Mark, Timeline
+from ..reporting.timeline import Mark, Timeline, describe
 from ..settings import AgentSettings, CoordinationSettings
 from ..watching.selection import evaluate
 from .claims import Conflict
@@ -280,9 +280,8 @@ class Reconciler:
         if spec.uri.scheme == "local":
             return self._local(ref, spec)
         timeline = Timeline(self.clock)
-        started = self.clock()
         manifest = published_model(spec.dest, spec.uri.canonical, spec.uri.revision)
-        self.metrics.verification_duration.observe(self.clock() - started)
+        self.metrics.verification_duration.observe(self.clock() - timeline.started)
         if manifest is not None:
             self.metrics.verifications.labels(**ref.metric_labels(), result="success").inc()
             self._ready(ref, spec, manifest, role=Role.READY)
@@ -331,7 +330,7 @@ class Reconciler:
         timeline.mark(Mark.REPORTED)
         summary = timeline.summary()
         log.info("%s: Ready as %s %.2fs after it was found missing here: %s", ref.display, pulled.role,
-                 summary[Mark.REPORTED], timeline.describe(),
+                 summary[Mark.REPORTED], describe(summary),
                  extra={"model": ref.display, "role": str(pulled.role), "timeline": summary,
                         "timeline_start": round(timeline.started_wall, 3)})
         return True

@@ -3,7 +3,7 @@
 A :class:`Timeline` starts when the reconciler finds a model not Ready here and takes the first time each
 :class:`Mark` is reached (a later repeat of a mark, e.g. the Lease seen again while waiting, is not a new mark).
 :meth:`Timeline.summary` gives the seconds from the start to each mark reached, in order, for the log line an
-operator reads ("where did the 30 s go?") and the herd benchmark parses (``bench/bench_agent.py``).
+operator reads ("where did the 30 s go?", :func:`describe`) and the herd benchmark parses (``bench/bench_agent.py``).
 
 Invariants: marking is cheap and thread-safe (the engine's workers, the coordinator and the reconciler mark the same
 timeline); marks are monotonic-clock offsets, and the start's wall-clock time is kept so marks of different nodes
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from enum import StrEnum
 
 
@@ -50,7 +50,7 @@ class Timeline:
         with self._lock:
             self._marks.setdefault(mark, now)
 
-    def phase(self, name: str, _adoption: object = None) -> None:
+    def phase(self, name: str) -> None:
         """A phase the engine or the coordinator reports by name (``PhaseFn``); names that are not marks pass."""
         if name in Mark.__members__.values():
             self.mark(Mark(name))
@@ -61,10 +61,12 @@ class Timeline:
             marks = sorted(self._marks.items(), key=lambda kv: kv[1])
         return {m.value: round(t - self.started, 3) for m, t in marks}
 
-    def describe(self) -> str:
-        """The summary as one line: each mark and the seconds the step before it took (``lease +0.12s, ...``)."""
-        out, last = [], 0.0
-        for name, t in self.summary().items():
-            out.append(f"{name} +{t - last:.2f}s")
-            last = t
-        return ", ".join(out)
+
+def describe(summary: Mapping[str, float]) -> str:
+    """A :meth:`Timeline.summary` as one line: each mark and the seconds the step before it took
+    (``lease +0.12s, ...``)."""
+    out, last = [], 0.0
+    for name, t in summary.items():
+        out.append(f"{name} +{t - last:.2f}s")
+        last = t
+    return ", ".join(out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from modelherd.agent.reporting.timeline import Mark, Timeline
+from modelherd.agent.reporting.timeline import Mark, Timeline, describe
 
 
 class Clock:
@@ -30,7 +30,7 @@ def test_each_mark_keeps_the_first_time_it_was_reached_and_the_summary_is_in_ord
     tl.mark(Mark.REPORTED)
     assert tl.started_wall == 1_700_000_000.0
     assert tl.summary() == {"checked": 0.5, "lease": 1.0, "staged": 5.0, "reported": 5.25}
-    assert tl.describe() == "checked +0.50s, lease +0.50s, staged +4.00s, reported +0.25s"
+    assert describe(tl.summary()) == "checked +0.50s, lease +0.50s, staged +4.00s, reported +0.25s"
 
 
 def test_marks_from_many_threads_are_all_kept() -> None:
